@@ -1,0 +1,188 @@
+"""``python -m studio``: generate, manage concepts, train.
+
+User mistakes print one line on stderr and exit with status 2 — never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from studio.errors import StudioError
+from studio.library import DEFAULT_LIBRARY
+
+
+def _base_flags(p: argparse.ArgumentParser, default_base: str | None = "demo") -> None:
+    g = p.add_argument_group("base model")
+    g.add_argument("--base", default=default_base, required=default_base is None,
+                   help="hub id, diffusers folder, .safetensors checkpoint, demo, tiny, tiny-v or tiny-sdxl")
+    g.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
+    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
+    g.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
+    g.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
+                   help="override for single-file SD 2 checkpoints that do not say")
+    g.add_argument("--offload", action="store_true", help="CUDA: offload idle components to the CPU")
+
+
+def _settings(ns: argparse.Namespace) -> Any:
+    from studio.service import BaseSettings
+
+    return BaseSettings(base=ns.base, device=ns.device, dtype=ns.dtype, attention=ns.attention,
+                        prediction_type=ns.prediction_type, offload=ns.offload)
+
+
+def _library_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--library", default=DEFAULT_LIBRARY, help=f"concept library folder (default: {DEFAULT_LIBRARY})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m studio", description="The personalization studio.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="render images, optionally with concepts")
+    _base_flags(g)
+    _library_flag(g)
+    g.add_argument("--prompt", required=True, help="prompt; trigger tokens as <tok> or <tok:0.8>")
+    g.add_argument("--negative-prompt", default="")
+    g.add_argument("--concept", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="a concept file or library name, optionally with a default strength (repeatable)")
+    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    g.add_argument("--steps", type=int, default=30)
+    g.add_argument("--guidance", type=float, default=7.5)
+    g.add_argument("--width", type=int, default=None, help="default: the base's native size")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--scheduler", default="default", help="default, ddim, euler, euler_a, dpmpp_2m, unipc, heun, pndm")
+    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--out", required=True, help="output PNG; with several images NAME-0.png, NAME-1.png …")
+
+    c = sub.add_parser("concepts", help="the concept library")
+    csub = c.add_subparsers(dest="action", required=True)
+    for name, helptext in (("list", "list concepts"), ("show", "show one concept")):
+        p = csub.add_parser(name, help=helptext)
+        _library_flag(p)
+        if name == "show":
+            p.add_argument("name")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    p = csub.add_parser("rename", help="rename a concept (and optionally its trigger token)")
+    _library_flag(p)
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--token", default=None, help="new trigger token, e.g. <my-dog>")
+    p.add_argument("--force", action="store_true")
+    p = csub.add_parser("rm", help="delete a concept")
+    _library_flag(p)
+    p.add_argument("name")
+    p = csub.add_parser("import", help="import a studio, A1111, diffusers or Cross-Initialization file")
+    _library_flag(p)
+    p.add_argument("file")
+    p.add_argument("--name", default=None)
+    p.add_argument("--token", default=None, help="trigger token (default: from the file)")
+    p.add_argument("--class-word", default=None)
+    p.add_argument("--force", action="store_true")
+    p = csub.add_parser("export", help="export a concept (studio, a1111, diffusers, …)")
+    _library_flag(p)
+    p.add_argument("name")
+    p.add_argument("out")
+    p.add_argument("--format", default="studio")
+    p.add_argument("--force", action="store_true")
+
+    t = sub.add_parser("train", help="train a concept")
+    tsub = t.add_subparsers(dest="method", required=True)
+    from trainers import trainer_registry
+
+    for entry in trainer_registry().values():
+        p = tsub.add_parser(entry.cli_name, help=entry.help, description=entry.help)
+        _base_flags(p)
+        _library_flag(p)
+        entry.add_cli_arguments(p)
+    return parser
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from studio.generation import ConceptUse, GenerateConfig, png_info
+    from studio.prompts import split_concept_spec
+    from studio.service import Studio
+
+    cfg = GenerateConfig(prompt=ns.prompt, negative_prompt=ns.negative_prompt, seed=ns.seed, steps=ns.steps,
+                         guidance=ns.guidance, width=ns.width, height=ns.height, scheduler=ns.scheduler,
+                         num_images=ns.num_images,
+                         concepts=[ConceptUse(*split_concept_spec(s)) for s in ns.concept])
+    out = Path(ns.out)
+    if out.suffix.lower() != ".png":
+        raise StudioError(f"--out {out} must end in .png (the parameters are stored in PNG text chunks).")
+    studio = Studio(_settings(ns), library=ns.library)
+    if studio.base.label:
+        print(f"base {studio.base.name}: {studio.base.label}", file=sys.stderr)
+    images = studio.generate(cfg)
+    for note in studio.notes:
+        print(note, file=sys.stderr)
+    from studio.atomic import atomic_path
+
+    for i, img in enumerate(images):
+        path = out if len(images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        with atomic_path(path) as tmp:
+            img.save(tmp, format="PNG", pnginfo=png_info(img))
+        print(path)
+    return 0
+
+
+def cmd_concepts(ns: argparse.Namespace) -> int:
+    from studio.library import Library
+
+    lib = Library(ns.library)
+    if ns.action == "list":
+        rows = [i.row() for i in lib.list()]
+        if ns.json:
+            print(json.dumps(rows, indent=2))
+        elif not rows:
+            print(f"no concepts in {lib.folder}")
+        else:
+            cols = ["name", "method", "trigger", "class_word", "base", "strength", "size_kb"]
+            widths = {c: max(len(c), *(len(str(r[c] if r[c] is not None else "")) for r in rows)) for c in cols}
+            print("  ".join(c.ljust(widths[c]) for c in cols))
+            for r in rows:
+                line = "  ".join(str(r[c] if r[c] is not None else "").ljust(widths[c]) for c in cols)
+                print(line + (f"  ! {r['error']}" if r["error"] else ""))
+    elif ns.action == "show":
+        info = lib.info(ns.name)
+        data = info.row() | {"path": str(info.path), "tokens": info.tokens, "base": info.base,
+                             "metrics": info.metrics, "preview": str(info.preview) if info.preview else None}
+        print(json.dumps(data, indent=2, default=str))
+    elif ns.action == "rename":
+        print(lib.rename(ns.old, ns.new, force=ns.force, token=ns.token))
+    elif ns.action == "rm":
+        lib.delete(ns.name)
+        print(f"deleted {ns.name}")
+    elif ns.action == "import":
+        print(lib.import_file(ns.file, ns.name, token=ns.token, class_word=ns.class_word, force=ns.force))
+    elif ns.action == "export":
+        print(lib.export(ns.name, ns.out, ns.format, force=ns.force))
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    from trainers import trainer_registry
+
+    entry = next(e for e in trainer_registry().values() if e.cli_name == ns.method)
+    return entry.run_cli(ns, _settings(ns))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    # transformers warns at import that torchvision is absent (it never is needed here).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        parser = build_parser()
+        ns = parser.parse_args(argv)
+        handler = {"generate": cmd_generate, "concepts": cmd_concepts, "train": cmd_train}[ns.command]
+        return handler(ns)
+    except StudioError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,97 @@
+"""Config dataclasses → argparse flags and UI form fields, from one source of truth.
+
+A field's help text lives in ``field(metadata={"help": …})``; ``choices`` and ``flag`` (the CLI
+name) are optional metadata too. Adding a field to a method's config adds the CLI flag and the UI
+form field with no other change.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldSpec:
+    """One user-facing option of a config dataclass."""
+
+    name: str
+    type: type  # bool, int, float, str, or list[str]
+    default: Any
+    help: str
+    choices: tuple[Any, ...] | None
+    optional: bool  # None is an allowed value
+    flag: str
+    group: str
+
+
+def field_specs(cls: type) -> list[FieldSpec]:
+    hints = get_type_hints(cls)
+    specs = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("hidden"):
+            continue
+        tp, optional = _unwrap(hints[f.name])
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = dataclasses.MISSING
+        specs.append(FieldSpec(
+            name=f.name, type=tp, default=default, help=f.metadata.get("help", ""),
+            choices=tuple(f.metadata["choices"]) if "choices" in f.metadata else None, optional=optional,
+            flag=f.metadata.get("flag", "--" + f.name.replace("_", "-")), group=f.metadata.get("group", "options"),
+        ))
+    return specs
+
+
+def _unwrap(tp: Any) -> tuple[type, bool]:
+    optional = False
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        optional = len(args) != len(get_args(tp))
+        tp = args[0]
+    if get_origin(tp) is list:
+        return list, optional
+    return tp, optional
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per field of ``cls`` (booleans as ``--x/--no-x``)."""
+    groups: dict[str, Any] = {}
+    for spec in field_specs(cls):
+        if spec.name in skip:
+            continue
+        group = groups.setdefault(spec.group, parser.add_argument_group(spec.group))
+        required = spec.default is dataclasses.MISSING
+        default_txt = "" if required else f" (default: {spec.default})"
+        kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help + default_txt}
+        if spec.type is bool:
+            group.add_argument(spec.flag, action=argparse.BooleanOptionalAction,
+                               default=None if required else spec.default, **kwargs)
+            continue
+        if spec.type is list:
+            kwargs.update(action="append", default=None)
+        else:
+            kwargs.update(type=spec.type, default=argparse.SUPPRESS if required else spec.default)
+            if spec.choices:
+                kwargs["choices"] = spec.choices
+        group.add_argument(spec.flag, required=required, **kwargs)
+
+
+def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
+    """Build ``cls`` from parsed flags (fields absent from ``ns`` keep their defaults)."""
+    values = {}
+    for spec in field_specs(cls):
+        if hasattr(ns, spec.name) and getattr(ns, spec.name) is not None:
+            values[spec.name] = getattr(ns, spec.name)
+    values.update(overrides)
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

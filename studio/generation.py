@@ -1,0 +1,210 @@
+"""Generation: a :class:`GenerateConfig` in, PIL images carrying their parameters out.
+
+Concepts of any mix of methods are applied for the call and removed afterwards, so the
+pipeline is the plain base between calls. Same config + same seed → same pixels on CPU (each
+image ``i`` draws its noise from a CPU generator seeded with ``seed + i``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from studio.concept import Concept, check_compatible
+from studio.errors import StudioError
+from studio.methods import get_method
+from studio.prompts import check_strength, find_triggers, rewrite
+
+# Scheduler names → (diffusers class name, A1111 sampler name, extra config).
+SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", "DDIM", {}),
+    "euler": ("EulerDiscreteScheduler", "Euler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", "Euler a", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", "DPM++ 2M", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", "DPM++ 2M Karras", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", "UniPC", {}),
+    "heun": ("HeunDiscreteScheduler", "Heun", {}),
+    "pndm": ("PNDMScheduler", "PNDM", {}),
+}
+MAX_IMAGES = 64
+
+
+@dataclass
+class ConceptUse:
+    """A concept for one generation: a file path or library name, and an optional default strength
+    (a strength written in the prompt wins)."""
+
+    source: str
+    strength: float | None = None
+
+
+@dataclass
+class GenerateConfig:
+    """One generation request (shared by the CLI, the UI and the Python API)."""
+
+    prompt: str  # may hold trigger tokens: "a photo of <hrt:0.8> on a beach"
+    negative_prompt: str = ""
+    seed: int = 0  # image i uses seed + i
+    steps: int = 30
+    guidance: float = 7.5  # classifier-free guidance scale; ≤ 1 disables CFG
+    width: int | None = None  # None → the base's native size
+    height: int | None = None
+    scheduler: str = "default"  # "default" keeps the base's; else a key of SCHEDULERS
+    num_images: int = 1
+    concepts: list[ConceptUse] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.prompt.strip():
+            raise StudioError("The prompt is empty; describe the image to generate.")
+        if not 1 <= self.steps <= 1000:
+            raise StudioError(f"steps must be between 1 and 1000, got {self.steps}.")
+        if not 0 <= self.guidance <= 50:
+            raise StudioError(f"guidance must be between 0 and 50, got {self.guidance}.")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise StudioError(f"num_images must be between 1 and {MAX_IMAGES}, got {self.num_images}.")
+        if self.scheduler != "default" and self.scheduler not in SCHEDULERS:
+            raise StudioError(f"Unknown scheduler {self.scheduler!r}; use default or one of {', '.join(SCHEDULERS)}.")
+        if not 0 <= self.seed < 2**63:
+            raise StudioError(f"seed must be a non-negative 63-bit integer, got {self.seed}.")
+        for side in (self.width, self.height):
+            if side is not None and not 8 <= side <= 4096:
+                raise StudioError(f"width and height must be between 8 and 4096 pixels, got {side}.")
+        self.concepts = [c if isinstance(c, ConceptUse) else ConceptUse(**c) for c in self.concepts]
+
+
+@dataclass
+class ResolvedConcept:
+    concept: Concept
+    source: str
+    strength: float
+
+
+def effective_strengths(prompt: str, negative: str, concepts: Sequence[tuple[Concept, float | None, str]]) -> list[ResolvedConcept]:
+    """Strength of each concept: the prompt's ``<tok:s>`` > the ``--concept FILE:s`` default > the
+    concept's recommended strength > 1.0. Two concepts may not share a trigger."""
+    in_prompt: dict[str, float] = {}
+    for use in find_triggers(prompt) + find_triggers(negative):
+        if use.strength is not None:
+            in_prompt.setdefault(use.token, use.strength)
+    seen: dict[str, str] = {}
+    out = []
+    for concept, default, source in concepts:
+        for tok in concept.tokens:
+            if tok in seen:
+                raise StudioError(f"Concepts {seen[tok]} and {source} share the trigger {tok}; rename one "
+                                  "with `python -m studio concepts rename`.")
+            seen[tok] = source
+        s = in_prompt.get(concept.trigger)
+        if s is None:
+            s = default if default is not None else (concept.strength if concept.strength is not None else 1.0)
+        out.append(ResolvedConcept(concept, source, check_strength(float(s), where=source)))
+    return out
+
+
+@contextlib.contextmanager
+def applied(base: Any, resolved: Sequence[ResolvedConcept], notes: list[str] | None = None) -> Iterator[dict[str, str]]:
+    """Apply every concept, yield ``{trigger: prompt text}``, and remove them all afterwards
+    (also on errors), leaving the base bit-identical."""
+    handles = []
+    try:
+        for r in resolved:
+            note = check_compatible(r.concept, base, source=r.source)
+            if note and notes is not None:
+                notes.append(note)
+            handles.append(get_method(r.concept.method).apply(base, r.concept, strength=r.strength))
+        yield {h.concept.trigger: h.prompt_text() for h in handles}
+    finally:
+        for h in reversed(handles):
+            h.remove()
+
+
+def parameters_text(cfg: GenerateConfig, *, seed: int, base: Any, width: int, height: int,
+                    resolved: Sequence[ResolvedConcept]) -> str:
+    """The A1111-style ``parameters`` PNG text: prompt, negative prompt, then a settings line."""
+    sampler = SCHEDULERS[cfg.scheduler][1] if cfg.scheduler != "default" else type(base.pipe.scheduler).__name__
+    parts = [f"Steps: {cfg.steps}", f"Sampler: {sampler}", f"CFG scale: {cfg.guidance:g}", f"Seed: {seed}",
+             f"Size: {width}x{height}", f"Model: {base.name}", f"Model hash: {base.identity}"]
+    if resolved:
+        parts.append("Concepts: " + json.dumps(", ".join(f"{r.concept.trigger}:{r.strength:g} ({r.concept.name})"
+                                                         for r in resolved)))
+    lines = [cfg.prompt]
+    if cfg.negative_prompt:
+        lines.append(f"Negative prompt: {cfg.negative_prompt}")
+    lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def png_info(image: Image.Image) -> PngInfo:
+    """The PNG chunks to save ``image`` with (its ``parameters`` and ``studio`` texts)."""
+    info = PngInfo()
+    for key in ("parameters", "studio"):
+        if key in image.info:
+            info.add_text(key, image.info[key])
+    return info
+
+
+def _native(base: Any, cfg: GenerateConfig) -> tuple[int, int]:
+    width, height = cfg.width or base.native_size, cfg.height or base.native_size
+    unet = base.pipe.unet
+    multiple = int(base.pipe.vae_scale_factor) * 2 ** (len(unet.config.block_out_channels) - 1)
+    for name, side in (("width", width), ("height", height)):
+        if side % multiple:
+            raise StudioError(f"{name} {side} is not a multiple of {multiple}, which base {base.name} needs; "
+                              f"try {max(multiple, round(side / multiple) * multiple)}.")
+    return width, height
+
+
+@contextlib.contextmanager
+def _scheduler(pipe: Any, name: str) -> Iterator[None]:
+    if name == "default":
+        yield
+        return
+    import diffusers
+
+    cls_name, _, extra = SCHEDULERS[name]
+    original = pipe.scheduler
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **extra)
+    try:
+        yield
+    finally:
+        pipe.scheduler = original
+
+
+def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, float | None, str]] = (),
+             notes: list[str] | None = None, callback: Any = None) -> list[Image.Image]:
+    """Render ``cfg`` on ``base`` (a :class:`~studio.models.BaseModel`) with ``concepts``
+    (``(concept, default strength, source)`` triples, already loaded — see ``Studio.generate`` for
+    resolving files and library names). Returns ``num_images`` PIL images whose ``info`` holds
+    the ``parameters`` text and a ``studio`` JSON of the request."""
+    width, height = _native(base, cfg)
+    resolved = effective_strengths(cfg.prompt, cfg.negative_prompt, concepts)
+    images: list[Image.Image] = []
+    with applied(base, resolved, notes) as texts, _scheduler(base.pipe, cfg.scheduler):
+        prompt = rewrite(cfg.prompt, texts)
+        negative = rewrite(cfg.negative_prompt, texts)
+        for i in range(cfg.num_images):
+            seed = cfg.seed + i
+            gen = torch.Generator(device="cpu").manual_seed(seed)
+            out = base.pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=cfg.steps,
+                            guidance_scale=cfg.guidance, width=width, height=height, generator=gen,
+                            output_type="pil")
+            img = out.images[0]
+            img.info["parameters"] = parameters_text(cfg, seed=seed, base=base, width=width, height=height,
+                                                     resolved=resolved)
+            request = asdict(cfg) | {"seed": seed, "num_images": 1, "width": width, "height": height,
+                                     "base": base.spec, "base_identity": base.identity,
+                                     "concepts": [{"source": r.source, "name": r.concept.name,
+                                                   "trigger": r.concept.trigger, "strength": r.strength}
+                                                  for r in resolved]}
+            img.info["studio"] = json.dumps(request)
+            images.append(img)
+            if callback is not None:
+                callback(i, img)
+    return images

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny bases built once per session, a temporary library, helpers."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_bases():
+    """Lazily built tiny bases, one per name, shared by the session (tests must leave them clean)."""
+    from studio.models import load_base
+
+    cache: dict = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = load_base(name, device="cpu")
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture
+def tiny(tiny_bases):
+    return tiny_bases("tiny")
+
+
+@pytest.fixture
+def library(tmp_path):
+    from studio.library import Library
+
+    return Library(tmp_path / "lib")
+
+
+def render(base, prompt: str = "a photo of a cat", seed: int = 0, steps: int = 2, **kw) -> np.ndarray:
+    """Run the pipeline directly (float output, no PNG rounding): ``(H, W, 3)`` float32."""
+    gen = torch.Generator().manual_seed(seed)
+    out = base.pipe(prompt=prompt, num_inference_steps=steps, generator=gen, output_type="np",
+                    guidance_scale=kw.pop("guidance_scale", 5.0), **kw)
+    return out.images[0]
