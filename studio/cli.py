@@ -92,12 +92,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a concept")
     tsub = t.add_subparsers(dest="method", required=True)
     from trainers import trainer_registry
+    from trainers.runner import add_cli_arguments
 
     for entry in trainer_registry().values():
         p = tsub.add_parser(entry.cli_name, help=entry.help, description=entry.help)
         _base_flags(p)
         _library_flag(p)
-        entry.add_cli_arguments(p)
+        add_cli_arguments(entry, p)
     return parser
 
 
@@ -164,10 +165,10 @@ def cmd_concepts(ns: argparse.Namespace) -> int:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
-    from trainers import trainer_registry
+    from trainers import get_trainer
+    from trainers.runner import run_cli
 
-    entry = next(e for e in trainer_registry().values() if e.cli_name == ns.method)
-    return entry.run_cli(ns, _settings(ns))
+    return run_cli(get_trainer(ns.method), ns, _settings(ns))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,36 +60,40 @@ def _unwrap(tp: Any) -> tuple[type, bool]:
     return tp, optional
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = ()) -> None:
-    """Add one flag per field of ``cls`` (booleans as ``--x/--no-x``)."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                  suppress_defaults: bool = False) -> None:
+    """Add one flag per field of ``cls`` (booleans as ``--x/--no-x``).
+
+    With ``suppress_defaults`` a flag the user did not pass is absent from the namespace, so
+    presets can fill it before the dataclass default does."""
     groups: dict[str, Any] = {}
     for spec in field_specs(cls):
         if spec.name in skip:
             continue
         group = groups.setdefault(spec.group, parser.add_argument_group(spec.group))
-        required = spec.default is dataclasses.MISSING
+        required = spec.default is dataclasses.MISSING and not suppress_defaults
         default_txt = "" if required else f" (default: {spec.default})"
         kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help + default_txt}
         if spec.type is bool:
             group.add_argument(spec.flag, action=argparse.BooleanOptionalAction,
-                               default=None if required else spec.default, **kwargs)
+                               default=argparse.SUPPRESS if suppress_defaults else spec.default, **kwargs)
             continue
         if spec.type is list:
-            kwargs.update(action="append", default=None)
+            kwargs.update(action="append", default=argparse.SUPPRESS if suppress_defaults else None)
         else:
-            kwargs.update(type=spec.type, default=argparse.SUPPRESS if required else spec.default)
+            kwargs.update(type=spec.type,
+                          default=argparse.SUPPRESS if required or suppress_defaults else spec.default)
             if spec.choices:
                 kwargs["choices"] = spec.choices
         group.add_argument(spec.flag, required=required, **kwargs)
 
 
-def from_namespace(cls: type, ns: argparse.Namespace, **overrides: Any) -> Any:
-    """Build ``cls`` from parsed flags (fields absent from ``ns`` keep their defaults)."""
-    values = {}
+def from_namespace(cls: type, ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
+    """Build ``cls`` from ``base`` values (e.g. a preset) overridden by the parsed flags."""
+    values = dict(base or {})
     for spec in field_specs(cls):
         if hasattr(ns, spec.name) and getattr(ns, spec.name) is not None:
             values[spec.name] = getattr(ns, spec.name)
-    values.update(overrides)
     return cls(**values)
 
 

@@ -1,0 +1,42 @@
+"""Text conditioning for training, the way the diffusers pipelines build it at inference.
+
+SD 1/2: ``encoder_hidden_states = TE(ids).last_hidden_state`` — (B, 77, D).
+SDXL: the penultimate hidden states of both encoders concatenated — (B, 77, D1 + D2) — plus the
+second encoder's projected pooled output (B, P) and the micro-conditioning ``time_ids`` (B, 6).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from studio.methods.runtime import text_encoders
+
+
+@dataclass
+class Conditioning:
+    encoder_hidden_states: torch.Tensor  # (B, 77, D)
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None  # SDXL: text_embeds (B, P), time_ids (B, 6)
+
+
+def tokenize(tokenizer: Any, prompts: list[str], device: torch.device) -> torch.Tensor:
+    """(B, 77) long ids, padded to the tokenizer's max length and truncated."""
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+def encode_prompts(pipe: Any, prompts: list[str], *, resolution: int, device: torch.device) -> Conditioning:
+    pairs = text_encoders(pipe)
+    if len(pairs) == 1:
+        tok, te = pairs[0]
+        return Conditioning(te(tokenize(tok, prompts, device))[0])
+    hidden, pooled = [], None
+    for tok, te in pairs:
+        out = te(tokenize(tok, prompts, device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder's projected pooled output
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
+                            dtype=hidden[0].dtype).repeat(len(prompts), 1)
+    return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})

@@ -1,0 +1,19 @@
+"""Prompt templates for concept training (our own wording). ``{}`` is the concept's text —
+its trigger tokens, followed by the class word where the method uses one."""
+
+OBJECT_TEMPLATES = [
+    "a photo of {}", "a close-up photo of {}", "a cropped photo of {}", "a bright photo of {}",
+    "a dark photo of {}", "a good photo of {}", "a photo of the {}", "a photo of one {}",
+    "a photo of a small {}", "a photo of a large {}", "a rendering of {}", "a picture of {}",
+    "an image of {}", "a clean photo of {}", "a blurry photo of {}", "a nice photo of {}",
+    "a photo of my {}", "a snapshot of {}", "{}", "a studio photo of {}",
+]
+
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a rendering in the style of {}", "a picture in the style of {}",
+    "an illustration in the style of {}", "a drawing in the style of {}", "artwork in the style of {}",
+    "a landscape in the style of {}", "a portrait in the style of {}", "an image in the style of {}",
+    "a still life in the style of {}",
+]
+
+TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}

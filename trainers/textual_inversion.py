@@ -1,0 +1,225 @@
+"""Textual inversion with Cross Initialization (METHODS.md §1–2).
+
+Only an ``(n, D)`` parameter per text encoder trains; it is spliced into the encoder's input
+embedding (:class:`~studio.methods.runtime.SplicedEmbedding`), so the 49,408-row vocabulary is
+never copied, resized or touched by the optimizer.
+
+Initialisation (``init``):
+
+* ``cross`` (default, Pang et al. 2024): the **text encoder's output** for the initializer text,
+  fed back as input embeddings. The initializer text is ``--init-words`` (default: the class
+  word), repeated until it has ``n`` tokens; vector ``i`` starts from the encoder output at token
+  position ``1 + i``. So with one word and two vectors ("dog dog") both vectors start from the
+  encoder's reading of "dog" — the first in first position, the second in context after it.
+  SD 1/2 use the final-layer-norm output; SDXL uses each encoder's penultimate hidden state (what
+  its UNet reads). The loss adds ``λ · mean_i ‖e_i − init_i‖₂`` (λ = ``reg_weight``, 1e-5).
+* ``names`` (the paper's variant for faces): the input embeddings of the first-name and surname
+  tokens of every name in ``names_file`` ("First Last" per line) averaged position-wise, encoded
+  as ``[BOS, c_0 … c_{n-1}, EOS, PAD …]``; vector ``i`` starts from the output at position
+  ``1 + i`` (columns cycle when ``n > 2``).
+* ``plain``: classic textual inversion — the input embedding of each initializer word, which
+  must be a single token (the error lists the tokens of a word that is not).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from studio.concept import Concept
+from studio.errors import TrainingError
+from studio.methods.runtime import SplicedEmbedding, text_encoders, token_table
+from studio.methods.textual_inversion import SD_KEY, SDXL_KEYS, TextualInversion, placeholder_tokens
+from trainers import TrainerEntry, register_trainer
+from trainers.conditioning import encode_prompts
+from trainers.data import Example
+from trainers.loop import CommonTrainConfig, _f
+
+
+@dataclass
+class TextualInversionConfig(CommonTrainConfig):
+    num_vectors: int = _f(2, "vectors per token (more = more capacity, slower to learn)", group="concept")
+    init: str = _f("cross", "initialisation: cross (Cross Initialization), names (faces), plain (classic TI)",
+                   choices=["cross", "names", "plain"], group="concept")
+    init_words: str | None = _f(None, "initializer text (default: the class word)", group="concept")
+    names_file: str | None = _f(None, "for --init names: a text file with one 'First Last' name per line", group="concept")
+    reg_weight: float = _f(1e-5, "λ of the Cross-Initialization regulariser mean‖e − e_init‖₂ (0 = off)", group="training")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 1 <= self.num_vectors <= 75:
+            raise TrainingError(f"num_vectors must be between 1 and 75, got {self.num_vectors}.")
+        if self.init == "names" and not self.names_file:
+            raise TrainingError("--init names needs --names-file (one 'First Last' name per line).")
+        if self.init != "names" and not (self.init_words or self.class_word):
+            raise TrainingError("Give --class-word (what the subject is, e.g. dog) or --init-words to start from.")
+
+
+PRESETS = {
+    # Cross Initialization (paper defaults: 2 vectors, 320 steps, effective lr 5e-3, batch 8).
+    "cross-init": dict(init="cross", num_vectors=2, steps=320, lr=5e-3, batch_size=8, reg_weight=1e-5),
+    # The paper's fast variant.
+    "cross-init-fast": dict(init="cross", num_vectors=2, steps=25, lr=5e-3, batch_size=8, reg_weight=1e-5),
+    # Classic TI as in diffusers' README: batch 1 × accumulation 4, 3000 steps, effective lr 2e-3.
+    "plain": dict(init="plain", num_vectors=1, steps=3000, lr=2e-3, batch_size=1, grad_accum=4, reg_weight=0.0),
+}
+
+
+def _repeat_words(text: str, tokenizer: Any, n: int) -> str:
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if not ids:
+        raise TrainingError(f"The initializer text {text!r} has no tokens.")
+    reps = -(-n // len(ids))
+    return " ".join([text] * reps)
+
+
+def _encoder_outputs(pipe: Any, prompts: list[str]) -> list[torch.Tensor]:
+    """Per encoder, the states the UNet reads: SD last_hidden_state, SDXL hidden_states[-2]; (B, 77, D_e)."""
+    pairs = text_encoders(pipe)
+    outs = []
+    with torch.no_grad():
+        for tok, te in pairs:
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(te.device)
+            if len(pairs) == 1:
+                outs.append(te(ids)[0].float())
+            else:
+                outs.append(te(ids, output_hidden_states=True).hidden_states[-2].float())
+    return outs
+
+
+def initial_vectors(pipe: Any, cfg: TextualInversionConfig) -> list[torch.Tensor]:
+    """Per encoder, ``(n, D_e)`` starting vectors (see the module docstring)."""
+    n = cfg.num_vectors
+    pairs = text_encoders(pipe)
+    words = cfg.init_words or cfg.class_word or ""
+    if cfg.init == "plain":
+        vecs = []
+        for tok, te in pairs:
+            ids = []
+            for w in words.split():
+                wid = tok(w, add_special_tokens=False).input_ids
+                if len(wid) != 1:
+                    pieces = tok.convert_ids_to_tokens(wid)
+                    raise TrainingError(f"Plain textual inversion starts each vector from one token, but {w!r} is "
+                                        f"{len(wid)} tokens ({', '.join(pieces)}); pass one of them with "
+                                        "--init-words, or use --init cross, which accepts any text.")
+                ids.append(wid[0])
+            ids = (ids * n)[:n]
+            emb = te.get_input_embeddings()
+            with torch.no_grad():
+                vecs.append(emb(torch.tensor(ids, device=te.device)).float().cpu())
+        return vecs
+    if cfg.init == "cross":
+        text = _repeat_words(words, pairs[0][0], n)
+        return [o[0, 1 : 1 + n].cpu() for o in _encoder_outputs(pipe, [text])]
+    # names: average name columns in input-embedding space, then encode them.
+    names = [ln.split() for ln in Path(cfg.names_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
+    names = [parts for parts in names if len(parts) >= 2]
+    if not names:
+        raise TrainingError(f"{cfg.names_file} holds no 'First Last' names.")
+    columns = []
+    for tok, te in pairs:
+        emb = te.get_input_embeddings()
+        cols = []
+        for part in (0, -1):
+            ids = [tok(p[part], add_special_tokens=False).input_ids[0] for p in names]
+            with torch.no_grad():
+                cols.append(emb(torch.tensor(ids, device=te.device)).float().mean(0).cpu())
+        columns.append(torch.stack([cols[i % 2] for i in range(n)]))
+    table = token_table(pipe)
+    probe = placeholder_tokens("<studio-init-probe>", n)
+    table.set("init-probe", probe, columns)
+    try:
+        outs = _encoder_outputs(pipe, [" ".join(probe)])
+    finally:
+        table.drop("init-probe")
+    return [o[0, 1 : 1 + n].cpu() for o in outs]
+
+
+class TextualInversionTrainer:
+    """Splices trainable ``(n, D_e)`` rows into each text encoder; everything else is frozen."""
+
+    def __init__(self, base: Any, cfg: TextualInversionConfig, token: str):
+        self.base, self.cfg, self.token = base, cfg, token
+        pipe = base.pipe
+        self.table = token_table(pipe)
+        if self.table.entries:
+            raise TrainingError("Remove applied concepts from the pipeline before training.")
+        self.tokens = placeholder_tokens(token, cfg.num_vectors)
+        self.init = initial_vectors(pipe, cfg)
+        self._frozen = self._freeze(pipe)
+        self.key = f"train:{token}"
+        self.table.set(self.key, self.tokens, self.init)
+        self.params: list[nn.Parameter] = []
+        for (_, te), v in zip(text_encoders(pipe), self.init):
+            spliced = te.get_input_embeddings()
+            p = nn.Parameter(v.clone().to(te.device, torch.float32))
+            te.set_input_embeddings(SplicedEmbedding(spliced.original, p))
+            self.params.append(p)
+        self._init_dev = [v.to(p.device) for v, p in zip(self.init, self.params)]
+
+    @staticmethod
+    def _freeze(pipe: Any) -> list[tuple[nn.Parameter, bool]]:
+        mods = [pipe.unet, pipe.vae] + [te for _, te in text_encoders(pipe)]
+        saved = [(p, p.requires_grad) for m in mods for p in m.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(False)
+        return saved
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        keys = (SD_KEY,) if len(self.params) == 1 else SDXL_KEYS
+        return dict(zip(keys, self.params))
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": self.params, "lr": self.cfg.lr}]
+
+    def text(self) -> str:
+        return " ".join(self.tokens)
+
+    def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
+        out = []
+        for tpl, ex in zip(templates, examples):
+            prompt = tpl.format(self.text())
+            if ex.caption:
+                prompt = ex.caption.replace(self.token, self.text()) if self.token in ex.caption else f"{prompt}, {ex.caption}"
+            out.append(prompt)
+        return out
+
+    def conditioning(self, prompts: list[str], resolution: int):
+        return encode_prompts(self.base.pipe, prompts, resolution=resolution, device=self.base.device)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        if self.cfg.init == "plain" or self.cfg.reg_weight <= 0:
+            return None
+        reg = sum((p - v).norm(dim=-1).mean() for p, v in zip(self.params, self._init_dev))
+        return self.cfg.reg_weight * reg
+
+    def after_step(self) -> None:
+        pass
+
+    def preview_prompt(self, prompt: str) -> str:
+        return prompt.format(self.text())
+
+    def export(self) -> Concept:
+        keys = (SD_KEY,) if len(self.params) == 1 else SDXL_KEYS
+        tensors = {k: p.detach().float().cpu().clone() for k, p in zip(keys, self.params)}
+        return Concept(method=TextualInversion.name, tokens=[self.token], tensors=tensors,
+                       class_word=self.cfg.class_word or "", name=self.cfg.name or self.token.strip("<>"))
+
+    def teardown(self) -> None:
+        self.table.drop(self.key)
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+
+
+ENTRY = register_trainer(TrainerEntry(
+    cli_name="textual-inversion", method=TextualInversion.name,
+    help="textual inversion with Cross Initialization: a few token vectors (kilobytes)",
+    config_cls=TextualInversionConfig, make_trainer=TextualInversionTrainer, presets=PRESETS,
+    default_preset="cross-init", min_images=1,
+))
