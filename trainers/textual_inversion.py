@@ -212,9 +212,11 @@ class TextualInversionTrainer:
                        class_word=self.cfg.class_word or "", name=self.cfg.name or self.token.strip("<>"))
 
     def teardown(self) -> None:
+        """Idempotent: the tokens leave the tokenizer, the encoders get their own embeddings back."""
         self.table.drop(self.key)
         for p, flag in self._frozen:
             p.requires_grad_(flag)
+        self._frozen = []
 
 
 ENTRY = register_trainer(TrainerEntry(

@@ -6,7 +6,10 @@ Tensors (the A1111 / ComfyUI / InvokeAI convention, also read by diffusers'
 * SD 1.x / 2.x: ``emb_params`` — ``(n, D)`` for ``n`` vectors;
 * SDXL: ``clip_l`` ``(n, 768-ish)`` for the first encoder and ``clip_g`` ``(n, 1280-ish)`` for the second.
 
-The trigger ``<tok>`` becomes ``n`` added tokens ``<tok> <tok>_1 … <tok>_{n-1}`` (diffusers' naming).
+The trigger ``<tok>`` becomes ``n`` added tokens ``<tok> <tok>#1 … <tok>#{n-1}``. (Not diffusers'
+``<tok>_1`` naming: its pipelines expand a prompt's ``<tok>`` into ``<tok> <tok>_1 …`` with a plain
+string replace that would also rewrite the ``<tok>`` inside an already expanded ``<tok>_1``. The
+names never reach a file, so files stay loadable by ``load_textual_inversion(file, token=…)``.)
 
 **Strength** ``s``: every vector is ``e_class + s·(e − e_class)`` where ``e_class`` is the input
 embedding of the class word (mean over its tokens); at ``s = 0`` the trigger is rewritten to the
@@ -39,8 +42,8 @@ def tensor_keys(n_encoders: int) -> tuple[str, ...]:
 
 
 def placeholder_tokens(trigger: str, n: int) -> list[str]:
-    """``<tok>``, ``<tok>_1`` … — the names diffusers' ``load_textual_inversion`` gives too."""
-    return [trigger] + [f"{trigger}_{i}" for i in range(1, n)]
+    """``<tok>``, ``<tok>#1`` … — the added tokens that carry ``n`` vectors."""
+    return [trigger] + [f"{trigger}#{i}" for i in range(1, n)]
 
 
 def class_embedding(tokenizer, embedding: torch.nn.Module, word: str) -> torch.Tensor:
