@@ -186,7 +186,10 @@ def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, f
     width, height = _native(base, cfg)
     resolved = effective_strengths(cfg.prompt, cfg.negative_prompt, concepts)
     images: list[Image.Image] = []
-    with applied(base, resolved, notes) as texts, _scheduler(base.pipe, cfg.scheduler):
+    from studio.methods.attention import cfg_layout
+
+    with applied(base, resolved, notes) as texts, _scheduler(base.pipe, cfg.scheduler), \
+            cfg_layout(base.pipe.unet, guided=cfg.guidance > 1):
         prompt = rewrite(cfg.prompt, texts)
         negative = rewrite(cfg.negative_prompt, texts)
         for i in range(cfg.num_images):

@@ -23,11 +23,14 @@ _SAMPLE = 1 << 20  # bytes read at the start, middle and end of each weight file
 def cross_attention_layers(unet: Any) -> list[str]:
     """Names of the UNet's cross-attention modules (``attn2``) in execution order.
 
-    The order of ``named_modules`` follows the construction order of diffusers' UNet (down
-    blocks, mid block, up blocks), which is also the order in which they run.
+    ``named_modules`` lists them in registration order, which in diffusers' UNet puts the mid
+    block after the up blocks; execution runs down blocks, mid block, then up blocks, so the names
+    are ordered by that stage first (stable within a stage, where registration order is numeric).
     """
-    return [name for name, mod in unet.named_modules()
-            if name.endswith("attn2") and getattr(mod, "is_cross_attention", False)]
+    stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    names = [name for name, mod in unet.named_modules()
+             if name.endswith("attn2") and getattr(mod, "is_cross_attention", False)]
+    return sorted(names, key=lambda n: stage.get(n.split(".", 1)[0], 3))
 
 
 def compatibility_key(pipe: Any, family: str) -> dict[str, Any]:

@@ -1,0 +1,243 @@
+"""One processor per cross-attention layer, shared by every method that needs attention hooks.
+
+Perfusion (K/V rank-one edits), NeTI (per-layer, per-timestep text contexts) and IP-Adapter
+(decoupled image attention) all work inside the UNet's cross-attention. If each replaced the
+processors with its own, the last one installed would silently drop the others. Instead:
+
+* :class:`ConditioningStore` hangs on the UNet: the cross-attention layers in execution order
+  (:class:`LayerInfo`, derived from the UNet — never a hard-coded count), the current timestep
+  (set by a forward pre-hook on the UNet), how many leading batch rows are the unconditional half
+  of a classifier-free-guidance batch, and the active :class:`AttentionHook` objects by key.
+* :class:`StudioCrossAttnProcessor` (one instance per layer, with a fixed layer index — no call
+  counters, so gradient checkpointing and re-entrant calls are safe) runs the standard scaled-dot-
+  product attention and lets every hook act in turn:
+
+  1. ``context``: replace the text states used for keys and for values (NeTI);
+  2. ``edit_kv``: edit the projected keys/values (Perfusion) — hooks receive ``attn`` and call
+     ``attn.to_k``/``attn.to_v`` themselves, so a PEFT LoRA on those projections still applies;
+  3. ``extra``: add an output computed from the query (IP-Adapter's image attention).
+
+* The processors are installed when the first hook is added and the UNet's own processors are
+  put back when the last hook leaves, so ``remove`` restores the base exactly. If something
+  (``enable_xformers_memory_efficient_attention``, ``load_ip_adapter`` …) replaced them meanwhile,
+  :func:`ensure_installed` installs ours again over the new ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from studio.models.keys import cross_attention_layers
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A cross-attention layer: its index in execution order, module name, and widths."""
+
+    index: int
+    name: str  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    context_dim: int  # width of the encoder states it reads (cross_attention_dim)
+    inner_dim: int  # width of its keys/values (to_k.out_features)
+
+
+class AttentionHook:
+    """Base class: override what the method needs. ``rows`` selects the batch rows a hook may change
+    (the conditional half under classifier-free guidance, else every row)."""
+
+    def context(self, store: ConditioningStore, layer: LayerInfo, ctx: torch.Tensor,
+                rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Return ``(ctx_for_keys, ctx_for_values)`` (B, T, D) or None to leave them."""
+        return None
+
+    def edit_kv(self, store: ConditioningStore, layer: LayerInfo, attn: Any, ctx_k: torch.Tensor,
+                ctx_v: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return edited ``(key, value)`` (B, T, inner)."""
+        return key, value
+
+    def extra(self, store: ConditioningStore, layer: LayerInfo, attn: Any, query: torch.Tensor,
+              rows: slice) -> torch.Tensor | None:
+        """An extra attention output (B, N, inner) added before the output projection, or None."""
+        return None
+
+
+@dataclass
+class ConditioningStore:
+    """Shared state of the studio processors of one UNet."""
+
+    layers: list[LayerInfo]
+    hooks: dict[str, AttentionHook] = field(default_factory=dict)
+    timestep: torch.Tensor | None = None  # the UNet call's timestep(s): () or (B,)
+    uncond_rows: int = 0  # leading rows of the batch that are the unconditional CFG half
+    original: dict[str, Any] = field(default_factory=dict)  # processors to restore
+    handle: Any = None  # the UNet forward pre-hook
+    extra: dict[str, Any] = field(default_factory=dict)  # per-method shared data (e.g. IP image tokens)
+
+    def rows(self, batch: int) -> slice:
+        return slice(self.uncond_rows if 0 < self.uncond_rows < batch else 0, batch)
+
+
+class StudioCrossAttnProcessor:
+    """Scaled-dot-product cross-attention with the store's hooks (see the module docstring)."""
+
+    def __init__(self, store: ConditioningStore, layer: LayerInfo):
+        self.store, self.layer = store, layer
+
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args: Any, **kwargs: Any) -> torch.Tensor:
+        store, layer = self.store, self.layer
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:  # (B, C, H, W) -> (B, HW, C)
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, seq_len, _ = ctx.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)  # (B, N, inner)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            ctx = attn.norm_encoder_hidden_states(ctx)
+        rows = store.rows(batch)
+        hooks = list(store.hooks.values())
+        ctx_k = ctx_v = ctx
+        for hook in hooks:  # 1. contexts (NeTI)
+            got = hook.context(store, layer, ctx_k, rows)
+            if got is not None:
+                ctx_k, ctx_v = got
+        key, value = attn.to_k(ctx_k), attn.to_v(ctx_v)  # (B, T, inner)
+        for hook in hooks:  # 2. K/V edits (Perfusion)
+            key, value = hook.edit_kv(store, layer, attn, ctx_k, ctx_v, key, value, rows)
+        out = _sdpa(attn, query, key, value, attention_mask)
+        for hook in hooks:  # 3. extra attention (IP-Adapter)
+            more = hook.extra(store, layer, attn, query, rows)
+            if more is not None:
+                out = out + more
+        out = attn.to_out[1](attn.to_out[0](out.to(query.dtype)))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _sdpa(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+          mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, N, inner) × (B, T, inner) → (B, N, inner) multi-head attention."""
+    b, heads = query.shape[0], attn.heads
+    head_dim = key.shape[-1] // heads
+    q = query.view(b, -1, heads, head_dim).transpose(1, 2)
+    k = key.view(b, -1, heads, head_dim).transpose(1, 2)
+    v = value.view(b, -1, heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return out.transpose(1, 2).reshape(b, -1, heads * head_dim)
+
+
+def unet_layers(unet: Any) -> list[LayerInfo]:
+    """The UNet's cross-attention layers in execution order."""
+    out = []
+    for i, name in enumerate(cross_attention_layers(unet)):
+        attn = unet.get_submodule(name)
+        out.append(LayerInfo(i, name, int(attn.to_k.in_features), int(attn.to_k.out_features)))
+    return out
+
+
+def store_of(unet: Any) -> ConditioningStore | None:
+    return getattr(unet, "_studio_store", None)
+
+
+def add_hook(unet: Any, key: str, hook: AttentionHook) -> ConditioningStore:
+    """Register ``hook`` under ``key`` (installing the studio processors if needed)."""
+    store = store_of(unet)
+    if store is None:
+        store = ConditioningStore(layers=unet_layers(unet))
+        unet._studio_store = store
+    if key in store.hooks:
+        raise ValueError(f"an attention hook {key!r} is already installed")
+    store.hooks[key] = hook
+    ensure_installed(unet)
+    return store
+
+
+def remove_hook(unet: Any, key: str) -> None:
+    """Unregister ``key``; with no hook left, the UNet's previous processors come back."""
+    store = store_of(unet)
+    if store is None:
+        return
+    store.hooks.pop(key, None)
+    if not store.hooks:
+        procs = dict(unet.attn_processors)
+        procs.update(store.original)
+        unet.set_attn_processor(procs)
+        if store.handle is not None:
+            store.handle.remove()
+        del unet._studio_store
+
+
+def ensure_installed(unet: Any) -> None:
+    """(Re)install the studio processor on every cross-attention layer, remembering what was there."""
+    store = store_of(unet)
+    if store is None:
+        return
+    procs = dict(unet.attn_processors)
+    changed = False
+    for layer in store.layers:
+        key = f"{layer.name}.processor"
+        current = procs[key]
+        if not isinstance(current, StudioCrossAttnProcessor) or current.store is not store:
+            store.original[key] = current
+            procs[key] = StudioCrossAttnProcessor(store, layer)
+            changed = True
+    if changed:
+        unet.set_attn_processor(procs)
+    if store.handle is None:
+        store.handle = unet.register_forward_pre_hook(_timestep_hook(store), with_kwargs=True)
+
+
+def _timestep_hook(store: ConditioningStore):
+    def hook(module: Any, args: tuple, kwargs: dict) -> None:
+        t = args[1] if len(args) > 1 else kwargs.get("timestep")
+        store.timestep = t if isinstance(t, torch.Tensor) else torch.tensor(t)
+    return hook
+
+
+class cfg_layout:  # noqa: N801 - used as a context manager like a function
+    """``with cfg_layout(unet, guided=True):`` — the first half of every UNet batch is the
+    unconditional prompt (diffusers' pipelines concatenate ``[negative, positive]``)."""
+
+    def __init__(self, unet: Any, guided: bool):
+        self.unet, self.guided = unet, guided
+
+    def __enter__(self) -> None:
+        store = store_of(self.unet)
+        if store is not None:
+            ensure_installed(self.unet)
+            store.extra["guided"] = self.guided
+            self._pre = self.unet.register_forward_pre_hook(self._rows, with_kwargs=True)
+
+    def _rows(self, module: Any, args: tuple, kwargs: dict) -> None:
+        store = store_of(self.unet)
+        sample = args[0] if args else kwargs["sample"]
+        if store is not None:
+            store.uncond_rows = sample.shape[0] // 2 if self.guided else 0
+
+    def __exit__(self, *exc: Any) -> None:
+        if hasattr(self, "_pre"):
+            self._pre.remove()
+        store = store_of(self.unet)
+        if store is not None:
+            store.uncond_rows = 0
