@@ -1,4 +1,4 @@
-"""``python -m studio``: generate, manage concepts, train.
+"""``python -m studio``: generate, manage concepts, train, queue training jobs.
 
 User mistakes print one line on stderr and exit with status 2 — never a traceback.
 """
@@ -98,7 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = tsub.add_parser(entry.cli_name, help=entry.help, description=entry.help)
         _base_flags(p)
         _library_flag(p)
+        p.add_argument("--queue", action="store_true",
+                       help="add a job to the training queue instead of training now (`python -m studio jobs work` "
+                            "runs it)")
         add_cli_arguments(entry, p)
+
+    from studio.jobs.cli import add_parser as add_jobs_parser
+
+    add_jobs_parser(sub, base_flags=_base_flags, library_flag=_library_flag)
     return parser
 
 
@@ -168,7 +175,17 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from trainers import get_trainer
     from trainers.runner import run_cli
 
+    if ns.queue:
+        from studio.jobs.cli import submit
+
+        return submit(get_trainer(ns.method), ns, _settings(ns))
     return run_cli(get_trainer(ns.method), ns, _settings(ns))
+
+
+def cmd_jobs(ns: argparse.Namespace) -> int:
+    from studio.jobs.cli import run
+
+    return run(ns, _settings(ns) if ns.action == "submit" else None)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         ns = parser.parse_args(argv)
-        handler = {"generate": cmd_generate, "concepts": cmd_concepts, "train": cmd_train}[ns.command]
+        handler = {"generate": cmd_generate, "concepts": cmd_concepts, "train": cmd_train, "jobs": cmd_jobs}[ns.command]
         return handler(ns)
     except StudioError as err:
         print(f"error: {err}", file=sys.stderr)

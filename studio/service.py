@@ -11,6 +11,7 @@ from PIL import Image
 
 from studio.concept import Concept, load_concept
 from studio.generation import GenerateConfig, generate
+from studio.jobs import JobQueue
 from studio.library import DEFAULT_LIBRARY, Library
 from studio.models import BaseModel, load_base
 
@@ -41,6 +42,7 @@ class Studio:
         self._base = base
         self._lock = threading.RLock()  # one pipeline: one call at a time
         self.notes: list[str] = []
+        self._jobs: JobQueue | None = None
 
     @property
     def base(self) -> BaseModel:
@@ -50,6 +52,15 @@ class Studio:
                 self._base = load_base(s.base, device=s.device, dtype=s.dtype, attention=s.attention,
                                        prediction_type=s.prediction_type, offload=s.offload)
             return self._base
+
+    @property
+    def jobs(self) -> JobQueue:
+        """The library's training-job queue (run it with ``Worker(studio.jobs).start()`` or
+        ``python -m studio jobs work``)."""
+        with self._lock:
+            if self._jobs is None:
+                self._jobs = JobQueue(self.library)
+            return self._jobs
 
     def switch_base(self, settings: BaseSettings) -> BaseModel:
         with self._lock:

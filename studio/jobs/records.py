@@ -1,0 +1,199 @@
+"""The job queue's data model: states, the SQLite schema, :class:`Job` and :class:`JobEvent`,
+and the host/process helpers a lease is judged with. No torch, no I/O beyond ``os``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from studio.errors import StudioError
+
+JobState = Literal["queued", "running", "paused", "done", "failed", "cancelled"]
+STATES: tuple[str, ...] = ("queued", "running", "paused", "done", "failed", "cancelled")
+TERMINAL: frozenset[str] = frozenset({"done", "failed", "cancelled"})
+ACTIVE: frozenset[str] = frozenset({"queued", "running", "paused", "failed"})  # hold their concept name
+EventKind = Literal["state", "progress", "log", "preview", "checkpoint"]
+
+JOBS_DIR = ".jobs"
+DB_NAME = "jobs.sqlite"
+SCHEMA_VERSION = 1
+DEFAULT_LEASE = 60.0  # seconds without a heartbeat before a running job counts as abandoned
+DEFAULT_MAX_ATTEMPTS = 3
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    trainer     TEXT    NOT NULL,              -- TrainerEntry.cli_name
+    name        TEXT    NOT NULL,              -- the concept's name
+    token       TEXT    NOT NULL,              -- its trigger token
+    destination TEXT    NOT NULL,              -- absolute path the finished concept is published to
+    state       TEXT    NOT NULL CHECK (state IN ('queued','running','paused','done','failed','cancelled')),
+    request     TEXT    CHECK (request IN ('pause','cancel')),  -- asked of the worker running it
+    priority    INTEGER NOT NULL DEFAULT 0,    -- higher first, then submission order
+    device      TEXT,                          -- device asked for; NULL = any worker
+    base        TEXT    NOT NULL,              -- JSON: base settings (spec, device, dtype, ...)
+    config      TEXT    NOT NULL,              -- JSON: the method's full config dataclass
+    inputs      TEXT    NOT NULL,              -- JSON: config field -> path inside the job folder
+    source      TEXT    NOT NULL,              -- the image folder as submitted (the job trains on a copy)
+    worker      TEXT,                          -- id of the worker holding the job (while running)
+    worker_pid  INTEGER,
+    worker_host TEXT,
+    run_device  TEXT,                          -- the device it runs on (while running)
+    heartbeat   REAL,                          -- unix time of the worker's last sign of life
+    attempts    INTEGER NOT NULL DEFAULT 0,    -- claims since the job last stopped cleanly (crash counter)
+    step        INTEGER NOT NULL DEFAULT 0,
+    total       INTEGER NOT NULL,
+    loss        REAL,
+    eta         REAL,                          -- seconds left (while running)
+    preview     TEXT,                          -- latest preview image
+    result      TEXT,                          -- the published concept (done)
+    error       TEXT,                          -- why it failed
+    created     REAL    NOT NULL,
+    started     REAL,
+    updated     REAL    NOT NULL,
+    finished    REAL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_running_per_device ON jobs(run_device) WHERE state = 'running';
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, id);
+CREATE TABLE IF NOT EXISTS events (
+    seq   INTEGER PRIMARY KEY AUTOINCREMENT,   -- global order; poll with after=<last seq seen>
+    job   INTEGER NOT NULL,
+    time  REAL    NOT NULL,
+    kind  TEXT    NOT NULL,                    -- state | progress | log | preview | checkpoint
+    data  TEXT    NOT NULL                     -- JSON
+);
+CREATE INDEX IF NOT EXISTS events_by_job ON events(job, seq);
+"""
+
+
+def device_key(device: str | None) -> str | None:
+    """A canonical device name for locking: ``cuda`` → ``cuda:0``, ``cpu:3`` → ``cpu``; None/auto → None."""
+    if device is None or not str(device).strip() or str(device).strip().lower() == "auto":
+        return None
+    d = str(device).strip().lower()
+    if d == "cuda":
+        return "cuda:0"
+    if d.split(":")[0] in ("cpu", "mps"):
+        return d.split(":")[0]
+    return d
+
+
+def host_id() -> str:
+    """This machine (and pid namespace, so containers sharing a volume never judge each other's pids)."""
+    host = socket.gethostname()
+    with contextlib.suppress(OSError):
+        return f"{host}#pidns:{os.stat('/proc/self/ns/pid').st_ino}"
+    return host
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie counts as gone)."""
+    if os.name == "nt":  # os.kill would terminate it; rely on the heartbeat there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    """One entry of a job's event log. ``data`` by ``kind``:
+
+    * ``state``: ``{"state", "message"}`` (+ ``"error"`` when failed);
+    * ``progress``: ``{"step", "total", "loss", "seconds"}`` — one per optimizer step (the loss curve);
+    * ``log``: ``{"message"}``; ``preview``: ``{"step", "path"}``; ``checkpoint``: ``{"step", "path"}``.
+    """
+
+    seq: int
+    job: int
+    time: float
+    kind: str
+    data: dict[str, Any]
+
+    def text(self) -> str:
+        d = self.data
+        if self.kind == "progress":
+            return f"step {d['step']}/{d['total']}  loss {d['loss']:.4f}"
+        if self.kind == "state":
+            return f"{d['state']}: {d.get('message', '')}".rstrip(": ")
+        if self.kind in ("preview", "checkpoint"):
+            return f"{self.kind} at step {d['step']}: {d['path']}"
+        return str(d.get("message", d))
+
+
+@dataclass(frozen=True)
+class Job:
+    """A snapshot of one job (re-read it with :meth:`JobQueue.get` to see progress)."""
+
+    id: int
+    trainer: str
+    name: str
+    token: str
+    destination: Path
+    state: str
+    request: str | None
+    priority: int
+    device: str | None
+    base: dict[str, Any]
+    config: dict[str, Any]
+    inputs: dict[str, str]
+    source: str
+    folder: Path
+    worker: str | None
+    worker_pid: int | None
+    worker_host: str | None
+    run_device: str | None
+    heartbeat: float | None
+    attempts: int
+    step: int
+    total: int
+    loss: float | None
+    eta: float | None
+    preview: str | None
+    result: str | None
+    error: str | None
+    created: float
+    started: float | None
+    updated: float
+    finished: float | None
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL
+
+    def row(self) -> dict[str, Any]:
+        """A short summary for tables (CLI ``jobs list``, the UI's queue view)."""
+        state = self.state + (f" ({self.request} requested)" if self.request else "")
+        return {"id": self.id, "state": state, "method": self.trainer, "name": self.name, "trigger": self.token,
+                "progress": f"{self.step}/{self.total}", "loss": None if self.loss is None else round(self.loss, 4),
+                "eta_s": None if self.eta is None or self.state != "running" else round(self.eta),
+                "base": self.base.get("base", ""), "error": self.error or ""}
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["destination"], d["folder"] = str(self.destination), str(self.folder)
+        return d
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """A dataclass or mapping → a plain dict."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise StudioError(f"Expected a config dataclass or a dict, got {type(value).__name__}.")
