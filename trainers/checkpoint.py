@@ -23,9 +23,22 @@ from studio.errors import TrainingError
 STATE = "state.safetensors"
 
 
+def data_digest(examples: list[Any]) -> str:
+    """Hash of the prepared training data (pixels, masks, captions) — not of where the folder is,
+    so a job folder or library that moved still resumes, and edited images are refused."""
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(ex.pixels.numpy().tobytes())
+        if ex.mask is not None:
+            h.update(ex.mask.numpy().tobytes())
+        h.update((ex.caption or "").encode())
+    return h.hexdigest()[:16]
+
+
 def config_hash(cfg: dict[str, Any]) -> str:
-    """Hash of the settings that change the result (not where files go or how often to log)."""
-    ignore = {"out", "name", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "preview_every",
+    """Hash of the settings that change the result (not where files go or how often to log; the
+    images are covered by :func:`data_digest`)."""
+    ignore = {"images", "out", "name", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "preview_every",
               "preview_prompt", "log_every", "steps", "eval_every"}
     stable = {k: v for k, v in sorted(cfg.items()) if k not in ignore}
     return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]

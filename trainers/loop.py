@@ -10,7 +10,10 @@ conditioning, extra losses, and ``export() -> Concept``); this loop does the res
    batch B gives the same update as one process with batch P·B (each process takes its slice and
    gradients are averaged);
 3. ε or v target from the scheduler's ``prediction_type``; masked MSE when masks exist; Min-SNR
-   weighting as an option;
+   weighting and offset noise as options; **prior preservation** when the method supplies class
+   images (:class:`PriorSet`): every step trains on ``[instance batch ; class batch]`` in one
+   forward, ``L = L_inst + w_prior · L_class`` (DreamBooth, Ruiz et al. 2023, eq. 2), the class
+   batch drawn from the same generator right after the instance batch;
 4. gradient accumulation, mixed precision (``accelerate``), gradient checkpointing;
 5. checkpoints every N steps (parameters, optimizer state, generator state — a resumed run is
    bit-identical to an uninterrupted one); a NaN guard that stops before the bad update and
@@ -32,7 +35,7 @@ from PIL import Image
 
 from studio.concept import Concept
 from studio.errors import TrainingError
-from trainers.checkpoint import config_hash, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from trainers.checkpoint import config_hash, data_digest, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
 from trainers.conditioning import Conditioning
 from trainers.data import Example, load_image_folder
 
@@ -63,6 +66,10 @@ class CommonTrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay", group="training")
     max_grad_norm: float = _f(0.0, "clip gradients to this norm (0 = off)", group="training")
     snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (0 = off; 5 is usual)", group="training")
+    noise_offset: float = _f(0.0, "offset noise: add this × a per-channel constant to the noise (0 = off; 0.05–0.1 "
+                             "helps very dark/bright images)", group="training")
+    optimizer: str = _f("adamw", "adamw, or adamw8bit (bitsandbytes, CUDA: a quarter of the optimizer memory)",
+                        choices=["adamw", "adamw8bit"], group="memory")
     mixed_precision: str = _f("no", "autocast precision", choices=["no", "fp16", "bf16"], group="memory")
     gradient_checkpointing: bool = _f(False, "trade compute for memory", group="memory")
     checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0 = off)", group="checkpoints")
@@ -72,6 +79,16 @@ class CommonTrainConfig:
     preview_every: int = _f(0, "render a preview every N steps (0 = off)", group="previews")
     preview_prompt: str | None = _f(None, "preview prompt (default: 'a photo of {}')", group="previews")
     log_every: int = _f(10, "report the loss every N steps", group="previews")
+    eval_every: int = _f(0, "score the concept every N steps (and at the end) on held-out prompts; the curve goes "
+                         "into its metadata (0 = off)", group="evaluation")
+    eval_model: str | None = _f(None, "CLIP hub id or folder scoring --eval-every, or 'oracle' (the demo world's; "
+                                "the default on --base demo; else openai/clip-vit-base-patch32)", group="evaluation")
+    eval_prompts: str | None = _f(None, "file of held-out prompts, {} = the concept (default: 4 DreamBench prompts; "
+                                  "the world's on --base demo)", group="evaluation")
+    eval_images: int = _f(2, "images per held-out prompt", group="evaluation")
+    eval_steps: int = _f(20, "sampler steps of the evaluation images", group="evaluation")
+    keep_best: bool = _f(False, "export the best evaluated step (fidelity × editability), not the last",
+                         group="evaluation")
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum"):
@@ -83,6 +100,23 @@ class CommonTrainConfig:
             raise TrainingError(f"resolution must be at least 8 pixels, got {self.resolution}.")
         if self.checkpoint_every < 0 or self.preview_every < 0:
             raise TrainingError("checkpoint_every and preview_every must be ≥ 0.")
+        if not (self.noise_offset >= 0 and math.isfinite(self.noise_offset)):
+            raise TrainingError(f"noise_offset must be a non-negative number, got {self.noise_offset}.")
+        if self.eval_every < 0 or self.eval_images < 1 or self.eval_steps < 1:
+            raise TrainingError(f"eval_every must be ≥ 0 and eval_images, eval_steps ≥ 1; got {self.eval_every}, "
+                                f"{self.eval_images}, {self.eval_steps}.")
+        if self.keep_best and not self.eval_every:
+            raise TrainingError("--keep-best needs --eval-every N: the evaluated steps it chooses from.")
+
+    def token_candidates(self) -> list[str]:
+        """Default trigger tokens to try in order when ``--token`` is not given; empty = derive one
+        from ``--name`` / ``--class-word`` (see ``trainers.runner.choose_token``)."""
+        return []
+
+    def writes_folder(self) -> bool:
+        """True when the result is a whole model written as a diffusers folder (``--out DIR``), not
+        a concept file; the trainer then has ``save_model(path, record) -> Path``."""
+        return False
 
 
 class TrainCallbacks:
@@ -93,6 +127,9 @@ class TrainCallbacks:
     def on_preview(self, step: int, images: list[Image.Image]) -> None: ...
     def on_checkpoint(self, step: int, path: Path) -> None: ...
     def on_log(self, message: str) -> None: ...
+    def on_eval(self, step: int, concept: Concept) -> None:
+        """Every ``eval_every`` steps and at the end (main process): the concept as exported now; the
+        pipeline holds it as trained so far (``trainers.runner`` scores it here)."""
 
 
 class TrainControl:
@@ -143,6 +180,20 @@ class MethodTrainer(Protocol):
         """Put the pipeline back as it was."""
         ...
 
+    # Optional hooks, looked up with getattr (methods that do not need them leave them out):
+    #   prior() -> PriorSet | None         class images for prior preservation (DreamBooth)
+    #   save_model(path, record) -> Path   write the whole model when cfg.writes_folder()
+
+
+@dataclass
+class PriorSet:
+    """Prior-preservation data: class images (generated by the base or the user's), the prompt of
+    each (``"a photo of a dog"``), and ``w_prior``."""
+
+    examples: list[Example]
+    prompts: list[str]
+    weight: float = 1.0
+
 
 @dataclass
 class LatentCache:
@@ -180,6 +231,27 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
 
 
+def _noise(rng: torch.Generator, shape: tuple[int, ...], offset: float) -> torch.Tensor:
+    """ε ~ N(0, I) of ``shape`` (B, C, h, w); with ``offset`` > 0 plus ``offset`` × a per-(sample, channel)
+    constant (offset noise), drawn after ε so that runs without it draw exactly as before."""
+    noise = torch.randn(shape, generator=rng)
+    if offset > 0:
+        noise = noise + offset * torch.randn((*shape[:2], 1, 1), generator=rng)
+    return noise
+
+
+def _optimizer(cfg: CommonTrainConfig, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+    """AdamW, or bitsandbytes' 8-bit AdamW (imported only when asked for)."""
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("--optimizer adamw8bit needs bitsandbytes, which is not installed; pip install "
+                                "bitsandbytes (CUDA GPUs), or use --optimizer adamw.") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
 def _snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     return alphas / (1 - alphas)
@@ -188,7 +260,18 @@ def _snr(scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
 def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: str,
                  examples: list[Example] | None = None, callbacks: TrainCallbacks | None = None,
                  control: TrainControl | None = None, accelerator: Any = None, save: bool = True) -> TrainResult:
-    """Train and return the exported concept (written atomically to ``cfg.out`` when ``save``)."""
+    """Train and return the exported concept (written atomically to ``cfg.out`` when ``save``).
+
+    The pipeline is always handed back clean (``trainer.teardown()``), whatever happens."""
+    try:
+        return _run(base, trainer, cfg, method=method, examples=examples, callbacks=callbacks, control=control,
+                    accelerator=accelerator, save=save)
+    finally:
+        trainer.teardown()
+
+
+def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: str, examples: list[Example] | None,
+         callbacks: TrainCallbacks | None, control: TrainControl | None, accelerator: Any, save: bool) -> TrainResult:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
@@ -209,24 +292,26 @@ def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, m
         examples = load_image_folder(cfg.images, resolution)
     cache = encode_examples(pipe.vae, examples, device, pipe.vae.dtype)
     n_examples = len(examples)
+    prior: PriorSet | None = trainer.prior() if hasattr(trainer, "prior") else None
+    prior_cache = encode_examples(pipe.vae, prior.examples, device, pipe.vae.dtype) if prior else None
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = int(scheduler.config.num_train_timesteps)
     prediction = scheduler.config.prediction_type
 
     # 2. optimizer over exactly the method's parameters.
     trainable = trainer.trainable()
-    optimizer = torch.optim.AdamW(trainer.param_groups(), weight_decay=cfg.weight_decay)
+    optimizer = _optimizer(cfg, trainer.param_groups())
     optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
     rng = torch.Generator().manual_seed(cfg.seed)
     world, rank = acc.num_processes, acc.process_index
-    meta = {"method": method, "config_hash": config_hash(asdict(cfg))}
+    meta = {"method": method, "config_hash": config_hash(asdict(cfg)), "data": data_digest(examples)}
 
     start = 0
     if cfg.resume:
         found = resolve_resume(cfg.resume, ckpt_dir) if ckpt_dir or cfg.resume != "latest" else None
         if found is not None:
             start, saved = load_checkpoint(found, trainable, optimizer, rng)
-            if saved.get("config_hash") != meta["config_hash"] or saved.get("method") != method:
+            if any(saved.get(k) != meta[k] for k in ("config_hash", "method", "data")):
                 raise TrainingError(f"Checkpoint {found} was made with other settings; resume with the same "
                                     "settings (only --steps and output/logging options may change).")
             cb.on_log(f"resumed from {found} at step {start}")
@@ -249,22 +334,36 @@ def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, m
                 tpl = torch.randint(len(templates), (bg,), generator=rng)
                 timesteps = torch.randint(n_train_t, (bg,), generator=rng)
                 eps_lat = torch.randn((bg, *cache.mean.shape[2:]), generator=rng)
-                noise = torch.randn((bg, *cache.mean.shape[2:]), generator=rng)
+                noise = _noise(rng, (bg, *cache.mean.shape[2:]), cfg.noise_offset)
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
                 idx, flips, tpl, timesteps, eps_lat, noise = (x[sl] for x in (idx, flips, tpl, timesteps, eps_lat, noise))
                 latents = cache.mean[idx, flips] + cache.std[idx, flips] * eps_lat
+                prompts = trainer.prompts([templates[int(i)] for i in tpl], [examples[int(i)] for i in idx])
+                n_inst = len(idx)
+                if prior is not None and prior_cache is not None:  # the class half of the batch: (2B, C, h, w)
+                    c_idx = torch.randint(len(prior.examples), (bg,), generator=rng)
+                    c_flips = torch.randint(2, (bg,), generator=rng) if cfg.flip else torch.zeros(bg, dtype=torch.long)
+                    c_t = torch.randint(n_train_t, (bg,), generator=rng)
+                    c_eps = torch.randn((bg, *prior_cache.mean.shape[2:]), generator=rng)
+                    c_noise = _noise(rng, (bg, *prior_cache.mean.shape[2:]), cfg.noise_offset)
+                    c_idx, c_flips, c_t, c_eps, c_noise = (x[sl] for x in (c_idx, c_flips, c_t, c_eps, c_noise))
+                    c_lat = prior_cache.mean[c_idx, c_flips] + prior_cache.std[c_idx, c_flips] * c_eps
+                    latents, noise = torch.cat([latents, c_lat]), torch.cat([noise, c_noise])
+                    timesteps = torch.cat([timesteps, c_t])
+                    prompts = prompts + [prior.prompts[int(i)] for i in c_idx]
                 latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
                 noisy = scheduler.add_noise(latents, noise, timesteps)
                 target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
-                prompts = trainer.prompts([templates[int(i)] for i in tpl], [examples[int(i)] for i in idx])
                 with acc.autocast():
                     cond = trainer.conditioning(prompts, resolution)
                     pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, cond.encoder_hidden_states,
                                      added_cond_kwargs=cond.added_cond_kwargs).sample
                 err = (pred.float() - target.float()) ** 2
-                if cache.masks is not None:
+                if cache.masks is not None:  # masks belong to the instance images; class images are unmasked
                     m = cache.masks[idx, flips].to(device)
-                    per = (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp(min=1e-6)
+                    inst = err[:n_inst]
+                    per = (inst * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp(min=1e-6)
+                    per = torch.cat([per, err[n_inst:].mean(dim=(1, 2, 3))])
                 else:
                     per = err.mean(dim=(1, 2, 3))
                 if cfg.snr_gamma > 0:
@@ -273,12 +372,14 @@ def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, m
                     if prediction == "v_prediction":
                         w = torch.minimum(snr, torch.full_like(snr, cfg.snr_gamma)) / (snr + 1)
                     per = per * w
-                loss = per.mean()
+                loss = per[:n_inst].mean()
+                if prior is not None:
+                    loss = loss + prior.weight * per[n_inst:].mean()
                 extra = trainer.extra_loss()
                 total_loss = loss + extra if extra is not None else loss
                 if not torch.isfinite(total_loss.detach()):
                     where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
-                    raise TrainingError(f"The loss became {float(total_loss)} at step {step + 1} (learning rate too "
+                    raise TrainingError(f"The loss became {float(total_loss.detach())} at step {step + 1} (learning rate too "
                                         f"high?); training stopped before the bad update{where}. Lower --lr and "
                                         "resume.")
                 acc.backward(total_loss / cfg.grad_accum)
@@ -306,6 +407,8 @@ def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, m
                     cb.on_checkpoint(done, last_ckpt)
             if cfg.preview_every and done % cfg.preview_every == 0 and acc.is_main_process:
                 cb.on_preview(done, preview(pipe, trainer, cfg, resolution))
+            if cfg.eval_every and (done % cfg.eval_every == 0 or done == total) and acc.is_main_process:
+                cb.on_eval(done, trainer.export())
             request = control.poll()
             if request in ("pause", "cancel") and done < total:
                 path = None
@@ -316,7 +419,6 @@ def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, m
     finally:
         if cfg.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
-        trainer.teardown()
     concept.train = asdict(cfg) | {"method": method, "base": base.spec, "processes": world,
                                    "final_loss": losses[-1] if losses else None}
     concept.base = base.fingerprint()
@@ -324,7 +426,10 @@ def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, m
     if save and out_path is not None and acc.is_main_process:
         from studio.concept import save_concept
 
-        written = save_concept(concept, out_path)
+        if cfg.writes_folder():  # a whole model, written while the trained weights are in the pipeline
+            written = trainer.save_model(out_path, concept)  # type: ignore[attr-defined]
+        else:
+            written = save_concept(concept, out_path)
     acc.wait_for_everyone()
     return TrainResult(concept=concept, path=written, steps=total, seconds=time.monotonic() - t0, losses=losses)
 

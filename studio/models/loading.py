@@ -129,10 +129,17 @@ def load_base(spec: str, *, device: str | torch.device | None = None, dtype: str
         if any(p.dtype != dt for p in pipe.unet.parameters()):
             pipe.to(dtype=dt)
         pipe.to(dev)
+    return describe(pipe, spec=spec, name=name, identity=identity, device=dev, dtype=dt, label=label)
+
+
+def describe(pipe: Any, *, spec: str, name: str, identity: str, device: torch.device | None = None,
+             dtype: torch.dtype | None = None, label: str = "") -> BaseModel:
+    """Wrap an already built pipeline (e.g. one made from config in a test or a benchmark)."""
     family = family_of_pipeline(pipe)
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     return BaseModel(pipe=pipe, spec=spec, name=name, family=family, compat=compatibility_key(pipe, family),
-                     identity=identity, native_size=native, device=dev, dtype=dt, label=label)
+                     identity=identity, native_size=native, device=device or pipe.device,
+                     dtype=dtype or pipe.unet.dtype, label=label)
 
 
 def _demo_dir() -> Path:
