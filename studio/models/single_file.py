@@ -59,7 +59,7 @@ from studio.models.families import (
 logger = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
-TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "clip_tokenizer"
+from studio.models.tiny import TOKENIZER_DIR  # noqa: E402  (re-exported for tests)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -346,10 +346,9 @@ def _refuse_meta_tensors(components: Mapping[str, Any], source: str) -> None:
 
 
 def _clip_tokenizer(pad_token: str | None) -> Any:
-    from transformers import CLIPTokenizer
+    from studio.models.tiny import load_clip_tokenizer
 
-    kwargs: dict[str, Any] = {"pad_token": pad_token} if pad_token else {}
-    return CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR), local_files_only=True, **kwargs)
+    return load_clip_tokenizer(pad_token) if pad_token else load_clip_tokenizer()
 
 
 def _scheduler(cfg_dir: Path, prediction: PredictionType, zero_terminal_snr: bool) -> Any:
