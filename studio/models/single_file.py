@@ -59,7 +59,7 @@ from studio.models.families import (
 logger = logging.getLogger(__name__)
 
 CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
-from studio.models.tiny import TOKENIZER_DIR  # noqa: E402  (re-exported for tests)
+
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own limit
