@@ -13,11 +13,17 @@ Metadata keys (all strings, JSON where structured):
 ``studio.train``            JSON training config
 ``studio.metrics``          JSON scores (evaluation, curves)
 ``studio.strength``         recommended strength (float) or empty
+``studio.ref_model``        JSON ``{role: scorer name}`` of the reference embeddings (below), if any
 ``modelspec.*`` / ``ss_*``  interop keys (SAI ModelSpec, kohya) where they fit
 ==========================  =====================================================================
 
 Tensor names are method-namespaced and chosen so other tools read our files (``emb_params``,
 ``clip_l``/``clip_g``, kohya LoRA keys …). Reading validates everything; nothing is unpickled.
+
+Tensors named ``ref.<role>`` (``ref.clip``, ``ref.dino``: ``(N, D)`` float32 embeddings of the
+training photos, see :mod:`studio.evaluation`) belong to no method: they are kept out of
+:attr:`Concept.tensors` (in :attr:`Concept.refs`) and out of method validation, and written back
+to the file, so a concept can be re-scored without its photos.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,7 @@ from studio.atomic import atomic_path
 from studio.errors import ConceptFormatError, IncompatibleConceptError
 
 FORMAT_VERSION = 1
+REF_PREFIX = "ref."
 _MAX_HEADER = 100 * 1024 * 1024
 
 
@@ -54,6 +61,11 @@ class Concept:
     metrics: dict[str, Any] = field(default_factory=dict)
     strength: float | None = None
     meta: dict[str, str] = field(default_factory=dict)
+    # Reference embeddings of the training photos: role ("clip", "dino") -> (N, D) float32, saved as
+    # tensors "ref.<role>"; ref_models[role] names the scorer that made them (scores of different
+    # backbones never mix).
+    refs: dict[str, torch.Tensor] = field(default_factory=dict)
+    ref_models: dict[str, str] = field(default_factory=dict)
 
     @property
     def trigger(self) -> str:
@@ -74,6 +86,8 @@ class Concept:
             "modelspec.title": self.name or self.trigger,
             "modelspec.trigger_phrase": self.trigger,
         })
+        if self.refs or self.ref_models:
+            md["studio.ref_model"] = json.dumps(self.ref_models, sort_keys=True)
         if self.base.get("family"):
             md.setdefault("modelspec.architecture", _ARCH.get(self.base["family"], self.base["family"]))
         return md
@@ -88,9 +102,13 @@ def save_concept(concept: Concept, path: str | os.PathLike[str]) -> Path:
 
     from studio.methods import get_method
 
-    get_method(concept.method).validate(concept)
+    method_tensors, refs = split_refs(concept.tensors)
+    refs.update(concept.refs)
+    _check_refs(refs, Path(path))
+    get_method(concept.method).validate(replace(concept, tensors=method_tensors))  # ref.* belong to no method
     final = Path(path)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in concept.tensors.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in method_tensors.items()}
+    tensors.update({REF_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in refs.items()})
     with atomic_path(final) as tmp:
         save_file(tensors, str(tmp), metadata=concept.metadata())
     return final
@@ -160,6 +178,8 @@ def load_concept(path: str | os.PathLike[str]) -> Concept:
     for k, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ConceptFormatError(f"{p} is corrupt: tensor {k!r} holds NaN or infinite values.")
+    tensors, refs = split_refs(tensors)
+    _check_refs(refs, p)
     concept = Concept(
         method=md.get("studio.method", ""),
         tokens=_json(md, "studio.tokens", p, list),
@@ -171,9 +191,25 @@ def load_concept(path: str | os.PathLike[str]) -> Concept:
         metrics=_json(md, "studio.metrics", p, dict),
         strength=_strength(md.get("studio.strength", ""), p),
         meta={k: v for k, v in md.items() if not k.startswith("studio.")},
+        refs=refs,
+        ref_models=_json(md, "studio.ref_model", p, dict),
     )
     get_method(concept.method).validate(concept)
     return concept
+
+
+def split_refs(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(method tensors, reference embeddings)``: ``ref.<role>`` tensors go to the second dict as ``role``."""
+    method = {k: v for k, v in tensors.items() if not k.startswith(REF_PREFIX)}
+    refs = {k[len(REF_PREFIX):]: v for k, v in tensors.items() if k.startswith(REF_PREFIX)}
+    return method, refs
+
+
+def _check_refs(refs: dict[str, torch.Tensor], path: Path) -> None:
+    for role, t in refs.items():
+        if not role or t.ndim != 2 or t.shape[0] < 1 or not t.is_floating_point():
+            raise ConceptFormatError(f"{path}: reference embeddings ref.{role} must be a float (N, D) tensor, "
+                                     f"got {t.dtype} {tuple(t.shape)}.")
 
 
 def check_compatible(concept: Concept, base: Any, *, source: str = "") -> str | None:

@@ -39,7 +39,8 @@ def config_hash(cfg: dict[str, Any]) -> str:
     """Hash of the settings that change the result (not where files go or how often to log; the
     images are covered by :func:`data_digest`)."""
     ignore = {"images", "out", "name", "checkpoint_dir", "checkpoint_every", "keep_checkpoints", "resume", "preview_every",
-              "preview_prompt", "log_every", "steps", "eval_every"}
+              "preview_prompt", "log_every", "steps", "eval_every", "eval_model", "eval_prompts", "eval_images", "eval_steps",
+              "keep_best"}
     stable = {k: v for k, v in sorted(cfg.items()) if k not in ignore}
     return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
