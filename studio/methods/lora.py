@@ -1,0 +1,602 @@
+"""LoRA concepts (DreamBooth-LoRA): low-rank updates of the UNet and, optionally, text-encoder layers.
+
+Tensors use the **kohya-ss names**, which A1111, ComfyUI and diffusers' ``load_lora_weights`` read,
+so a studio LoRA file is also a plain kohya LoRA file. For a module at path ``P`` (dots → ``_``):
+
+==========================================  ==================================================
+``lora_unet_P.lora_down.weight``            ``A``: (r, in) — conv layers: (r, in, kh, kw)
+``lora_unet_P.lora_up.weight``              ``B``: (out, r) — conv layers: (out, r, 1, 1)
+``lora_unet_P.alpha``                       ``α``: () scalar
+``lora_te_…`` (SD 1/2)                      the text encoder, ``P`` = ``text_model.encoder.layers.…``
+``lora_te1_…`` / ``lora_te2_…`` (SDXL)      CLIP-L / OpenCLIP-bigG
+==========================================  ==================================================
+
+The update of a layer ``W`` is ``W′x = Wx + s · (α / r) · B A x`` (Hu et al. 2021, eq. 3, with
+kohya's α). UNet names are diffusers' module paths for every family (diffusers, ComfyUI and A1111
+read them); SDXL files in kohya's SGM naming (``input_blocks_4_1_…``) are renamed on import.
+
+**Strength** ``s`` is the LoRA scale (diffusers' ``set_adapters`` weight): 0 = the adapter is
+off and the trigger reads as the class word, 1 = as trained. The trigger is ordinary text — the
+identifier and the class word (``sks dog``), see :func:`~studio.methods.base.plain_prompt_text`.
+
+Applied concepts are named PEFT adapters on the pipeline; when the last one is removed every PEFT
+layer is unloaded, so the pipeline's modules and weights are the base's again, bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import nn
+
+from studio.errors import ConceptFormatError, IncompatibleConceptError, StudioError
+from studio.methods.base import plain_prompt_text
+from studio.methods.registry import register_method
+from studio.methods.runtime import text_encoders
+
+if TYPE_CHECKING:
+    from studio.concept import Concept
+    from studio.models import BaseModel
+
+UNET_PREFIX = "lora_unet_"
+TE_PREFIXES = {1: ("lora_te_",), 2: ("lora_te1_", "lora_te2_")}  # by number of text encoders
+ALL_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
+DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
+# diffusers' component names, in the order of ALL_PREFIXES[1:] for SDXL
+DIFFUSERS_COMPONENTS = {UNET_PREFIX: "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
+                        "lora_te2_": "text_encoder_2"}
+DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # the LoraConfig that diffusers writes and reads
+KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
+_ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base"}
+
+# Module-name parts that contain "_" in diffusers' UNet and transformers' CLIP (longest first), so
+# that a kohya name, where every "." became "_", can be turned back into a module path.
+_COMPOUNDS = tuple(sorted((
+    "conv_norm_out", "transformer_blocks", "final_layer_norm", "position_embedding", "token_embedding",
+    "text_projection", "conv_shortcut", "time_embedding", "add_embedding", "time_emb_proj", "down_blocks",
+    "up_blocks", "mid_block", "text_model", "layer_norm1", "layer_norm2", "self_attn", "proj_in", "proj_out",
+    "conv_in", "conv_out", "linear_1", "linear_2", "q_proj", "k_proj", "v_proj", "out_proj", "to_q", "to_k",
+    "to_v", "to_out", "time_proj", "add_time_proj", "conv_act", "activation_fn",
+), key=len, reverse=True))
+
+
+# -- kohya names ----------------------------------------------------------------------------------
+def module_path(flat: str) -> str:
+    """``down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`` →
+    ``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` (the kohya name without its prefix)."""
+    dotted = flat.replace("_", ".")
+    for part in _COMPOUNDS:
+        dotted = dotted.replace(part.replace("_", "."), part)
+    return dotted
+
+
+def te_path(name: str) -> str:
+    """A text-encoder module name as kohya spells it: under ``text_model.`` (transformers ≥ 5 flattens
+    ``CLIPTextModel``, so its modules may lack that prefix)."""
+    return name if name.startswith(("text_model.", "text_projection")) else f"text_model.{name}"
+
+
+def kohya_name(prefix: str, path: str) -> str:
+    """``("lora_unet_", "mid_block.attentions.0.proj_in")`` → ``lora_unet_mid_block_attentions_0_proj_in``."""
+    return prefix + path.replace(".", "_")
+
+
+def split_prefix(module: str) -> tuple[str, str]:
+    """A kohya module name → (prefix, module path)."""
+    for prefix in sorted(ALL_PREFIXES, key=len, reverse=True):
+        if module.startswith(prefix):
+            return prefix, module_path(module[len(prefix):])
+    raise ConceptFormatError(f"{module!r} is not a kohya LoRA name (lora_unet_…, lora_te_…, lora_te1_…, lora_te2_…).")
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: ``down`` (r, in[, kh, kw]), ``up`` (out, r[, 1, 1]), ``alpha`` (None = r)."""
+
+    down: torch.Tensor
+    up: torch.Tensor
+    alpha: float | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return (self.alpha if self.alpha is not None else self.rank) / self.rank
+
+
+def lora_modules(tensors: dict[str, torch.Tensor], *, where: str = "This LoRA") -> dict[str, LoraModule]:
+    """Group kohya tensors by module (``lora_unet_…`` → :class:`LoraModule`), validating names and shapes."""
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.partition(".")
+        if not module.startswith(ALL_PREFIXES) or suffix not in (DOWN, UP, ALPHA):
+            hint = (" (LyCORIS LoHa/LoKr and DoRA files are not supported)"
+                    if re.search(r"hada_|lokr_|dora_scale", key) else "")
+            raise ConceptFormatError(f"{where} holds {key!r}, which is not a kohya LoRA tensor "
+                                     f"(lora_unet_/lora_te*_ + .lora_down.weight, .lora_up.weight or .alpha){hint}.")
+        parts.setdefault(module, {})[suffix] = value
+    out = {}
+    for module, p in sorted(parts.items()):
+        if DOWN not in p or UP not in p:
+            raise ConceptFormatError(f"{where}: module {module} lacks its "
+                                     f"{'lora_down' if DOWN not in p else 'lora_up'} weight.")
+        down, up = p[DOWN], p[UP]
+        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
+            raise ConceptFormatError(f"{where}: module {module} has lora_down {tuple(down.shape)} and lora_up "
+                                     f"{tuple(up.shape)}; expected (r, in) and (out, r) (or their conv forms).")
+        alpha = p.get(ALPHA)
+        if alpha is not None and alpha.numel() != 1:
+            raise ConceptFormatError(f"{where}: the alpha of {module} must be a scalar, got shape {tuple(alpha.shape)}.")
+        out[module] = LoraModule(down, up, None if alpha is None else float(alpha.reshape(()).item()))
+    if not out:
+        raise ConceptFormatError(f"{where} holds no LoRA modules.")
+    return out
+
+
+def kohya_tensors(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`lora_modules` (alpha written as a float32 scalar; missing alpha = rank)."""
+    out = {}
+    for name, m in modules.items():
+        out[f"{name}.{DOWN}"] = m.down
+        out[f"{name}.{UP}"] = m.up
+        out[f"{name}.{ALPHA}"] = torch.tensor(float(m.alpha if m.alpha is not None else m.rank))
+    return out
+
+
+def base_modules(pipe: Any) -> dict[str, nn.Module]:
+    """Every module of the pipeline's UNet and text encoder(s) under its kohya name."""
+    out: dict[str, nn.Module] = {}
+    for name, mod in pipe.unet.named_modules():
+        if name:
+            out[kohya_name(UNET_PREFIX, name)] = mod
+    encoders = text_encoders(pipe)
+    for prefix, (_, te) in zip(TE_PREFIXES[len(encoders)], encoders):
+        for name, mod in te.named_modules():
+            if name:
+                out[kohya_name(prefix, te_path(name))] = mod
+    return out
+
+
+def _io(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a Linear / Conv2d, seen through a PEFT wrapper; None for other modules."""
+    if hasattr(module, "get_base_layer"):
+        module = module.get_base_layer()
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def family_of(modules: dict[str, LoraModule], md: dict[str, str]) -> str:
+    """sd1 / sd2 / sdxl from kohya's ``ss_base_model_version``, else from the tensors ('' if unknown)."""
+    version = md.get("ss_base_model_version", "")
+    for family, tag in KOHYA_VERSION.items():
+        if version.startswith(tag.split("_base")[0]):
+            return family
+    if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
+        return "sdxl"
+    widths = {m.down.shape[1] for n, m in modules.items() if n.endswith(("attn2_to_k", "attn2_to_v"))}
+    widths |= {m.down.shape[1] for n, m in modules.items() if n.startswith("lora_te_") and n.endswith("q_proj")}
+    return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(next(iter(widths)) if len(widths) == 1 else 0, "")
+
+
+def diffusers_loadable(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
+    """kohya tensors that diffusers' ``load_lora_weights`` applies exactly: one α for every module.
+
+    diffusers' kohya converter misnames the alphas of modules whose α differs from the most common
+    one (they end up as ``alpha_pattern`` keys that match nothing, and the common α is used), so such
+    a module gets its scale folded into ``B``: with the common α′, ``B′ = B · α/α′`` keeps
+    ``(α′/r) · B′ A = (α/r) · B A``. Files whose modules share one α (every studio-trained LoRA) pass
+    through unchanged, bit for bit.
+    """
+    alphas = {n: m.alpha if m.alpha is not None else float(m.rank) for n, m in modules.items()}
+    common = Counter(alphas.values()).most_common(1)[0][0]
+    return kohya_tensors({n: LoraModule(m.down, m.up if alphas[n] == common else m.up * (alphas[n] / common), common)
+                          for n, m in modules.items()})
+
+
+def kohya_metadata(modules: dict[str, LoraModule], family: str) -> dict[str, str]:
+    """kohya ``ss_*`` keys that A1111 / ComfyUI show (dim, alpha, base version) + the ModelSpec architecture."""
+    rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+    alpha = Counter(m.alpha if m.alpha is not None else m.rank for m in modules.values()).most_common(1)[0][0]
+    md = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
+          "ss_network_train_unet_only": str(all(n.startswith(UNET_PREFIX) for n in modules))}
+    if family in KOHYA_VERSION:
+        md.update({"ss_base_model_version": KOHYA_VERSION[family], "ss_v2": str(family == "sd2"),
+                   "modelspec.architecture": f"{_ARCH[family]}/lora"})
+    return md
+
+
+# -- the method -----------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """diffusers and transformers report, per load, keys that are absent on purpose (a UNet-only
+    LoRA has no text-encoder keys; the adapter's base weights are not in its state dict). Silence
+    that for one load and restore the previous verbosity."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    saved = (dlog.get_verbosity(), tlog.get_verbosity(), tlog.is_progress_bar_enabled())
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():  # PEFT warns that a second adapter joins the first: that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            yield
+    finally:
+        dlog.set_verbosity(saved[0])
+        tlog.set_verbosity(saved[1])
+        if saved[2]:
+            tlog.enable_progress_bar()
+
+
+@dataclass
+class LoraState:
+    """The pipeline's applied LoRA adapters and their weights (hangs on the pipeline, no globals)."""
+
+    pipe: Any
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def add(self, adapter: str, tensors: dict[str, torch.Tensor], weight: float) -> None:
+        """Load kohya ``tensors`` as adapter ``adapter`` through diffusers and activate it at ``weight``."""
+        if adapter in self.weights:
+            raise StudioError(f"The LoRA adapter {adapter} is already applied; remove it first.")
+        try:
+            with quiet_loading():
+                self.pipe.load_lora_weights(diffusers_loadable(lora_modules(tensors)), adapter_name=adapter)
+        except (ValueError, KeyError, RuntimeError) as err:
+            self._forget(adapter)
+            raise ConceptFormatError(f"diffusers could not load this LoRA: {str(err).splitlines()[0]}") from None
+        self.weights[adapter] = float(weight)
+        self._activate()
+
+    def drop(self, adapter: str) -> None:
+        if adapter not in self.weights:
+            return
+        del self.weights[adapter]
+        self._forget(adapter)
+        self._activate()
+
+    def _forget(self, adapter: str) -> None:
+        present = {a for names in self.pipe.get_list_adapters().values() for a in names}
+        if adapter in present:
+            self.pipe.delete_adapters(adapter)
+        if not self.weights:  # no adapter left: take every PEFT layer out (modules are the base's again)
+            self.pipe.unload_lora_weights()
+            if getattr(self.pipe, "_studio_lora", None) is self:
+                del self.pipe._studio_lora
+
+    def _activate(self) -> None:
+        if self.weights:
+            self.pipe.set_adapters(list(self.weights), list(self.weights.values()))
+
+
+def lora_state(pipe: Any) -> LoraState:
+    """The pipeline's :class:`LoraState`, created on first use."""
+    state = getattr(pipe, "_studio_lora", None)
+    if state is None:
+        state = LoraState(pipe)
+        pipe._studio_lora = state
+    return state
+
+
+def adapter_name(concept: Concept) -> str:
+    """A PEFT adapter name for the concept: module-name safe (no dots) and unique per trigger."""
+    stem = re.sub(r"[^A-Za-z0-9_]", "_", concept.trigger.strip("<>"))[:40]
+    return f"studio_{stem}_{hashlib.sha1(concept.trigger.encode()).hexdigest()[:8]}"
+
+
+@dataclass
+class AppliedLoRA:
+    concept: Concept
+    pipe: Any
+    strength: float
+    adapter: str
+
+    def prompt_text(self) -> str:
+        return plain_prompt_text(self.concept, self.strength)
+
+    def remove(self) -> None:
+        lora_state(self.pipe).drop(self.adapter)
+
+
+@register_method
+class LoRA:
+    name: ClassVar[str] = "lora"
+    description: ClassVar[str] = "DreamBooth-LoRA: low-rank layer updates in kohya keys (A1111/ComfyUI/diffusers)"
+
+    def validate(self, concept: Concept) -> None:
+        lora_modules(concept.tensors, where=f"LoRA concept {concept.name or concept.trigger}")
+        if len(concept.tokens) != 1 or not concept.tokens[0]:
+            raise ConceptFormatError("A LoRA concept has exactly one trigger (its identifier, e.g. <sks>).")
+
+    def check_base(self, concept: Concept, base: BaseModel) -> None:
+        modules = lora_modules(concept.tensors)
+        allowed = (UNET_PREFIX, *TE_PREFIXES[len(text_encoders(base.pipe))])
+        wrong = sorted({split_prefix(n)[0] for n in modules} - set(allowed))
+        if wrong:
+            raise IncompatibleConceptError(
+                f"Concept {concept.name} has text-encoder keys {', '.join(wrong)}… but base {base.name} "
+                f"({base.family}) uses {', '.join(allowed[1:])}; SDXL LoRAs need an SDXL base and SD 1/2 LoRAs an SD 1/2 base.")
+        have = base_modules(base.pipe)
+        missing = [n for n in modules if n not in have or _io(have[n]) is None]
+        if missing:
+            raise IncompatibleConceptError(
+                f"Concept {concept.name} adapts {len(missing)} layer(s) that base {base.name} does not have "
+                f"(e.g. {missing[0]}); it was made for another architecture.")
+        for n, m in modules.items():
+            fan_in, fan_out = _io(have[n])  # type: ignore[misc]
+            if m.down.shape[1] != fan_in or m.up.shape[0] != fan_out:
+                raise IncompatibleConceptError(
+                    f"Concept {concept.name}: layer {n} is {fan_in}→{fan_out} in base {base.name} but the LoRA is "
+                    f"{m.down.shape[1]}→{m.up.shape[0]}; it was made for another model family.")
+
+    def apply(self, base: BaseModel, concept: Concept, *, strength: float) -> AppliedLoRA:
+        self.check_base(concept, base)
+        adapter = adapter_name(concept)
+        lora_state(base.pipe).add(adapter, concept.tensors, strength)
+        return AppliedLoRA(concept=concept, pipe=base.pipe, strength=strength, adapter=adapter)
+
+
+# -- foreign names → kohya (import) ---------------------------------------------------------------
+_SGM_RESNET = (("in_layers_2", "conv1"), ("out_layers_3", "conv2"), ("emb_layers_1", "time_emb_proj"),
+               ("skip_connection", "conv_shortcut"))
+
+
+def sgm_to_diffusers(module: str, layers_per_block: int = 2) -> str:
+    """kohya's SGM (original-repo) SDXL UNet names → diffusers names (the SDXL layout: 2 layers per block).
+
+    ``lora_unet_input_blocks_4_1_…`` → ``lora_unet_down_blocks_1_attentions_0_…``;
+    ``middle_block_1`` → ``mid_block_attentions_0``; ``output_blocks_3_1`` → ``up_blocks_1_attentions_0``.
+    """
+    rest = module[len(UNET_PREFIX):]
+    n = layers_per_block + 1
+    fixed = {"input_blocks_0_0": "conv_in", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1",
+             "time_embed_2": "time_embedding_linear_2", "label_emb_0_0": "add_embedding_linear_1",
+             "label_emb_0_2": "add_embedding_linear_2"}
+    for old, new in fixed.items():
+        if rest == old or rest.startswith(old + "_"):
+            return UNET_PREFIX + new + rest[len(old):]
+    m = re.match(r"(input_blocks|output_blocks|middle_block)_(\d+)_?(\d+)?_(.+)", rest)
+    if not m:
+        return module
+    kind, i, j, tail = m.group(1), int(m.group(2)), m.group(3), m.group(4)
+    if kind == "middle_block":  # middle_block_0/1/2 = resnet, attention, resnet
+        inner = {0: "resnets_0", 1: "attentions_0", 2: "resnets_1"}[i]
+        block = f"mid_block_{inner}"
+        tail = (j + "_" + tail) if j is not None else tail
+    else:
+        j = int(j)
+        if kind == "input_blocks":
+            b, layer = (i - 1) // n, (i - 1) % n
+            block = f"down_blocks_{b}_" + ("downsamplers_0" if layer == layers_per_block else
+                                            {0: f"resnets_{layer}", 1: f"attentions_{layer}"}[j])
+        else:
+            b, layer = i // n, i % n
+            block = f"up_blocks_{b}_" + {0: f"resnets_{layer}", 1: f"attentions_{layer}", 2: "upsamplers_0"}[j]
+    for old, new in _SGM_RESNET:
+        tail = tail.replace(old, new)
+    if "samplers" in block:
+        tail = tail.replace("op", "conv")
+    return f"{UNET_PREFIX}{block}_{tail}"
+
+
+def _peft_parts(key: str) -> tuple[str, str, str] | None:
+    """A diffusers / PEFT LoRA key → (component, module path, "A" | "B" | "alpha"), or None.
+
+    Accepts ``unet.P.lora_A.weight`` (PEFT, optionally ``.lora_A.<adapter>.weight``),
+    ``unet.P.lora.down.weight`` (diffusers), ``text_encoder.P.lora_linear_layer.up.weight``,
+    the attention-processor format ``…attn1.processor.to_q_lora.down.weight``, PEFT's
+    ``base_model.model.`` prefix, ``P.alpha``, and unprefixed UNet keys.
+    """
+    component = ""
+    for name in ("text_encoder_2.", "text_encoder.", "unet.", "base_model.model."):
+        if key.startswith(name):
+            component = name[:-1] if name != "base_model.model." else ""
+            key = key[len(name):]
+            break
+    if not component:  # no component prefix: a CLIP module path says text encoder, anything else UNet
+        component = "text_encoder" if key.startswith(("text_model.", "encoder.layers.")) else "unet"
+    key = key.replace(".processor.", ".")
+    old = re.match(r"(.+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$", key)
+    if old:
+        proj = old.group(2)
+        if component != "unet":
+            proj = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}[proj]
+        elif proj == "to_out":
+            proj = "to_out.0"
+        return component, f"{old.group(1)}.{proj}", "A" if old.group(3) == "down" else "B"
+    m = re.match(r"(.+)\.(?:lora_A|lora_B|lora\.down|lora\.up|lora_linear_layer\.down|lora_linear_layer\.up)"
+                 r"(?:\.[A-Za-z0-9_\-]+)?\.weight$", key)
+    if m:
+        kind = "A" if re.search(r"\.(lora_A|lora\.down|lora_linear_layer\.down)[.]", key) else "B"
+        return component, m.group(1), kind
+    if key.endswith(".alpha"):
+        return component, key[: -len(".alpha")], "alpha"
+    return None
+
+
+def _pattern_value(patterns: dict[str, Any], path: str) -> Any:
+    """PEFT's rank/alpha pattern lookup (``peft.utils.other.get_pattern_key``): a pattern is a regex
+    that matches the end of the module path at a dot boundary."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", path):
+            return value
+    return None
+
+
+def diffusers_to_kohya(tensors: dict[str, torch.Tensor], md: dict[str, str], *, sdxl: bool) -> dict[str, LoraModule]:
+    """A diffusers / PEFT LoRA state dict (+ its ``lora_adapter_metadata``) → kohya modules.
+
+    Alpha comes from the metadata's ``lora_alpha`` / ``alpha_pattern`` (what diffusers applies),
+    else from ``P.alpha`` keys, else it is the module's rank (diffusers' convention: scale 1).
+    """
+    config = json.loads(md.get(DIFFUSERS_METADATA_KEY) or "{}")
+    grouped: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, value in tensors.items():
+        parts = _peft_parts(key)
+        if parts is None:
+            raise ConceptFormatError(f"{key!r} is not a diffusers/PEFT LoRA tensor.")
+        component, path, kind = parts
+        grouped.setdefault((component, path), {})[kind] = value
+    prefix = {"unet": UNET_PREFIX, "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    out = {}
+    for (component, path), p in grouped.items():
+        if "A" not in p or "B" not in p:
+            raise ConceptFormatError(f"LoRA module {component}.{path} lacks its lora_A/lora_B (down/up) weight.")
+        c = {k[len(component) + 1:]: v for k, v in config.items() if k.startswith(component + ".")}
+        alpha = None
+        if c:
+            alpha = _pattern_value(c.get("alpha_pattern") or {}, path)
+            alpha = float(alpha if alpha is not None else c.get("lora_alpha", 8))  # 8: LoraConfig's default
+        elif "alpha" in p:
+            alpha = float(p["alpha"].reshape(()).item())
+        else:
+            alpha = float(p["A"].shape[0])
+        kpath = te_path(path) if component != "unet" else path
+        out[kohya_name(prefix[component], kpath)] = LoraModule(p["A"], p["B"], alpha)
+    return out
+
+
+def kohya_to_diffusers(modules: dict[str, LoraModule]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """kohya modules → diffusers' ``pytorch_lora_weights`` keys (``unet.P.lora_A.weight`` …) and the
+    ``lora_adapter_metadata`` (per component: r, lora_alpha, target_modules, rank/alpha patterns)."""
+    tensors: dict[str, torch.Tensor] = {}
+    by_component: dict[str, dict[str, LoraModule]] = {}
+    for name, m in modules.items():
+        prefix, path = split_prefix(name)
+        component = DIFFUSERS_COMPONENTS[prefix]
+        if component != "unet":
+            # target names without "text_model." match both flattened and nested CLIP modules
+            path = path.removeprefix("text_model.")
+        key_path = path if component == "unet" else te_path(path)
+        tensors[f"{component}.{key_path}.lora_A.weight"] = m.down
+        tensors[f"{component}.{key_path}.lora_B.weight"] = m.up
+        by_component.setdefault(component, {})[path] = m
+    config: dict[str, Any] = {}
+    for component, mods in by_component.items():
+        r0 = Counter(m.rank for m in mods.values()).most_common(1)[0][0]
+        alphas = {p: float(m.alpha if m.alpha is not None else m.rank) for p, m in mods.items()}
+        a0 = Counter(alphas.values()).most_common(1)[0][0]
+        config.update({
+            f"{component}.r": r0, f"{component}.lora_alpha": a0, f"{component}.target_modules": sorted(mods),
+            f"{component}.rank_pattern": {re.escape(p): m.rank for p, m in mods.items() if m.rank != r0},
+            f"{component}.alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != a0},
+        })
+    return tensors, config
+
+
+# -- import / export ------------------------------------------------------------------------------
+def _trigger_from(md: dict[str, str], path: Path) -> tuple[str, str]:
+    """(token, class word) from ``modelspec.trigger_phrase`` ("sks dog" → <sks>, dog), else the file name."""
+    from studio.prompts import normalize_token
+
+    words = md.get("modelspec.trigger_phrase", "").split()
+    if words:
+        try:
+            return normalize_token(words[0]), " ".join(words[1:])
+        except StudioError:
+            pass
+    stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", path.stem).strip("-.") or "lora"
+    return f"<{stem}>", ""
+
+
+def _lora_concept(modules: dict[str, LoraModule], md: dict[str, str], path: Path) -> Concept:
+    from studio.concept import Concept
+
+    token, class_word = _trigger_from(md, path)
+    family = family_of(modules, md)
+    meta = {k: v for k, v in md.items() if k.startswith(("ss_", "modelspec."))}
+    meta.update({k: v for k, v in kohya_metadata(modules, family).items() if k not in meta})
+    return Concept(method=LoRA.name, tokens=[token], tensors=kohya_tensors(modules), class_word=class_word,
+                   name=token.strip("<>"), base={"family": family} if family else {}, meta=meta)
+
+
+def _import_kohya(tensors: dict, md: dict, path: Path) -> Concept | None:
+    """kohya-ss / A1111 LoRA files (SGM-named SDXL UNet keys are renamed to diffusers' names)."""
+    if not tensors or not all(isinstance(k, str) and k.startswith(ALL_PREFIXES) for k in tensors):
+        return None
+    if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ConceptFormatError(f"{path.name}: a kohya LoRA file must hold tensors only.")
+    renamed = {}
+    for key, value in tensors.items():
+        module, _, suffix = key.partition(".")
+        if module.startswith(UNET_PREFIX) and re.match(r"lora_unet_(input_blocks|middle_block|output_blocks|"
+                                                       r"out_2|time_embed|label_emb)", module):
+            module = sgm_to_diffusers(module)
+        renamed[f"{module}.{suffix}"] = value
+    return _lora_concept(lora_modules(renamed, where=path.name), md, path)
+
+
+def _import_diffusers(tensors: dict, md: dict, path: Path) -> Concept | None:
+    """diffusers ``pytorch_lora_weights.safetensors`` (PEFT or older names) and PEFT adapter files."""
+    keys = [k for k in tensors if isinstance(k, str)]
+    if not keys or len(keys) != len(tensors) or not all(_peft_parts(k) for k in keys):
+        return None
+    if not any(re.search(r"lora_A|lora\.down|lora_linear_layer|_lora\.down", k) for k in keys):
+        return None
+    sdxl = any(k.startswith("text_encoder_2.") for k in keys)
+    return _lora_concept(diffusers_to_kohya(tensors, md, sdxl=sdxl), md, path)
+
+
+def _trigger_phrase(concept: Concept) -> str:
+    return " ".join(t for t in (concept.trigger.strip("<>"), concept.class_word) if t)
+
+
+def _export_kohya(concept: Concept, out: Path) -> Path:
+    """A kohya file for A1111 / ComfyUI: the tensors, ``ss_*`` and ModelSpec metadata, the trigger
+    phrase as users type it ("sks dog")."""
+    from safetensors.torch import save_file
+
+    from studio.atomic import atomic_path
+
+    modules = lora_modules(concept.tensors)
+    md = {k: v for k, v in concept.meta.items() if k.startswith(("ss_", "modelspec."))}
+    md.update({k: v for k, v in kohya_metadata(modules, concept.base.get("family", "")).items() if k not in md})
+    md.update({"modelspec.title": concept.name or concept.trigger, "modelspec.trigger_phrase": _trigger_phrase(concept)})
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in kohya_tensors(modules).items()}, str(tmp), metadata=md)
+    return out
+
+
+def _export_diffusers(concept: Concept, out: Path) -> Path:
+    """diffusers' ``pytorch_lora_weights.safetensors`` layout with its ``lora_adapter_metadata``; a
+    path without ``.safetensors`` is a folder that receives that file name."""
+    from safetensors.torch import save_file
+
+    from studio.atomic import atomic_path
+
+    tensors, config = kohya_to_diffusers(lora_modules(concept.tensors))
+    target = out if out.suffix == ".safetensors" else out / "pytorch_lora_weights.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    md = {"format": "pt", DIFFUSERS_METADATA_KEY: json.dumps(config, sort_keys=True),
+          "modelspec.trigger_phrase": _trigger_phrase(concept)}
+    with atomic_path(target) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=md)
+    return target
+
+
+def _register_io() -> None:
+    from studio.interop import register_exporter, register_importer
+
+    register_importer(_import_kohya)
+    register_importer(_import_diffusers)
+    register_exporter(LoRA.name, "kohya")(_export_kohya)
+    register_exporter(LoRA.name, "diffusers")(_export_diffusers)
+
+
+_register_io()

@@ -1,0 +1,419 @@
+"""DreamBooth (Ruiz et al., CVPR 2023; METHODS.md §3): bind a rare identifier + a class word
+("sks dog") to a subject by fine-tuning, with prior preservation.
+
+* **LoRA** (default, a small concept): PEFT ``LoraConfig`` adapters added through diffusers'
+  ``unet.add_adapter`` on ``to_q, to_k, to_v, to_out.0`` (rank 4, α = rank), optionally on the
+  text encoder(s)' ``q_proj, k_proj, v_proj, out_proj``; saved in kohya keys
+  (:mod:`studio.methods.lora`). lr 1e-4, 500 steps.
+* **Full** (``--full``): every UNet weight (and with ``--train-text-encoder`` every text-encoder
+  weight) trains; the result is a diffusers folder (``--out DIR``) loadable as ``--base DIR``.
+  lr 5e-6 (2e-6 with the text encoder), 800 steps. The base's weights are copied to CPU first and
+  put back afterwards, so the loaded base is unchanged when training ends.
+* **Prior preservation**: ``num_class_images`` images of the class prompt ("a photo of a dog") are
+  generated once by the base and cached under ``class_cache_dir/<hash of base identity, prompt,
+  resolution>/`` (reused by every later training on that base), or read from ``--class-images
+  DIR``; each step trains on ``[instance ; class]`` in one forward with
+  ``L = L_inst + w_prior · L_class`` (Ruiz et al., eq. 2; the loop does the batching).
+* **Identifier**: ``--token``, or the first of :data:`RARE_IDENTIFIERS` (rare, existing CLIP BPE
+  tokens) that no concept of the library uses; the prompt text is ``"<identifier> <class word>"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from studio.atomic import atomic_path
+from studio.concept import Concept
+from studio.errors import TrainingError
+from studio.methods.base import plain_prompt_text
+from studio.methods.lora import (
+    TE_PREFIXES,
+    UNET_PREFIX,
+    LoRA,
+    LoraModule,
+    kohya_metadata,
+    kohya_name,
+    kohya_tensors,
+    quiet_loading,
+    te_path,
+)
+from studio.methods.runtime import text_encoders, token_table
+from trainers import TrainerEntry, register_trainer
+from trainers.conditioning import Conditioning, encode_prompts
+from trainers.data import Example, load_image_folder
+from trainers.loop import CommonTrainConfig, PriorSet, _f
+
+# Rare identifiers that the CLIP BPE vocabulary holds as one or two tokens (the paper picks rare
+# tokens so the identifier starts with little meaning); tried in order, then with a digit suffix.
+RARE_IDENTIFIERS = ("sks", "ohwx", "phol", "bnha", "zwx", "qwx", "vxn", "zkx", "zxq", "qzr")
+ADAPTER = "studio_dreambooth"  # the PEFT adapter name while training
+FULL_RECORD = "dreambooth-full"  # TrainResult.concept.method of a full fine-tune (weights are in the folder)
+STUDIO_JSON = "studio.json"  # written into a full fine-tune's folder: trigger, class word, settings
+
+
+def _split(items: list[str]) -> list[str]:
+    """``["to_q,to_k", "to_v"]`` → ``["to_q", "to_k", "to_v"]`` (repeatable and comma-separated flags)."""
+    return [t.strip() for item in items for t in item.split(",") if t.strip()]
+
+
+@dataclass
+class DreamBoothConfig(CommonTrainConfig):
+    steps: int | None = _f(None, "optimizer steps (default: 500 LoRA, 800 full)", group="training")
+    lr: float | None = _f(None, "learning rate (default: 1e-4 LoRA; 5e-6 full, 2e-6 full with --train-text-encoder)",
+                          group="training")
+    full: bool = _f(False, "fine-tune every UNet weight and write a diffusers folder (--out DIR) instead of a LoRA",
+                    group="method")
+    rank: int = _f(4, "LoRA rank r", group="lora")
+    alpha: float | None = _f(None, "LoRA alpha (default: the rank, so the update scale α/r is 1)", group="lora")
+    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA "
+                                   "(repeat or comma-separate)", group="lora")
+    train_text_encoder: bool = _f(False, "also train the text encoder(s): LoRA on --text-encoder-targets, or with "
+                                  "--full every weight", group="lora")
+    text_encoder_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "out_proj"],
+                                         "text-encoder modules that get a LoRA", group="lora")
+    text_encoder_lr: float | None = _f(None, "text-encoder learning rate (default: --lr)", group="lora")
+    instance_prompt: str = _f("a photo of a {}", "instance prompt; {} = identifier + class word", group="concept")
+    use_templates: bool = _f(False, "vary the instance prompt with --templates instead", group="concept")
+    prior_preservation: bool = _f(True, "train on class images too (keeps the class word's meaning)", group="prior")
+    prior_weight: float = _f(1.0, "w_prior: weight of the class-image loss", group="prior")
+    class_prompt: str | None = _f(None, "class prompt (default: 'a photo of a CLASS_WORD')", group="prior")
+    num_class_images: int = _f(100, "class images to generate with the base (cached per base)", group="prior")
+    class_images: str | None = _f(None, "a folder of your own class images instead of generated ones", group="prior")
+    class_cache_dir: str | None = _f(None, "class-image cache (default: ~/.cache/studio/class_images)", group="prior")
+    class_steps: int = _f(30, "sampling steps per generated class image", group="prior")
+    class_guidance: float = _f(7.5, "guidance scale of generated class images", group="prior")
+    class_batch_size: int = _f(4, "class images generated per pipeline call", group="prior")
+    cache_text_embeddings: bool = _f(True, "encode each prompt once when the text encoder is frozen", group="memory")
+
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = 800 if self.full else 500
+        if self.lr is None:
+            self.lr = (2e-6 if self.train_text_encoder else 5e-6) if self.full else 1e-4
+        self.target_modules = _split(self.target_modules)
+        self.text_encoder_targets = _split(self.text_encoder_targets)
+        super().__post_init__()
+        if not self.class_word:
+            raise TrainingError("DreamBooth binds an identifier to a class: pass --class-word (what the subject is, "
+                                "e.g. dog).")
+        if "{}" not in self.instance_prompt:
+            raise TrainingError(f"--instance-prompt {self.instance_prompt!r} needs a {{}} where the identifier and "
+                                "class word go, e.g. 'a photo of a {}'.")
+        if self.rank < 1 or (self.alpha is not None and self.alpha <= 0):
+            raise TrainingError(f"rank must be ≥ 1 and alpha > 0, got rank {self.rank}, alpha {self.alpha}.")
+        if not self.target_modules or (self.train_text_encoder and not self.text_encoder_targets):
+            raise TrainingError("--target-modules (and --text-encoder-targets when training the text encoder) "
+                                "must name at least one module, e.g. to_q.")
+        if self.prior_weight < 0 or self.num_class_images < 1 or self.class_steps < 1 or self.class_batch_size < 1:
+            raise TrainingError("prior_weight must be ≥ 0 and num_class_images, class_steps, class_batch_size ≥ 1.")
+
+    def token_candidates(self) -> list[str]:
+        return list(RARE_IDENTIFIERS) + [f"{t}{i}" for i in range(2, 10) for t in RARE_IDENTIFIERS]
+
+    def writes_folder(self) -> bool:
+        return self.full
+
+    def class_text(self) -> str:
+        return self.class_prompt or f"a photo of a {self.class_word}"
+
+
+PRESETS = {
+    "lora": dict(full=False, steps=500, lr=1e-4, rank=4),
+    "lora-text-encoder": dict(full=False, train_text_encoder=True, steps=500, lr=1e-4, rank=4),
+    "full": dict(full=True, steps=800, lr=5e-6),
+    "full-text-encoder": dict(full=True, train_text_encoder=True, steps=800, lr=2e-6),
+}
+
+
+# -- class images ---------------------------------------------------------------------------------
+def default_class_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "studio" / "class_images"
+
+
+def class_image_folder(base: Any, prompt: str, resolution: int, root: str | os.PathLike[str] | None = None) -> Path:
+    """The cache folder of ``prompt`` at ``resolution`` on ``base``: keyed by the base's identity key,
+    so two fine-tunes of one family never share class images."""
+    key = json.dumps({"base": base.identity, "prompt": prompt, "resolution": int(resolution)}, sort_keys=True)
+    return Path(root or default_class_cache()).expanduser() / hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+@torch.no_grad()
+def ensure_class_images(base: Any, prompt: str, resolution: int, count: int, *, root: str | os.PathLike[str] | None = None,
+                        steps: int = 30, guidance: float = 7.5, batch_size: int = 4) -> list[Path]:
+    """The paths of ``count`` class images, generating only the missing ones.
+
+    Image ``i`` is sampled from a generator seeded with ``i``, so a cache grows consistently (100
+    images now, 200 later) and concurrent processes write identical files (each atomically).
+    """
+    folder = class_image_folder(base, prompt, resolution, root)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"class-{i:05d}.png" for i in range(count)]
+    missing = [i for i, p in enumerate(paths) if not p.is_file()]
+    if missing:
+        print(f"generating {len(missing)} class image(s) of {prompt!r} with {base.name} → {folder}", file=sys.stderr)
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        gens = [torch.Generator().manual_seed(i) for i in chunk]
+        images = base.pipe(prompt=[prompt] * len(chunk), num_inference_steps=steps, guidance_scale=guidance,
+                           width=resolution, height=resolution, generator=gens, output_type="pil").images
+        for i, img in zip(chunk, images):
+            with atomic_path(paths[i]) as tmp:
+                img.save(tmp, format="PNG")
+    info = folder / "meta.json"
+    if not info.is_file():
+        with atomic_path(info) as tmp:
+            Path(tmp).write_text(json.dumps({"base": base.identity, "base_name": base.name, "prompt": prompt,
+                                             "resolution": resolution, "steps": steps, "guidance": guidance}, indent=2))
+    return paths
+
+
+def class_prior(base: Any, cfg: DreamBoothConfig, resolution: int) -> PriorSet | None:
+    """Class images (the user's folder, or generated and cached) and their prompts, or None."""
+    if not cfg.prior_preservation:
+        return None
+    prompt = cfg.class_text()
+    if cfg.class_images:
+        examples = load_image_folder(cfg.class_images, resolution)
+    else:
+        paths = ensure_class_images(base, prompt, resolution, cfg.num_class_images, root=cfg.class_cache_dir,
+                                    steps=cfg.class_steps, guidance=cfg.class_guidance, batch_size=cfg.class_batch_size)
+        wanted = set(paths)
+        examples = [e for e in load_image_folder(paths[0].parent, resolution, max_images=10**6) if e.path in wanted]
+    return PriorSet(examples=examples, prompts=[e.caption or prompt for e in examples], weight=cfg.prior_weight)
+
+
+# -- trainers -------------------------------------------------------------------------------------
+class _DreamBoothTrainer:
+    """What LoRA and full fine-tuning share: the prior, prompts, cached text conditioning, freezing."""
+
+    def __init__(self, base: Any, cfg: DreamBoothConfig, token: str):
+        self.base, self.cfg, self.token = base, cfg, token
+        pipe = base.pipe
+        if token_table(pipe).entries or getattr(pipe, "_studio_lora", None) or getattr(pipe.unet, "peft_config", None):
+            raise TrainingError("Remove applied concepts from the pipeline before training.")
+        self.text = plain_prompt_text(Concept(method=LoRA.name, tokens=[token], tensors={},
+                                              class_word=cfg.class_word or ""), 1.0)
+        self.resolution = cfg.resolution or base.native_size
+        # 1. class images come from the untouched base, before anything trains.
+        self._prior = class_prior(base, cfg, self.resolution)
+        # 2. freeze everything; subclasses unfreeze what trains.
+        self.encoders = [te for _, te in text_encoders(pipe)]
+        mods = [pipe.unet, pipe.vae, *self.encoders]
+        self._flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
+        for p, _ in self._flags:
+            p.requires_grad_(False)
+        self._text_cache: dict[str, Conditioning] = {}
+        self._te_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
+        if self._te_checkpointing:
+            for te in self.encoders:
+                te.gradient_checkpointing_enable()
+
+    def prior(self) -> PriorSet | None:
+        return self._prior
+
+    def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
+        out = []
+        for tpl, ex in zip(templates, examples):
+            prompt = (tpl if self.cfg.use_templates else self.cfg.instance_prompt).format(self.text)
+            if ex.caption:
+                prompt = ex.caption.replace(self.token, self.text) if self.token in ex.caption else f"{prompt}, {ex.caption}"
+            out.append(prompt)
+        return out
+
+    def conditioning(self, prompts: list[str], resolution: int) -> Conditioning:
+        """(B, 77, D) states (+ SDXL's pooled embeds and time ids). With frozen encoders each prompt is
+        encoded once, alone (batch of one, so the values never depend on the batch it came in)."""
+        pipe, device = self.base.pipe, self.base.device
+        if self.cfg.train_text_encoder or not self.cfg.cache_text_embeddings:
+            return encode_prompts(pipe, prompts, resolution=resolution, device=device)
+        for p in dict.fromkeys(prompts):
+            if p not in self._text_cache:
+                with torch.no_grad():
+                    self._text_cache[p] = encode_prompts(pipe, [p], resolution=resolution, device=device)
+        parts = [self._text_cache[p] for p in prompts]
+        added = None
+        if parts[0].added_cond_kwargs is not None:
+            added = {k: torch.cat([c.added_cond_kwargs[k] for c in parts]) for k in parts[0].added_cond_kwargs}
+        return Conditioning(torch.cat([c.encoder_hidden_states for c in parts]), added)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self) -> None:
+        pass
+
+    def preview_prompt(self, prompt: str) -> str:
+        return prompt.format(self.text)
+
+    def _release(self) -> None:
+        if self._te_checkpointing:
+            for te in self.encoders:
+                te.gradient_checkpointing_disable()
+            self._te_checkpointing = False
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self._flags = []
+
+
+class DreamBoothLoRATrainer(_DreamBoothTrainer):
+    """PEFT LoRA adapters on the UNet (and optionally the text encoders); only they train."""
+
+    def __init__(self, base: Any, cfg: DreamBoothConfig, token: str):
+        from peft import LoraConfig
+
+        super().__init__(base, cfg, token)
+        self.alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
+        prefixes = TE_PREFIXES[len(self.encoders)]
+        # (kohya prefix, model, targets) per adapted component
+        self.components: list[tuple[str, nn.Module, list[str]]] = [(UNET_PREFIX, base.pipe.unet, cfg.target_modules)]
+        if cfg.train_text_encoder:
+            self.components += [(p, te, cfg.text_encoder_targets) for p, te in zip(prefixes, self.encoders)]
+        try:
+            for _, model, targets in self.components:
+                config = LoraConfig(r=cfg.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
+                                    target_modules=targets)
+                model.add_adapter(config, adapter_name=ADAPTER)
+        except ValueError as err:
+            self.teardown()
+            raise TrainingError(f"Could not add the LoRA: {str(err).splitlines()[0]} "
+                                "(check --target-modules / --text-encoder-targets).") from None
+        self.params = self._init_params(cfg.seed)
+
+    def _init_params(self, seed: int) -> dict[str, nn.Parameter]:
+        """Every LoRA parameter by a stable name (``<kohya prefix>.<PEFT name>``), in float32, drawn from a
+        generator seeded with ``seed`` (PEFT's "gaussian" init: A ~ N(0, 1/r²), B = 0) so that a run is
+        reproducible on any device."""
+        g = torch.Generator().manual_seed(seed)
+        params = {}
+        for prefix, model, _ in self.components:
+            for name, p in sorted(model.named_parameters()):
+                if f".{ADAPTER}." not in name:
+                    continue
+                with torch.no_grad():
+                    p.data = p.data.float()
+                    value = torch.randn(p.shape, generator=g) / self.cfg.rank if ".lora_A." in name else torch.zeros(p.shape)
+                    p.copy_(value.to(p.device))
+                p.requires_grad_(True)
+                params[f"{prefix}.{name}"] = p
+        return params
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return dict(self.params)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        unet = [p for k, p in self.params.items() if k.startswith(UNET_PREFIX)]
+        te = [p for k, p in self.params.items() if not k.startswith(UNET_PREFIX)]
+        groups = [{"params": unet, "lr": self.cfg.lr}]
+        if te:
+            groups.append({"params": te, "lr": self.cfg.text_encoder_lr or self.cfg.lr})
+        return groups
+
+    def lora_layers(self) -> dict[str, nn.Module]:
+        """The PEFT LoRA layers of this training, by kohya module name."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        out = {}
+        for prefix, model, _ in self.components:
+            for name, mod in model.named_modules():
+                if isinstance(mod, BaseTunerLayer) and ADAPTER in getattr(mod, "lora_A", {}):
+                    out[kohya_name(prefix, name if prefix == UNET_PREFIX else te_path(name))] = mod
+        return out
+
+    def export(self) -> Concept:
+        modules = {name: LoraModule(down=mod.lora_A[ADAPTER].weight.detach().float().cpu().clone(),
+                                    up=mod.lora_B[ADAPTER].weight.detach().float().cpu().clone(),
+                                    alpha=float(mod.lora_alpha[ADAPTER]))
+                   for name, mod in self.lora_layers().items()}
+        meta = kohya_metadata(modules, self.base.family)
+        meta.update({"ss_sd_model_name": self.base.name, "ss_resolution": f"({self.resolution}, {self.resolution})",
+                     "ss_max_train_steps": str(self.cfg.steps), "ss_learning_rate": str(self.cfg.lr),
+                     "ss_training_comment": f"studio DreamBooth-LoRA; trigger: {self.text}"})
+        return Concept(method=LoRA.name, tokens=[self.token], tensors=kohya_tensors(modules),
+                       class_word=self.cfg.class_word or "", name=self.cfg.name or self.token.strip("<>"), meta=meta)
+
+    def teardown(self) -> None:
+        """Idempotent: every PEFT layer leaves the pipeline (its modules are the base's again)."""
+        self.base.pipe.unload_lora_weights()
+        self._release()
+
+
+class DreamBoothFullTrainer(_DreamBoothTrainer):
+    """Every UNet weight (and, with ``train_text_encoder``, every text-encoder weight) trains in place;
+    a CPU copy of the base's weights restores the pipeline afterwards."""
+
+    def __init__(self, base: Any, cfg: DreamBoothConfig, token: str):
+        super().__init__(base, cfg, token)
+        models = {"unet": base.pipe.unet}
+        if cfg.train_text_encoder:
+            models.update({f"text_encoder{'_' + str(i + 1) if i else ''}": te for i, te in enumerate(self.encoders)})
+        self.params = {f"{m}.{n}": p for m, model in models.items() for n, p in model.named_parameters()}
+        low = sorted({str(p.dtype) for p in self.params.values() if p.dtype != torch.float32})
+        if low:
+            self._release()
+            raise TrainingError(f"A full fine-tune needs float32 weights (the base is loaded in {', '.join(low)}); "
+                                "load it with --dtype fp32 and train with --mixed-precision fp16 or bf16.")
+        self._backup = {k: p.detach().to("cpu", copy=True) for k, p in self.params.items()}
+        for p in self.params.values():
+            p.requires_grad_(True)
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        return dict(self.params)
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        unet = [p for k, p in self.params.items() if k.startswith("unet.")]
+        te = [p for k, p in self.params.items() if not k.startswith("unet.")]
+        groups = [{"params": unet, "lr": self.cfg.lr}]
+        if te:
+            groups.append({"params": te, "lr": self.cfg.text_encoder_lr or self.cfg.lr})
+        return groups
+
+    def export(self) -> Concept:
+        """A record of the training (trigger, class word); the weights are written by :meth:`save_model`."""
+        return Concept(method=FULL_RECORD, tokens=[self.token], tensors={}, class_word=self.cfg.class_word or "",
+                       name=self.cfg.name or self.token.strip("<>"))
+
+    def save_model(self, path: Path, record: Concept) -> Path:
+        """Write the fine-tuned pipeline as a diffusers folder (atomically: a temporary folder renamed),
+        with ``studio.json`` saying how to prompt it."""
+        path = Path(path).expanduser()
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        with quiet_loading():  # no per-shard progress bars
+            self.base.pipe.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / STUDIO_JSON).write_text(json.dumps({
+            "prompt_text": self.text, "tokens": record.tokens, "class_word": record.class_word,
+            "base": record.base, "train": record.train}, indent=2, sort_keys=True, default=str))
+        if path.is_dir():
+            path.rmdir()  # the runner allows only a missing or empty folder
+        os.replace(tmp, path)
+        return path
+
+    def teardown(self) -> None:
+        """Idempotent: the base's weights are copied back bit for bit."""
+        if self._backup:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(self._backup[k].to(p.device))
+            self._backup = {}
+        self._release()
+
+
+def make_trainer(base: Any, cfg: DreamBoothConfig, token: str) -> _DreamBoothTrainer:
+    return DreamBoothFullTrainer(base, cfg, token) if cfg.full else DreamBoothLoRATrainer(base, cfg, token)
+
+
+ENTRY = register_trainer(TrainerEntry(
+    cli_name="dreambooth", method=LoRA.name,
+    help="DreamBooth with prior preservation: a LoRA concept (megabytes), or --full for a whole fine-tuned model",
+    config_cls=DreamBoothConfig, make_trainer=make_trainer, presets=PRESETS, default_preset=None, min_images=1,
+))
