@@ -1,0 +1,210 @@
+"""NeTI training (METHODS.md §5): only the mapper ``M(t, ℓ)`` trains; UNet, VAE and text
+encoder(s) are frozen and never copied.
+
+Each step the shared loop asks for :meth:`NetiTrainer.conditioning`; the trainer tokenizes the
+prompts (the trigger is an added token), hands the ids to the pipeline's
+:class:`~studio.methods.neti.hook.NetiHook` and returns the pipeline-style context. When the loop
+then calls the UNet with the batch's timesteps, the hook evaluates the mapper at every
+``(t_b, ℓ)`` — one nested-dropout draw per batch — and encodes the ``L·B`` per-layer prompts in one
+text-encoder pass with gradients; each cross-attention layer reads its own context (keys without
+the bypass, values with it). With gradient checkpointing the recomputed blocks re-read those
+finished contexts, so the mapper's gradients are those of a plain run.
+
+Defaults (paper / official code): 1000 steps, lr 1e-3 × 8 = 8e-3 (given to the optimizer as is),
+batch 2 × accumulation 4, σ_t = 0.03, σ_ℓ = 2, 10 time anchors, hidden 128, nested dropout 0.5,
+bypass 0.2. The ``cpu`` preset is for a quick look on a CPU (fewer, smaller steps).
+
+The nested-dropout generator's state is part of :meth:`~NetiTrainer.trainable` (a uint8 tensor
+that receives no gradient) so a resumed run is bit-identical to an uninterrupted one. With
+``accelerate launch`` each process draws its own dropout for its slice of the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from studio.concept import Concept
+from studio.errors import TrainingError
+from studio.methods.neti import METHOD, concept_from_mapper, mapper_config_for
+from studio.methods.neti.encoder import clip_hidden_states, pooled_text_embeds, text_states
+from studio.methods.neti.hook import NetiEntry, NetiHook, attach_neti_hook, neti_hook
+from studio.methods.neti.mapper import NetiMapper
+from studio.methods.runtime import text_encoders, token_table
+from trainers import TrainerEntry, register_trainer
+from trainers.conditioning import Conditioning, tokenize
+from trainers.data import Example
+from trainers.loop import CommonTrainConfig, _f
+
+
+@dataclass
+class NetiTrainConfig(CommonTrainConfig):
+    # The paper's optimisation defaults replace the shared ones (presets may override them again).
+    steps: int = _f(1000, "optimizer steps", group="training")
+    lr: float = _f(8e-3, "learning rate given to the optimizer as is (the paper's 1e-3 × 8, already scaled)",
+                   group="training")
+    batch_size: int = _f(2, "images per step per process", group="training")
+    grad_accum: int = _f(4, "gradient accumulation steps", group="training")
+    hidden_dim: int = _f(128, "mapper hidden width H (what nested dropout and the strength slider act on)",
+                         group="concept")
+    time_anchors: int = _f(10, "time anchors of the first layer (× the UNet's cross-attention layers)", group="concept")
+    sigma_t: float = _f(0.03, "std of the Fourier frequencies for the timestep", group="concept")
+    sigma_l: float = _f(2.0, "std of the Fourier frequencies for the layer index", group="concept")
+    nested_dropout: float = _f(0.5, "probability per batch of truncating the hidden vector at a random index "
+                               "(0 = off; needed for the fidelity/editability slider)", group="concept")
+    bypass: bool = _f(True, "textual bypass: a second output added to the encoder states of the values", group="concept")
+    bypass_scale: float = _f(0.2, "weight of the textual bypass (× the state's norm)", group="concept")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (self.class_word or "").strip():
+            raise TrainingError("NeTI needs --class-word (what the subject is, e.g. dog): its outputs are scaled "
+                                "to that word's embedding norm.")
+        if self.hidden_dim < 1 or self.time_anchors < 1:
+            raise TrainingError(f"hidden_dim and time_anchors must be ≥ 1, got {self.hidden_dim} and "
+                                f"{self.time_anchors}.")
+        if not 0 <= self.nested_dropout <= 1:
+            raise TrainingError(f"nested_dropout is a probability in [0, 1], got {self.nested_dropout}.")
+        if not (self.sigma_t > 0 and self.sigma_l > 0 and self.bypass_scale >= 0):
+            raise TrainingError(f"sigma_t ({self.sigma_t}) and sigma_l ({self.sigma_l}) must be > 0 and "
+                                f"bypass_scale ({self.bypass_scale}) ≥ 0.")
+
+
+PRESETS = {
+    # The paper / official code: 1000 steps, batch 2 × accumulation 4, lr 1e-3 scaled by 8.
+    "paper": dict(steps=1000, lr=8e-3, batch_size=2, grad_accum=4),
+    # A quick CPU run: 8× fewer samples per step, a fifth of the steps.
+    "cpu": dict(steps=200, lr=8e-3, batch_size=1, grad_accum=1),
+}
+
+
+class NetiTrainer:
+    """Trains a :class:`~studio.methods.neti.mapper.NetiMapper` on ``base`` for ``token``."""
+
+    def __init__(self, base: Any, cfg: NetiTrainConfig, token: str):
+        self.base, self.cfg, self.token = base, cfg, token
+        pipe = base.pipe
+        self.table = token_table(pipe)
+        if self.table.entries or neti_hook(pipe) is not None:
+            raise TrainingError("Remove applied concepts from the pipeline before training.")
+        self.mapper = self._init_mapper()
+        self.rng_state = torch.Generator().manual_seed(cfg.seed + 1).get_state()  # nested dropout
+        self._frozen = self._freeze(pipe)
+        self.key = f"train:{token}"
+        self._refresh_token_row()
+        self.hook = self._init_hook()
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _init_mapper(self) -> NetiMapper:
+        cfg = self.cfg
+        mcfg = mapper_config_for(self.base.pipe, cfg.class_word or "", hidden=cfg.hidden_dim,
+                                 time_anchors=cfg.time_anchors, sigma_t=cfg.sigma_t, sigma_l=cfg.sigma_l,
+                                 nested_dropout=cfg.nested_dropout, bypass=cfg.bypass, bypass_scale=cfg.bypass_scale)
+        mapper = NetiMapper(mcfg, generator=torch.Generator().manual_seed(cfg.seed))
+        return mapper.to(self.base.device).train()
+
+    @staticmethod
+    def _freeze(pipe: Any) -> list[tuple[nn.Parameter, bool]]:
+        mods = [pipe.unet, pipe.vae] + [te for _, te in text_encoders(pipe)]
+        saved = [(p, p.requires_grad) for m in mods for p in m.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(False)
+        return saved
+
+    def _refresh_token_row(self) -> None:
+        """The trigger's fixed input row (the mean token; see :meth:`NetiMapper.static_tokens`)."""
+        with torch.no_grad():
+            static = [v.cpu()[None] for v in self.mapper.static_tokens()]  # (1, D_e) per encoder
+        try:
+            self.table.set(self.key, [self.token], static)
+        except ValueError as err:
+            raise TrainingError(f"Cannot add the token {self.token}: {err}; pass another --token.") from None
+
+    def _init_hook(self) -> NetiHook:
+        hook = attach_neti_hook(self.base.pipe)
+        hook.add(NetiEntry(self.token, self.mapper, truncation=None, bypass=self.cfg.bypass, rng_state=self.rng_state))
+        return hook
+
+    # -- MethodTrainer ------------------------------------------------------------------------------
+    def trainable(self) -> dict[str, torch.Tensor]:
+        params: dict[str, torch.Tensor] = {f"neti.{k}": p for k, p in self.mapper.named_parameters()}
+        params["neti.dropout_rng"] = self.rng_state  # no gradient: checkpointed for a bit-identical resume
+        return params
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.mapper.parameters()), "lr": self.cfg.lr}]
+
+    def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
+        out = []
+        for tpl, ex in zip(templates, examples):
+            prompt = tpl.format(self.token)
+            if ex.caption:
+                prompt = ex.caption if self.token in ex.caption else f"{prompt}, {ex.caption}"
+            out.append(prompt)
+        return out
+
+    def conditioning(self, prompts: list[str], resolution: int) -> Conditioning:
+        """Bind the prompts' ids to the hook (it edits every row of the next UNet call) and return
+        the pipeline-style context with the trigger's fixed row — (B, T, ΣD); for SDXL also the
+        pooled ``text_embeds`` (through the mapper's mean token, with gradients) and ``time_ids``."""
+        pipe, device = self.base.pipe, self.base.device
+        pairs = text_encoders(pipe)
+        ids = [tokenize(tok, prompts, device) for tok, _ in pairs]
+        self.hook.bind(ids)
+        if len(pairs) == 1:  # every row is replaced layer by layer: this context needs no gradient
+            tok, te = pairs[0]
+            with torch.no_grad():
+                return Conditioning(text_states(te, self._inputs(tok, te, ids[0], None), penultimate=False)[0])
+        static = self.mapper.static_tokens()
+        hidden, pooled = [], None
+        for e, ((tok, te), ids_e) in enumerate(zip(pairs, ids)):
+            states = clip_hidden_states(te, self._inputs(tok, te, ids_e, static[e]))
+            hidden.append(states[-2])
+            pooled = pooled_text_embeds(te, ids_e, states[-1])  # the last encoder's
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
+                                dtype=hidden[0].dtype).repeat(len(prompts), 1)
+        return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
+
+    def _inputs(self, tok: Any, te: Any, ids: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:
+        """Input vectors (B, T, D) of ``ids``, the trigger's positions set to ``vector`` (D,) if given."""
+        emb = te.get_input_embeddings()(ids)
+        if vector is None:
+            return emb
+        where = (ids == tok.convert_tokens_to_ids(self.token))[..., None]
+        return torch.where(where, vector.to(emb.dtype), emb)
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    def after_step(self) -> None:
+        self.hook.clear_cache()  # contexts cached by previews/evaluations belong to the old weights
+
+    def preview_prompt(self, prompt: str) -> str:
+        self._refresh_token_row()
+        self.hook.clear_cache()
+        return prompt.format(self.token)
+
+    def export(self) -> Concept:
+        cfg = self.cfg
+        return concept_from_mapper(self.mapper, token=self.token, class_word=cfg.class_word or "",
+                                   name=cfg.name or self.token.strip("<>"))
+
+    def teardown(self) -> None:
+        """Idempotent: hook, token and ``requires_grad`` flags are put back."""
+        hook = neti_hook(self.base.pipe)
+        if hook is not None and self.token in hook.entries:
+            hook.drop(self.token)
+        self.table.drop(self.key)
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self._frozen = []
+
+
+ENTRY = register_trainer(TrainerEntry(
+    cli_name="neti", method=METHOD,
+    help="NeTI: a small mapper gives the token a vector per timestep and UNet layer (≈2 MB; strength = truncation)",
+    config_cls=NetiTrainConfig, make_trainer=NetiTrainer, presets=PRESETS, default_preset="paper", min_images=1,
+))
