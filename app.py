@@ -1,84 +1,202 @@
-"""The studio in the browser (Gradio). ``python app.py [--base B] [--library DIR] [--port P]``.
+"""The studio in the browser (Gradio) — also the Hugging Face Space entry point.
 
-This is the minimal Generate page of the foundation; the full studio UI builds on it.
-Runs unchanged as a Hugging Face Space (``demo`` is importable).
+    python app.py [--base B] [--library DIR] [--port P] [--listen] [--share] [--auth user:pass]
+
+Environment (what a Space sets instead of flags): ``STUDIO_BASE``, ``STUDIO_LIBRARY``, ``PORT`` /
+``GRADIO_SERVER_PORT``, ``STUDIO_AUTH`` (``user:pass``), ``STUDIO_WORKER=0`` (no background
+training worker), ``STUDIO_MAX_FILE_SIZE`` (upload limit, default ``512mb``).
+
+Safe by default: the server binds 127.0.0.1; ``--listen`` (all interfaces) and ``--share`` (a public
+gradio.live link) must be asked for, optionally with ``--auth``. When the base cannot be loaded
+(offline, say) the app starts on an offline base with a banner saying so; the base can be switched
+from the page. A job worker thread runs submitted training jobs (one per device); jobs left by a
+previous run resume from their checkpoints.
+
+``demo`` is importable (``import app; app.demo``): built on first access, or at import when running
+as a Space (``SPACE_ID`` set), so the models load before the first request. The functions below that
+run the pipeline are decorated with ``spaces.GPU`` when the ``spaces`` package is importable.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
+import threading
+from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from studio.errors import StudioError  # noqa: E402
 from studio.service import BaseSettings, Studio  # noqa: E402
+from studio.ui.space import gpu, on_space, run_jobs_for, zero_gpu  # noqa: E402
+
+DEFAULT_BASE = "demo"
+OFFLINE_BASES = ("demo", "tiny")
 
 
 def make_studio(base: str | None = None, library: str | None = None) -> tuple[Studio, str]:
-    """Load the requested base; when it cannot be loaded, fall back to an offline base and say why."""
-    wanted = base or os.environ.get("STUDIO_BASE", "demo")
-    lib = library or os.environ.get("STUDIO_LIBRARY", "concepts")
-    for spec in dict.fromkeys([wanted, "demo", "tiny"]):
+    """Load the requested base; when it cannot be loaded, fall back to an offline base and say why
+    (the returned banner is empty when the requested base loaded)."""
+    wanted = base or os.environ.get("STUDIO_BASE") or DEFAULT_BASE
+    lib = library or os.environ.get("STUDIO_LIBRARY") or "concepts"
+    errors: list[str] = []
+    for spec in dict.fromkeys([wanted, *OFFLINE_BASES]):
         studio = Studio(BaseSettings(base=spec), library=lib)
         try:
             _ = studio.base
         except StudioError as err:
-            banner = f"Could not load base {wanted!r}: {err}"
+            errors.append(f"{spec!r}: {err}")
             continue
-        else:
-            if spec != wanted:
-                return studio, f"{banner} Running on the offline base {spec!r} ({studio.base.label}). " \
-                               "Choose a real base with --base or STUDIO_BASE."
-            return studio, studio.base.label
-    raise SystemExit(banner)
+        if spec == wanted:
+            return studio, ""
+        return studio, (f"Could not load base {wanted!r} ({errors[0].split(': ', 1)[1]}) Running on the offline base "
+                        f"{spec!r}: {studio.base.label}. Choose a real base below, or start with --base "
+                        "(or STUDIO_BASE) set to a hub id, a diffusers folder or a .safetensors file.")
+    raise SystemExit("No base could be loaded: " + "; ".join(errors))
 
 
-def build_demo(studio: Studio, banner: str = ""):
-    import gradio as gr
+# -- the calls that run on the GPU (module level, as ZeroGPU requires) ------------------------------
+_SERVED: dict[str, Any] = {}  # the studio this process serves (set by create())
 
-    from studio.generation import ConceptUse, GenerateConfig
 
-    def run(prompt: str, negative: str, seed: float, steps: float, guidance: float, n: float, concepts: list[str]):
-        try:
-            cfg = GenerateConfig(prompt=prompt, negative_prompt=negative, seed=int(seed), steps=int(steps),
-                                 guidance=float(guidance), num_images=int(n),
-                                 concepts=[ConceptUse(c) for c in concepts or []])
-            return studio.generate(cfg)
-        except StudioError as err:
-            raise gr.Error(str(err)) from None
+def _studio() -> Studio:
+    if "studio" not in _SERVED:
+        raise RuntimeError("app.create() has not run; import app and use app.demo, or run python app.py.")
+    return _SERVED["studio"]
 
-    with gr.Blocks(title="Personalization Studio") as demo:
-        gr.Markdown("# Personalization Studio")
-        if banner:
-            gr.Markdown(f"**Base:** {studio.base.name} — {banner}")
-        with gr.Row():
-            with gr.Column():
-                prompt = gr.Textbox(label="Prompt", value="a photo of a cat")
-                negative = gr.Textbox(label="Negative prompt")
-                concepts = gr.Dropdown(choices=studio.library.names(), multiselect=True, label="Concepts")
-                seed = gr.Number(label="Seed", value=0, precision=0)
-                steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
-                guidance = gr.Slider(0, 20, value=7.5, label="Guidance")
-                n = gr.Slider(1, 8, value=1, step=1, label="Images")
-                go = gr.Button("Generate", variant="primary")
-            gallery = gr.Gallery(label="Images", format="png")
-        go.click(run, [prompt, negative, seed, steps, guidance, n, concepts], gallery)
+
+@gpu(duration=120)
+def render(cfg: Any) -> list[Any]:
+    """One generation (a :class:`~studio.generation.GenerateConfig`) → PIL images (CPU)."""
+    return _studio().generate(cfg)
+
+
+@gpu(duration=300)
+def evaluate(concepts: list[Any], options: dict[str, Any]) -> Any:
+    return _studio().evaluate(concepts, **options)
+
+
+@gpu(duration=300)
+def sweep(concept: Any, strengths: list[float], options: dict[str, Any]) -> Any:
+    return _studio().sweep(concept, strengths, **options)
+
+
+@gpu(duration=290)
+def train_chunk(seconds: float) -> str:
+    """ZeroGPU: run queued training jobs for ``seconds`` (they checkpoint and continue at the next chunk)."""
+    return run_jobs_for(_studio().jobs, min(float(seconds), 280.0))
+
+
+# -- building and serving ----------------------------------------------------------------------------
+def create(base: str | None = None, library: str | None = None, *, worker: bool | None = None) -> Any:
+    """Load the studio, build the UI and (unless ``worker`` is False or ``STUDIO_WORKER=0``, or on
+    ZeroGPU where jobs run in GPU chunks) start the job worker thread. Returns the gradio Blocks."""
+    from studio.ui import Runners, build_app
+
+    studio, banner = make_studio(base, library)
+    _SERVED["studio"] = studio
+    runners = Runners(render=render, evaluate=evaluate, sweep=sweep, train_chunk=train_chunk if zero_gpu() else None)
+    demo = build_app(studio, banner=banner, runners=runners)
+    if worker is None:
+        worker = os.environ.get("STUDIO_WORKER", "1") != "0" and not zero_gpu()
+    if worker:
+        start_worker(studio)
     return demo
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description="The personalization studio in the browser.")
-    ap.add_argument("--base", default=None)
-    ap.add_argument("--library", default=None)
-    ap.add_argument("--port", type=int, default=int(os.environ.get("PORT", 7860)))
-    ap.add_argument("--listen", action="store_true", help="bind 0.0.0.0 instead of 127.0.0.1")
-    ap.add_argument("--share", action="store_true", help="create a public gradio.live link")
-    args = ap.parse_args()
-    studio, banner = make_studio(args.base, args.library)
-    build_demo(studio, banner).launch(server_name="0.0.0.0" if args.listen else "127.0.0.1",
-                                      server_port=args.port, share=args.share)
+def start_worker(studio: Studio) -> Any:
+    """A background :class:`~studio.jobs.Worker` for the studio's queue (one job at a time on its device)."""
+    from studio.jobs import Worker
 
+    if "worker" not in _SERVED:
+        w = Worker(studio.jobs, report=lambda line: print(f"[jobs] {line}", file=sys.stderr, flush=True))
+        _SERVED["worker"], _SERVED["worker_thread"] = w, w.start()
+    return _SERVED["worker"]
+
+
+def stop_worker(timeout: float = 60.0) -> None:
+    """Stop the worker: a running job checkpoints after its step and goes back to the queue."""
+    w, thread = _SERVED.pop("worker", None), _SERVED.pop("worker_thread", None)
+    if w is not None:
+        w.stop()
+        if isinstance(thread, threading.Thread):
+            thread.join(timeout)
+
+
+def server_name(listen: bool) -> str:
+    """``--listen`` → all interfaces; else ``GRADIO_SERVER_NAME`` when set (a Space sets it); else loopback."""
+    if listen:
+        return "0.0.0.0"
+    return os.environ.get("GRADIO_SERVER_NAME") or "127.0.0.1"
+
+
+def parse_auth(text: str | None) -> list[tuple[str, str]] | None:
+    """``user:pass`` (several separated by commas) → gradio's auth list."""
+    if not text:
+        return None
+    pairs = []
+    for item in text.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise SystemExit(f"--auth takes user:password (got {item.strip()!r}).")
+        pairs.append((user, password))
+    return pairs
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description="The personalization studio in the browser.")
+    ap.add_argument("--base", default=None, help=f"base model (default: STUDIO_BASE or {DEFAULT_BASE}); falls back "
+                    "to an offline base when it cannot be loaded")
+    ap.add_argument("--library", default=None, help="concept library folder (default: STUDIO_LIBRARY or concepts/)")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("PORT") or os.environ.get("GRADIO_SERVER_PORT")
+                                                     or 7860))
+    ap.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (all interfaces) instead of 127.0.0.1")
+    ap.add_argument("--share", action="store_true", help="create a public gradio.live link (use --auth)")
+    ap.add_argument("--auth", default=os.environ.get("STUDIO_AUTH"), help="user:password required to open the page")
+    ap.add_argument("--no-worker", action="store_true", help="do not run training jobs in this process "
+                    "(run `python -m studio jobs work` elsewhere)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    auth = parse_auth(args.auth)
+    if (args.listen or args.share) and not auth:
+        print("warning: the studio is reachable by others (--listen/--share) without --auth.", file=sys.stderr)
+    demo = create(args.base, args.library, worker=False if args.no_worker else None)
+
+    def terminate(signum: int, frame: Any) -> None:
+        worker = _SERVED.get("worker")
+        if worker is not None:
+            worker.stop()  # at once: the running job checkpoints after its current step
+        raise KeyboardInterrupt  # then gradio closes the server and the worker thread is joined below
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=server_name(args.listen), server_port=args.port, share=args.share, auth=auth,
+            max_file_size=os.environ.get("STUDIO_MAX_FILE_SIZE", "512mb"), footer_links=["api", "settings"],
+            show_error=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_worker()
+
+
+def __getattr__(name: str) -> Any:
+    """``app.demo``: the studio's Blocks, built (and the worker started) on first access."""
+    if name == "demo":
+        if "demo" not in _SERVED:
+            _SERVED["demo"] = create()
+        return _SERVED["demo"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+if on_space() and __name__ != "__main__":
+    demo = _SERVED["demo"] = create()  # a Space imports the app: load the models now, not at the first request
 
 if __name__ == "__main__":
     main()

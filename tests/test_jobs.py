@@ -59,9 +59,15 @@ def _cfg(images, **kw):
 
 
 def _reference(tiny, images, tmp_path, **kw):
-    """The same training in the foreground, uninterrupted (trainers.runner.train)."""
+    """The same training in the foreground, uninterrupted (trainers.runner.train), on one thread like
+    the worker subprocesses (OMP_NUM_THREADS=1): CPU matmuls may round differently with more threads."""
     cfg = make_config(get_trainer(TI), **_cfg(images, out=str(tmp_path / "ref" / "ref.safetensors"), **kw))
-    return train(get_trainer(TI), cfg, tiny)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train(get_trainer(TI), cfg, tiny)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _tensors(path):
@@ -202,9 +208,14 @@ def test_kill_9_mid_job_then_restart_finishes_with_the_same_concept(images, load
     killed = queue.get(job.id)
     assert killed.state == "running" and 4 <= killed.step < 20, (killed.state, killed.step)
 
-    # A new process tree: state is only in SQLite and the job folder.
+    # A new process tree: state is only in SQLite and the job folder (one thread, like the killed worker).
     queue = JobQueue(lib)
-    assert Worker(queue, load_base=loader).run(once=True) == 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert Worker(queue, load_base=loader).run(once=True) == 1
+    finally:
+        torch.set_num_threads(threads)
     done = queue.get(job.id)
     assert (done.state, done.attempts) == ("done", 2)
     assert any("is gone" in e.text() for e in _state_events(queue, job.id, "queued"))

@@ -1,0 +1,222 @@
+"""The Concepts tab: the library as cards (preview, trigger, method, base, size, scores, recommended
+strength) with search; rename, delete (confirmed), import (studio, A1111, diffusers, kohya files),
+export and download. Every name goes through :func:`studio.library.check_name`."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from typing import Any
+
+from studio.errors import StudioError
+from studio.ui.common import UIContext, on, upload_paths
+
+THUMB = 160
+
+
+# -- handlers -------------------------------------------------------------------------------------
+def cards(ctx: UIContext, query: str = "") -> list[dict[str, Any]]:
+    """The library's concepts matching ``query`` (name, trigger, method, class word or base), as card data."""
+    q = (query or "").strip().lower()
+    out = []
+    for info in ctx.studio.library.list():
+        row = info.row()
+        text = " ".join(str(v) for v in (row["name"], row["trigger"], row["method"], row["class_word"], row["base"]))
+        if q and q not in text.lower():
+            continue
+        row["scores"] = _scores(info.metrics)
+        row["preview"] = str(info.preview) if info.preview else None
+        out.append(row)
+    return out
+
+
+def _scores(metrics: dict[str, Any]) -> dict[str, float]:
+    """The headline scores of a concept: its last evaluation's, else the last training-curve point's."""
+    ev = metrics.get("eval") or metrics.get("eval_multi") or {}
+    scores = dict(ev.get("scores") or {})
+    if not scores and metrics.get("curve", {}).get("points"):
+        point = metrics["curve"]["points"][-1]
+        scores = {"fidelity": point.get("fidelity"), "editability": point.get("editability")}
+    return {k: round(float(v), 4) for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def cards_html(rows: list[dict[str, Any]]) -> str:
+    """Cards as HTML (thumbnails inlined as small PNG data URIs; every text escaped)."""
+    if not rows:
+        return "<p class='studio-empty'>No concepts yet: train one on the Train tab, or import a file below.</p>"
+    parts = ["<div class='studio-cards'>"]
+    for r in rows:
+        thumb = _thumb(r["preview"])
+        img = (f"<img src='{thumb}' alt='preview of {html.escape(r['name'])}'>" if thumb
+               else "<div class='studio-noimg'>no preview</div>")
+        scores = ", ".join(f"{html.escape(k)} {v:g}" for k, v in r["scores"].items()) or "not evaluated"
+        strength = f"{r['strength']:g}" if r["strength"] is not None else "1 (default)"
+        err = f"<div class='studio-err'>{html.escape(r['error'])}</div>" if r["error"] else ""
+        parts.append(
+            f"<div class='studio-card' data-name='{html.escape(r['name'], quote=True)}'>{img}"
+            f"<div class='studio-card-body'><b>{html.escape(r['name'])}</b><br>"
+            f"<code>{html.escape(r['trigger'])}</code> · {html.escape(r['method'] or '?')}"
+            f"{(' · ' + html.escape(r['class_word'])) if r['class_word'] else ''}<br>"
+            f"base {html.escape(r['base'] or '?')} ({html.escape(r['family'] or '?')}) · {r['size_kb']:g} KB<br>"
+            f"scores: {scores}<br>recommended strength: {strength}{err}</div></div>")
+    parts.append("</div>")
+    return "".join(parts)
+
+
+def _thumb(path: str | None) -> str | None:
+    if not path:
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            scale = THUMB / max(im.size)
+            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                           Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except OSError:
+        return None
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def rename(ctx: UIContext, form: dict[str, Any]) -> str:
+    name, new = form.get("name"), str(form.get("new_name") or "").strip()
+    token = str(form.get("new_trigger") or "").strip() or None
+    if not name:
+        raise StudioError("Choose a concept first.")
+    if not new and not token:
+        raise StudioError("Type a new name (and/or a new trigger).")
+    path = ctx.studio.library.rename(name, new or name, token=token)
+    return f"Renamed **{name}** → **{path.stem}**" + (f", trigger {token}" if token else "") + "."
+
+
+def delete(ctx: UIContext, form: dict[str, Any]) -> str:
+    name = form.get("name")
+    if not name:
+        raise StudioError("Choose a concept first.")
+    if not form.get("confirmed"):
+        raise StudioError(f"Confirm to delete {name}.")
+    ctx.studio.library.delete(name)
+    return f"Deleted **{name}**."
+
+
+def import_concept(ctx: UIContext, form: dict[str, Any]) -> str:
+    files = upload_paths(form.get("file"))
+    if not files:
+        raise StudioError("Upload a concept file (.safetensors, or an A1111 .pt / diffusers .bin).")
+    path = ctx.studio.import_upload(files[0], str(form.get("import_name") or "").strip() or None,
+                                    token=str(form.get("import_trigger") or "").strip() or None,
+                                    class_word=str(form.get("import_class") or "").strip() or None)
+    return f"Imported **{path.stem}**."
+
+
+def export_formats(ctx: UIContext, name: str | None) -> list[str]:
+    from studio.interop import export_formats as formats
+
+    if not name:
+        return ["studio"]
+    info = ctx.studio.library.info(name)
+    return formats(info.method) if info.method else ["studio"]
+
+
+def export(ctx: UIContext, form: dict[str, Any]) -> str:
+    """Export into a fresh result folder and return the file (or zipped folder) to download."""
+    import shutil
+
+    name, fmt = form.get("name"), str(form.get("format") or "studio")
+    if not name:
+        raise StudioError("Choose a concept first.")
+    folder = ctx.new_folder("export")
+    target = folder / (f"{name}.safetensors" if fmt == "studio" else f"{name}.{fmt}.safetensors")
+    out = ctx.studio.library.export(name, target, fmt)
+    if out.is_dir():
+        return shutil.make_archive(str(folder / name), "zip", out)
+    return str(out)
+
+
+# -- layout ---------------------------------------------------------------------------------------
+CSS = """
+.studio-cards {display:flex; flex-wrap:wrap; gap:12px}
+.studio-card {width:190px; border:1px solid var(--border-color-primary); border-radius:8px; padding:8px;
+              font-size:0.85em}
+.studio-card img, .studio-noimg {width:160px; height:160px; object-fit:contain; image-rendering:pixelated;
+              background:var(--background-fill-secondary); display:flex; align-items:center; justify-content:center}
+.studio-err {color:var(--error-text-color)}
+"""
+
+
+def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
+    import gradio as gr
+
+    names = ctx.studio.library.names()
+    c: dict[str, Any] = {}
+    with tab:
+        with gr.Row():
+            c["query"] = gr.Textbox(label="Search", placeholder="name, trigger, method, class word, base",
+                                    elem_id="concepts-search", scale=4)
+            refresh = gr.Button("Refresh", scale=1)
+        grid = gr.HTML(cards_html(cards(ctx)), elem_id="concepts-cards", css_template=CSS, js_on_load=None)
+        with gr.Row():
+            c["name"] = gr.Dropdown(choices=names, value=names[0] if names else None, label="Concept",
+                                    elem_id="concepts-name")
+        result = gr.Markdown("", elem_id="concepts-result")
+        with gr.Accordion("Rename", open=False):
+            with gr.Row():
+                c["new_name"] = gr.Textbox(label="New name")
+                c["new_trigger"] = gr.Textbox(label="New trigger (optional)", placeholder="<my-dog>")
+                rename_go = gr.Button("Rename")
+        with gr.Accordion("Delete", open=False):
+            delete_go = gr.Button("Delete…", variant="stop", elem_id="concepts-delete")
+            with gr.Row(visible=False) as confirm_row:
+                gr.Markdown("Delete this concept and its preview? This cannot be undone.")
+                yes = gr.Button("Yes, delete", variant="stop", elem_id="concepts-delete-yes")
+                no = gr.Button("Keep it")
+        with gr.Accordion("Import", open=False):
+            with gr.Row():
+                c["file"] = gr.File(label="Concept file (studio / diffusers / A1111 / kohya)",
+                                    file_types=[".safetensors", ".pt", ".bin"], elem_id="concepts-import-file")
+                with gr.Column():
+                    c["import_name"] = gr.Textbox(label="Name (optional)")
+                    c["import_trigger"] = gr.Textbox(label="Trigger (optional)")
+                    c["import_class"] = gr.Textbox(label="Class word (optional)")
+                    import_go = gr.Button("Import")
+        with gr.Accordion("Export / download", open=False):
+            with gr.Row():
+                c["format"] = gr.Dropdown(choices=export_formats(ctx, names[0] if names else None), value="studio",
+                                          label="Format")
+                export_go = gr.Button("Export")
+                download = gr.File(label="Download", elem_id="concepts-download")
+
+    def listing(ctx_: UIContext, form: dict[str, Any]) -> list[Any]:
+        names_now = ctx_.studio.library.names()
+        keep = form.get("name") if form.get("name") in names_now else (names_now[0] if names_now else None)
+        return [cards_html(cards(ctx_, form.get("query") or "")),
+                gr.update(choices=names_now, value=keep)]
+
+    find = {"query": c["query"], "name": c["name"]}
+    on(c["query"].change, ctx, lambda ctx_, form: cards_html(cards(ctx_, form["query"])), {"query": c["query"]}, grid)
+    on(refresh.click, ctx, listing, find, [grid, c["name"]])
+    on(tab.select, ctx, listing, find, [grid, c["name"]])
+    on(c["name"].change, ctx, lambda ctx_, form: gr.update(choices=export_formats(ctx_, form["name"]), value="studio"),
+       {"name": c["name"]}, c["format"])
+
+    def then_list(fn: Any) -> Any:
+        def run(ctx_: UIContext, form: dict[str, Any]) -> list[Any]:
+            message = fn(ctx_, form)
+            return [message, *listing(ctx_, form)]
+        return run
+
+    on(rename_go.click, ctx, then_list(rename), {k: c[k] for k in ("name", "new_name", "new_trigger", "query")},
+       [result, grid, c["name"]])
+    delete_go.click(lambda: gr.update(visible=True), None, confirm_row)
+    no.click(lambda: gr.update(visible=False), None, confirm_row)
+    on(yes.click, ctx, lambda ctx_, form: [*then_list(delete)(ctx_, form | {"confirmed": True}), gr.update(visible=False)],
+       {"name": c["name"], "query": c["query"]}, [result, grid, c["name"], confirm_row])
+    on(import_go.click, ctx, then_list(import_concept),
+       {k: c[k] for k in ("file", "import_name", "import_trigger", "import_class", "query", "name")},
+       [result, grid, c["name"]])
+    on(export_go.click, ctx, export, {"name": c["name"], "format": c["format"]}, download)
+    return c

@@ -1,0 +1,205 @@
+"""The Train tab: choose a method; its form is generated from the method's config dataclass
+(:mod:`studio.ui.forms`) with its presets; upload images (+ captions, masks); start queues a job
+(:meth:`Studio.submit_training`); progress is polled from the job's events by a ``gr.Timer``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from studio.errors import StudioError
+from studio.ui.common import UIContext, on, upload_paths
+from studio.ui.forms import FormField, build_form, form_fields, parse_form, update_values
+
+SEP = "::"  # form keys of method fields: "textual-inversion::steps"
+NO_PRESET = "(none)"
+LOG_LINES = 40
+
+
+# -- handlers -------------------------------------------------------------------------------------
+def method_forms(ctx: UIContext) -> dict[str, list[FormField]]:
+    """Each training method's form fields (from its config dataclass), by method name."""
+    return {name: form_fields(m.fields()) for name, m in ctx.studio.training_methods().items()}
+
+
+def preset_choices(ctx: UIContext, method: str) -> list[str]:
+    m = ctx.studio.training_methods()[method]
+    return ([] if m.default_preset else [NO_PRESET]) + list(m.presets)
+
+
+def preset_values(ctx: UIContext, method: str, preset: str | None) -> dict[str, Any]:
+    m = ctx.studio.training_methods()[method]
+    return m.preset_values("" if preset in (None, NO_PRESET) else preset)
+
+
+def parse_captions(text: str) -> dict[str, str]:
+    """``"dog1.png: a dog on grass"`` per line → ``{"dog1.png": "a dog on grass"}``."""
+    out = {}
+    for n, line in enumerate(str(text or "").splitlines(), 1):
+        if not line.strip():
+            continue
+        name, sep, caption = line.partition(":")
+        if not sep or not name.strip() or not caption.strip():
+            raise StudioError(f"Caption line {n} ({line.strip()!r}) must read 'image file name: caption'.")
+        out[name.strip()] = caption.strip()
+    return out
+
+
+def method_values(ctx: UIContext, method: str, form: dict[str, Any]) -> dict[str, Any]:
+    """The chosen method's typed option values from the form (keys ``method::field``)."""
+    fields = method_forms(ctx)[method]
+    raw = {k.split(SEP, 1)[1]: v for k, v in form.items() if k.startswith(method + SEP)}
+    return parse_form(fields, raw)
+
+
+def start(ctx: UIContext, form: dict[str, Any]) -> tuple[int, str]:
+    """Queue a training job from the form; returns ``(job id, status text)``."""
+    method = str(form.get("method") or "")
+    if method not in ctx.studio.training_methods():
+        raise StudioError(f"Choose a training method ({', '.join(ctx.studio.training_methods())}).")
+    images = upload_paths(form.get("images"))
+    if not images:
+        raise StudioError("Upload the training images first (3–20 photos of the subject work best).")
+    preset = form.get(f"{method}{SEP}preset")
+    job = ctx.studio.submit_training(method, method_values(ctx, method, form), images,
+                                     masks=upload_paths(form.get("masks")), captions=parse_captions(form.get("captions")),
+                                     preset=None if preset in (None, NO_PRESET) else preset)
+    return job.id, f"Queued job {job.id}: concept **{job.name}**, trigger `{job.token}`, {job.total} steps."
+
+
+def job_status(ctx: UIContext, job_id: int | None) -> dict[str, Any]:
+    """What the progress panel shows for one job: text, loss curve, latest preview, log, and whether
+    it is still going (the poll timer stops once it is not)."""
+    if not job_id:
+        return {"text": "No job yet: start one above.", "curve": [], "preview": None, "log": "", "active": False}
+    queue = ctx.studio.jobs
+    job = queue.get(int(job_id))
+    parts = [f"**Job {job.id}** · {job.trainer} · concept **{job.name}** `{job.token}` · **{job.state}**"
+             + (f" ({job.request} requested)" if job.request else ""),
+             f"step {job.step}/{job.total}" + (f" · loss {job.loss:.4f}" if job.loss is not None else "")
+             + (f" · ETA {_duration(job.eta)}" if job.eta is not None and job.state == "running" else "")]
+    if job.state == "queued":
+        parts.append("waiting for the worker" + (" (press 'Train on the GPU')" if ctx.runners.train_chunk else ""))
+    if job.error:
+        parts.append(f"**Error:** {job.error}")
+    if job.state == "done":
+        parts.append(f"Saved to the library as **{job.name}**: use `{job.token}` in a prompt on the Generate tab.")
+    events = queue.events(job.id, kinds=["state", "log", "checkpoint"])
+    log = "\n".join(time.strftime("%H:%M:%S ", time.localtime(e.time)) + e.text() for e in events[-LOG_LINES:])
+    return {"text": "  \n".join(parts), "curve": queue.loss_curve(job.id), "preview": job.preview, "log": log,
+            "active": not job.terminal and job.state != "paused", "state": job.state}
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def control(ctx: UIContext, action: str, job_id: int | None) -> str:
+    """Pause, resume or cancel a job (see :class:`~studio.jobs.JobQueue`)."""
+    if not job_id:
+        raise StudioError("No job selected.")
+    queue = ctx.studio.jobs
+    job = {"pause": queue.pause, "resume": queue.resume, "cancel": queue.cancel}[action](int(job_id))
+    return f"Job {job.id}: {job.state}" + (f" ({job.request} requested)" if job.request else "")
+
+
+def train_on_gpu(ctx: UIContext, form: dict[str, Any]) -> str:
+    """ZeroGPU: run queued jobs for a chunk of GPU time (they checkpoint and continue next time)."""
+    if ctx.runners.train_chunk is None:
+        raise StudioError("Jobs run in the background worker here.")
+    return ctx.runners.train_chunk(float(form.get("seconds") or 120))
+
+
+# -- gradio glue ----------------------------------------------------------------------------------
+def _panel(ctx: UIContext, job_id: Any) -> list[Any]:
+    import gradio as gr
+    import pandas as pd
+    from PIL import Image
+
+    s = job_status(ctx, job_id)
+    preview = None
+    if s["preview"]:
+        try:
+            with Image.open(s["preview"]) as im:
+                preview = im.convert("RGB")
+        except OSError:
+            preview = None
+    curve = pd.DataFrame(s["curve"], columns=["step", "loss"])
+    return [s["text"], curve, preview if preview is not None else gr.skip(), s["log"], gr.Timer(active=s["active"])]
+
+
+def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
+    import gradio as gr
+    import pandas as pd
+
+    methods = ctx.studio.training_methods()
+    forms = method_forms(ctx)
+    first = "textual-inversion" if "textual-inversion" in methods else next(iter(methods))
+    c: dict[str, Any] = {}
+    groups: dict[str, Any] = {}
+    field_comps: dict[str, dict[str, Any]] = {}
+    with tab:
+        c["method"] = gr.Dropdown(choices=list(methods), value=first, label="Method", elem_id="train-method")
+        for name, m in methods.items():
+            with gr.Group(visible=name == first) as groups[name]:
+                gr.Markdown(f"**{name}** — {m.help}")
+                choices = preset_choices(ctx, name)
+                preset = m.default_preset or NO_PRESET
+                c[f"{name}{SEP}preset"] = gr.Dropdown(choices=choices, value=preset, label="Preset",
+                                                      elem_id=f"train-{name}-preset")
+                comps = build_form(forms[name], preset_values(ctx, name, preset), prefix=f"train-{name}")
+                field_comps[name] = comps
+                for field, comp in comps.items():
+                    c[f"{name}{SEP}{field}"] = comp
+        with gr.Row():
+            c["images"] = gr.File(label="Training images (+ optional name.txt captions, name.mask.png masks)",
+                                  file_count="multiple", file_types=["image", ".txt"], elem_id="train-images")
+            c["masks"] = gr.File(label="Masks (optional; white = subject, named like their image)",
+                                 file_count="multiple", file_types=["image"])
+            c["captions"] = gr.Textbox(label="Captions (optional)", lines=4, placeholder="dog1.png: a dog on the grass",
+                                       info="one 'image file name: caption' per line")
+        with gr.Row():
+            go = gr.Button("Start training", variant="primary", elem_id="train-start")
+            if ctx.runners.train_chunk is not None:
+                seconds = gr.Slider(30, 280, value=120, step=10, label="GPU seconds per chunk")
+                chunk = gr.Button("Train on the GPU", elem_id="train-gpu")
+        with gr.Group():
+            job_id = gr.Number(label="Job", value=None, precision=0, elem_id="train-job")
+            status = gr.Markdown("No job yet: start one above.", elem_id="train-status")
+            with gr.Row():
+                curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Loss",
+                                    height=240, elem_id="train-loss")
+                preview = gr.Image(label="Latest preview", type="pil", height=240, interactive=False)
+            with gr.Row():
+                pause, resume, cancel = gr.Button("Pause"), gr.Button("Resume"), gr.Button("Cancel", variant="stop")
+            log = gr.Textbox(label="Log", lines=6, max_lines=12, elem_id="train-log")
+        timer = gr.Timer(1.0, active=False)
+
+    def show_method(form: dict[str, Any]) -> list[Any]:
+        return [gr.update(visible=n == form["method"]) for n in methods]
+
+    on(c["method"].change, ctx, lambda ctx_, form: show_method(form), {"method": c["method"]}, list(groups.values()))
+    for name in methods:
+        comps = field_comps[name]
+        on(c[f"{name}{SEP}preset"].change, ctx,
+           lambda ctx_, form, name=name, comps=comps: update_values(
+               forms[name], preset_values(ctx_, name, form["preset"]), list(comps)),
+           {"preset": c[f"{name}{SEP}preset"]}, list(comps.values()))
+    panel = [status, curve, preview, log, timer]
+
+    def started(ctx_: UIContext, form: dict[str, Any]) -> list[Any]:
+        jid, _ = start(ctx_, form)
+        return [jid, *_panel(ctx_, jid)]
+
+    on(go.click, ctx, started, c, [job_id, *panel])
+    on(timer.tick, ctx, lambda ctx_, form: _panel(ctx_, form["job"]), {"job": job_id}, panel)
+    on(job_id.change, ctx, lambda ctx_, form: _panel(ctx_, form["job"]), {"job": job_id}, panel)
+    for button, action in ((pause, "pause"), (resume, "resume"), (cancel, "cancel")):
+        on(button.click, ctx, lambda ctx_, form, action=action: (control(ctx_, action, form["job"]),
+                                                                 *_panel(ctx_, form["job"]))[1:],
+           {"job": job_id}, panel)
+    if ctx.runners.train_chunk is not None:
+        on(chunk.click, ctx, lambda ctx_, form: [train_on_gpu(ctx_, form), *_panel(ctx_, form["job"])[1:]],
+           {"seconds": seconds, "job": job_id}, panel)
+    return c

@@ -1,0 +1,548 @@
+"""The browser UI's handlers, called as plain functions (no gradio server): forms generated from the
+config dataclasses (a new field appears with no UI change), generation files that keep their PNG
+parameters, X/Y grids, uploads validated by the service, the job flow from the Train tab to the
+library, concept management, evaluation, base switching, the app's safe defaults, and a simulated
+Hugging Face Space (a stand-in ``spaces`` module). The app as a process (in Chromium, and stopped
+mid-job then restarted) is tests/test_browser.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from studio.configs import field_specs
+from studio.errors import StudioError
+from studio.generation import GenerateConfig
+from studio.grid import Axis, parse_axis, xy_grid
+from studio.jobs import Worker
+from studio.service import BaseSettings, Studio
+from studio.ui import concepts, evaluate, generate, jobs, train
+from studio.ui.common import Runners, UIContext
+from studio.ui.forms import form_fields, parse_form
+from tests.method_cases import make_ti
+from trainers import TrainerEntry
+from trainers.loop import _f
+from trainers.textual_inversion import TextualInversionConfig, TextualInversionTrainer
+
+REPO = Path(__file__).resolve().parents[1]
+TI = "textual-inversion"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixtures
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def studio(tiny_bases, tmp_path):
+    """A studio on the session's tiny base with an empty library."""
+    return Studio(BaseSettings(base="tiny"), library=tmp_path / "lib", base=tiny_bases("tiny"))
+
+
+@pytest.fixture
+def ctx(studio, tmp_path):
+    return UIContext.create(studio, out_dir=tmp_path / "out")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = []
+    for i in range(3):
+        im = Image.new("RGB", (32, 32), (220, 40 + 40 * i, 40))
+        im.paste((30, 30, 200), (8, 8, 24, 24))
+        im.save(folder / f"photo {i}.png")
+        paths.append(folder / f"photo {i}.png")
+    return paths
+
+
+def _drain(gen):
+    """The last value a generator handler yields."""
+    out = None
+    for item in gen:
+        out = item
+    return out
+
+
+def _png_text(path: str | Path) -> dict[str, str]:
+    with Image.open(path) as im:
+        return dict(im.text)
+
+
+def _fake_render(cfg: GenerateConfig) -> list[Image.Image]:
+    """A stand-in pipeline: a colour from the seed, the config in the PNG texts (no model)."""
+    img = Image.new("RGB", (32, 32), (cfg.seed * 40 % 256, int(cfg.guidance * 10) % 256, cfg.steps % 256))
+    strengths = {c.source: c.strength for c in cfg.concepts}
+    img.info["parameters"] = f"{cfg.prompt}\nSteps: {cfg.steps}, Seed: {cfg.seed}, Strengths: {strengths}"
+    img.info["studio"] = json.dumps({"seed": cfg.seed, "steps": cfg.steps, "strengths": strengths,
+                                     "prompt": cfg.prompt})
+    return [img]
+
+
+# ----------------------------------------------------------------------------------------------
+# Forms from config dataclasses
+# ----------------------------------------------------------------------------------------------
+
+
+def test_the_train_form_is_the_config_dataclass_minus_what_a_job_manages(ctx):
+    forms = train.method_forms(ctx)
+    assert TI in forms and "dreambooth" in forms
+    ti = {f.name: f for f in forms[TI]}
+    expected = {s.name for s in field_specs(TextualInversionConfig)} - {"images", "out", "checkpoint_dir", "resume"}
+    assert set(ti) == expected
+    assert ti["steps"].widget == "int" and ti["lr"].widget == "float" and ti["flip"].widget == "checkbox"
+    assert ti["init"].widget == "dropdown" and ti["init"].choices == ("cross", "names", "plain")
+    assert ti["names_file"].widget == "file"  # *_file: an upload the job copies
+    assert ti["resolution"].optional and ti["resolution"].default is None
+    db = {f.name: f for f in forms["dreambooth"]}
+    assert db["target_modules"].widget == "list" and db["class_images"].widget == "files"
+    assert "class_cache_dir" not in db  # a server path: never a web form field
+    # presets fill the form: the default preset's values, or none
+    values = train.preset_values(ctx, TI, "cross-init-fast")
+    assert values["steps"] == 25 and values["batch_size"] == 8 and values["init"] == "cross"
+    assert train.preset_choices(ctx, "dreambooth")[0] == train.NO_PRESET
+
+
+def test_a_field_added_to_a_config_appears_in_the_train_form_with_no_ui_change(ctx, monkeypatch):
+    import gradio as gr
+
+    import trainers
+    from studio.ui.forms import build_form
+
+    @dataclasses.dataclass
+    class SharperConfig(TextualInversionConfig):
+        sharpness: float = _f(0.5, "how sharp the learned vectors are", group="training")
+        style_images: str | None = _f(None, "a few images of the style to avoid", group="data")
+        mode: str = _f("fast", "how to train", choices=["fast", "careful"], group="method")
+
+    entry = TrainerEntry(cli_name="sharper-ti", method="textual_inversion", help="TI, sharper",
+                         config_cls=SharperConfig, make_trainer=TextualInversionTrainer,
+                         presets={"sharp": {"sharpness": 0.9}}, default_preset="sharp")
+    monkeypatch.setitem(trainers._TRAINERS, entry.cli_name, entry)
+
+    fields = {f.name: f for f in train.method_forms(ctx)["sharper-ti"]}
+    assert fields["sharpness"].widget == "float" and fields["sharpness"].help == "how sharp the learned vectors are"
+    assert fields["style_images"].widget == "files" and fields["mode"].choices == ("fast", "careful")
+    assert train.preset_values(ctx, "sharper-ti", "sharp")["sharpness"] == 0.9
+    with gr.Blocks():
+        comps = build_form(list(fields.values()), train.preset_values(ctx, "sharper-ti", "sharp"), prefix="t")
+    assert comps["sharpness"].label == "sharpness" and comps["sharpness"].value == 0.9
+    assert comps["mode"].elem_id == "t-mode"
+    # the form's raw values become the new config's values
+    form = {f"sharper-ti{train.SEP}sharpness": "0.7", f"sharper-ti{train.SEP}class_word": "cat",
+            f"sharper-ti{train.SEP}mode": "careful"}
+    values = train.method_values(ctx, "sharper-ti", form)
+    assert values == {"sharpness": 0.7, "class_word": "cat", "mode": "careful"}
+    assert SharperConfig(**values).sharpness == 0.7
+
+
+def test_parse_form_types_and_errors():
+    fields = form_fields(field_specs(TextualInversionConfig))
+    values = parse_form(fields, {"steps": 12.0, "resolution": "", "lr": "0.01", "flip": None, "init_words": " a b ",
+                                 "token": "", "names_file": {"path": "/tmp/names.txt"}})
+    assert values == {"steps": 12, "resolution": None, "lr": 0.01, "flip": False, "init_words": "a b", "token": None,
+                      "names_file": "/tmp/names.txt"}
+    with pytest.raises(StudioError, match="whole number"):
+        parse_form(fields, {"steps": 2.5})
+    with pytest.raises(StudioError, match="must be a number"):
+        parse_form(fields, {"resolution": "big"})
+    with pytest.raises(StudioError, match="needs a value"):
+        parse_form(fields, {"steps": ""})
+
+
+# ----------------------------------------------------------------------------------------------
+# Generate
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_writes_pngs_that_keep_their_parameters_and_match_one_call(ctx, studio):
+    form = {"prompt": "a photo of a cat", "negative": "blurry", "seed": 5, "steps": 2, "guidance": 5.0,
+            "num_images": 2, "width": 0, "height": 0, "scheduler": "euler", "concepts": []}
+    gallery, files, info = _drain(generate.generate(ctx, form))
+    assert len(gallery) == len(files) == 2 and "seeds 5…6" in info
+    for i, path in enumerate(files):
+        assert Path(path).is_relative_to(ctx.out_dir) and path.endswith(".png")
+        text = _png_text(path)
+        assert "Negative prompt: blurry" in text["parameters"] and f"Seed: {5 + i}" in text["parameters"]
+        assert json.loads(text["studio"])["seed"] == 5 + i
+    # one image at a time == one call with num_images (image i uses seed + i)
+    together = studio.generate(GenerateConfig(prompt="a photo of a cat", negative_prompt="blurry", seed=5, steps=2,
+                                              guidance=5.0, num_images=2, scheduler="euler"))
+    with Image.open(files[1]) as second:
+        assert list(second.convert("RGB").getdata()) == list(together[1].convert("RGB").getdata())
+
+
+def test_generate_with_a_concept_uses_its_recommended_strength(ctx, studio, tiny):
+    concept = make_ti(tiny, "<kit>", 0)
+    concept.strength = 0.6
+    studio.library.add(concept, "kit")
+    assert generate.concept_choices(ctx) == ["kit"]
+    [row] = generate.concept_defaults(ctx, ["kit"])
+    assert row["strength"] == 0.6 and row["trigger"] == "<kit>"
+    assert generate.insert_triggers(ctx, {"prompt": "a photo of", "concepts": ["kit"]}) == "a photo of <kit>"
+    cfg = generate.build_config(ctx, {"prompt": "a <kit>", "concepts": ["kit"], "strength_0": 0.6, "steps": 2,
+                                      "random_seed": True})
+    assert cfg.concepts[0].source == "kit" and cfg.concepts[0].strength == 0.6 and 0 <= cfg.seed < 2**31
+    _, files, _ = _drain(generate.generate(ctx, {"prompt": "a <kit>", "concepts": ["kit"], "strength_0": 0.6,
+                                                 "steps": 2, "seed": 1}))
+    assert "<kit>:0.6 (kit)" in _png_text(files[0])["parameters"]
+    with pytest.raises(StudioError, match="prompt is empty"):
+        generate.build_config(ctx, {"prompt": " "})
+
+
+def test_xy_grid_labels_cells_and_varies_each_axis(ctx):
+    x = parse_axis("strength", "0, 0.5, 1", concept="kit")
+    y = parse_axis("seed", "3-4")
+    assert y.values == (3, 4) and x.values == (0.0, 0.5, 1.0)
+    seen = []
+
+    def render(cfg):
+        seen.append(cfg)
+        return _fake_render(cfg)[0]
+
+    result = xy_grid(render, GenerateConfig(prompt="a <kit>", steps=3, num_images=4), x, y)
+    assert len(seen) == 6 and all(c.num_images == 1 for c in seen)
+    assert [(c.seed, c.concepts[0].strength) for c in seen] == [(3, 0.0), (3, 0.5), (3, 1.0), (4, 0.0), (4, 0.5),
+                                                                 (4, 1.0)]
+    assert result.image.width > 3 * 128 and result.image.height > 2 * 128  # 32-px cells enlarged, labels around
+    assert "X strength of kit = 0.0, 0.5, 1.0; Y seed = 3, 4" in result.image.info["parameters"]
+    prompt_axis = parse_axis("prompt", "cat, dog")
+    assert prompt_axis.apply(GenerateConfig(prompt="a cat"), "dog").prompt == "a dog"
+    with pytest.raises(StudioError, match="Unknown scheduler"):
+        parse_axis("scheduler", "warp")
+    with pytest.raises(StudioError, match="needs the concept"):
+        Axis("strength", (1.0,))
+    with pytest.raises(StudioError, match="at most 4"):
+        xy_grid(render, GenerateConfig(prompt="x"), parse_axis("seed", "1-5"), max_cells=4)
+    # through the tab: the grid PNG keeps its parameters
+    fake = UIContext.create(ctx.studio, runners=Runners(render=_fake_render, evaluate=None, sweep=None),
+                            out_dir=ctx.out_dir)
+    path, download, info = generate.make_grid(fake, {"prompt": "a <kit>", "steps": 2, "x_kind": "seed",
+                                                     "x_values": "1,2", "y_kind": "guidance", "y_values": "3, 6"})
+    assert path == download and "2 × 2 grid" in info and "X/Y grid" in _png_text(path)["parameters"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Uploads and training
+# ----------------------------------------------------------------------------------------------
+
+
+def test_uploads_are_validated_and_laid_out_for_the_trainer(studio, photos, tmp_path):
+    import shutil
+
+    import studio.service as service
+
+    caption = tmp_path / "photo 0.txt"
+    caption.write_text("a red cat", encoding="utf-8")
+    mask = tmp_path / "photo 1.png"
+    Image.new("L", (32, 32), 255).save(mask)
+    folder = studio.stage_training_images([*photos, caption], masks=[mask], captions={"photo 2.png": "a cat"})
+    try:
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "photo 0.png", "photo 0.txt", "photo 1.mask.png", "photo 1.png", "photo 2.png", "photo 2.txt"]
+        assert (folder / "photo 2.txt").read_text().strip() == "a cat"
+    finally:
+        shutil.rmtree(folder)
+    # an uploaded file's name never leads out of the folder, nor hides the file
+    assert service.safe_filename("../../etc/passwd") == "passwd"
+    assert service.safe_filename("..\\..\\boot.ini") == "boot.ini"
+    assert service.safe_filename(".hidden.png") == "hidden.png"
+    assert service.safe_filename("ça<va>.png") == "_a_va_.png"
+    text = tmp_path / "notes.doc"
+    text.write_text("x")
+    with pytest.raises(StudioError, match="not an accepted file type"):
+        studio.stage_training_images([photos[0], text])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    with pytest.raises(StudioError, match="broken.png is corrupt"):
+        studio.stage_training_images([photos[0], broken])
+    with pytest.raises(StudioError, match="matches no uploaded image"):
+        studio.stage_training_images([photos[0]], captions={"other.png": "x"})
+    with pytest.raises(StudioError, match="at least 2"):
+        studio.stage_training_images([photos[0]], min_images=2)
+    with pytest.raises(StudioError, match="at most 2 are accepted"):
+        service.check_uploads(photos, suffixes=service.IMAGE_UPLOADS, max_files=2)
+    with pytest.raises(StudioError, match="MB; files up to"):
+        service.check_uploads(photos, suffixes=service.IMAGE_UPLOADS, max_bytes=10)
+
+
+def test_start_training_from_the_form_then_the_concept_is_in_the_library(ctx, studio, photos, tiny_bases):
+    m = TI + train.SEP
+    form = {"method": TI, "images": [str(p) for p in photos], "captions": "photo 0.png: a cat on a mat",
+            m + "preset": "cross-init", m + "class_word": "cat", m + "name": "kitty", m + "steps": 3,
+            m + "batch_size": 1, m + "resolution": "", m + "checkpoint_every": 2}
+    with pytest.raises(StudioError, match="images first"):
+        train.start(ctx, {**form, "images": []})
+    job_id, text = train.start(ctx, form)
+    assert "kitty" in text and "<kitty>" in text
+    job = studio.jobs.get(job_id)
+    assert job.state == "queued" and job.config["steps"] == 3 and job.config["lr"] == 5e-3  # the preset's lr
+    assert (job.folder / "dataset" / "photo 0.txt").read_text().strip() == "a cat on a mat"
+    status = train.job_status(ctx, job_id)
+    assert status["active"] and "queued" in status["text"]
+    with pytest.raises(StudioError, match="checkpoints and output"):
+        studio.submit_training(TI, {"class_word": "cat", "checkpoint_dir": "/etc"}, photos)
+    with pytest.raises(StudioError, match="has no setting stepz"):
+        studio.submit_training(TI, {"class_word": "cat", "stepz": 3}, photos)
+
+    Worker(studio.jobs, load_base=lambda settings, device: tiny_bases(settings["base"])).run(once=True)
+    status = train.job_status(ctx, job_id)
+    assert not status["active"] and status["state"] == "done" and "Saved to the library" in status["text"]
+    assert [s for s, _ in status["curve"]] == [1, 2, 3]  # (previews: tests/test_browser.py)
+    assert "published" in status["log"]
+    assert studio.library.names() == ["kitty"]
+    rows = jobs.job_rows(ctx)
+    assert rows[0][:2] == [job_id, "done"] and "3/3" in rows[0]
+    assert "published" in jobs.job_log(ctx, job_id)
+    with pytest.raises(StudioError, match="is done"):
+        jobs.act(ctx, "resume", job_id)
+    assert jobs.act(ctx, "remove", job_id) == f"Job {job_id} removed." and jobs.job_rows(ctx) == []
+
+
+def test_pause_resume_cancel_from_the_ui(ctx, studio, photos):
+    job = studio.submit_training(TI, {"class_word": "cat", "steps": 2}, photos)
+    assert train.control(ctx, "pause", job.id) == f"Job {job.id}: paused"
+    assert not train.job_status(ctx, job.id)["active"]
+    assert jobs.act(ctx, "resume", job.id) == f"Job {job.id}: queued"
+    assert jobs.act(ctx, "cancel", job.id) == f"Job {job.id}: cancelled"
+    with pytest.raises(StudioError, match="Select a job"):
+        jobs.act(ctx, "cancel", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Concepts
+# ----------------------------------------------------------------------------------------------
+
+
+def test_concept_cards_search_rename_delete_import_export(ctx, studio, tiny, tmp_path):
+    a = make_ti(tiny, "<kit>", 0)
+    a.metrics = {"eval": {"scores": {"clip_i": 0.81234, "clip_t": 0.3}}}
+    a.strength = 0.7
+    studio.library.add(a, "kit", preview=Image.new("RGB", (32, 32), "red"))
+    studio.library.add(make_ti(tiny, "<pup>", 1), "pup")
+    rows = concepts.cards(ctx)
+    assert [r["name"] for r in rows] == ["kit", "pup"]
+    assert rows[0]["scores"] == {"clip_i": 0.8123, "clip_t": 0.3} and rows[0]["strength"] == 0.7
+    html = concepts.cards_html(rows)
+    assert "data:image/png;base64," in html and "&lt;kit&gt;" in html and "recommended strength: 0.7" in html
+    assert [r["name"] for r in concepts.cards(ctx, "PUP")] == ["pup"]
+    assert concepts.cards(ctx, "nothing-like-this") == []
+
+    assert "kitty" in concepts.rename(ctx, {"name": "kit", "new_name": "kitty", "new_trigger": "<kitty>"})
+    assert studio.library.info("kitty").tokens == ["<kitty>"] and studio.library.info("kitty").preview
+    with pytest.raises(StudioError, match="not allowed"):
+        concepts.rename(ctx, {"name": "kitty", "new_name": "../outside"})
+    with pytest.raises(StudioError, match="Confirm"):
+        concepts.delete(ctx, {"name": "pup"})
+    concepts.delete(ctx, {"name": "pup", "confirmed": True})
+    assert studio.library.names() == ["kitty"]
+
+    assert concepts.export_formats(ctx, "kitty") == ["studio", "a1111", "diffusers"]
+    out = concepts.export(ctx, {"name": "kitty", "format": "a1111"})
+    assert Path(out).is_relative_to(ctx.out_dir) and Path(out).name == "kitty.a1111.safetensors"
+    assert "Imported **again**" in concepts.import_concept(ctx, {"file": out, "import_name": "again",
+                                                                  "import_trigger": "<again>", "import_class": "cat"})
+    torch.testing.assert_close(studio.library.load("again").tensors["emb_params"],
+                               studio.library.load("kitty").tensors["emb_params"])
+    with pytest.raises(StudioError, match="not allowed"):
+        concepts.import_concept(ctx, {"file": out, "import_name": "../../etc/x"})
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"x")
+    with pytest.raises(StudioError, match="not an accepted file type"):
+        concepts.import_concept(ctx, {"file": str(bad)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero-shot
+# ----------------------------------------------------------------------------------------------
+
+
+def test_zero_shot_images_and_concept_from_reference_uploads(ctx, studio, tiny, photos):
+    from studio.ui import zeroshot
+    from tests.method_cases import tiny_adapter_folder
+
+    if not zeroshot.available(ctx):
+        pytest.skip("this install has no zero-shot method (the tab shows a note)")
+    adapter = str(tiny_adapter_folder(tiny))
+    form = {"references": [str(p) for p in photos[:2]], "prompt": "a photo of a cat", "steps": 2, "seed": 2,
+            "num_images": 1, "scale": 0.8, "adapter": adapter, "name": "ref cat", "class_word": "cat"}
+    _, files, info = _drain(zeroshot.generate(ctx, form))
+    assert "from 2 reference image(s)" in info and "Seed: 2" in _png_text(files[0])["parameters"]
+    assert "ref cat" in zeroshot.save(ctx, form)
+    info = studio.library.info("ref cat")
+    assert info.method == "zeroshot" and info.strength == 0.8
+    with pytest.raises(StudioError, match="Upload one or more reference images"):
+        zeroshot.save(ctx, {**form, "references": []})
+    # the Generate tab takes reference images too
+    cfg = generate.build_config(ctx, {"prompt": "a cat", "reference": [str(photos[0])], "reference_scale": 0.5,
+                                      "adapter": adapter})
+    assert cfg.reference_images == [str(photos[0])] and cfg.reference_scale == 0.5 and cfg.adapter == adapter
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluate
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory) -> Path:
+    """A tiny random CLIP saved with the committed tokenizer (as tests/test_evaluate.py)."""
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(REPO / "studio" / "assets" / "clip_tokenizer"))
+    tokenizer.model_max_length = 77
+    config = CLIPConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                         num_hidden_layers=2, max_position_embeddings=77),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
+                           num_hidden_layers=2),
+        projection_dim=16)
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny_clip")
+    CLIPModel(config).eval().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_evaluate_and_sweep_from_the_tab(ctx, studio, tiny, photos, clip_dir):
+    studio.library.add(make_ti(tiny, "<kit>", 0), "kit")
+    form = {"concepts": ["kit"], "protocol": evaluate.CUSTOM, "prompts": "a photo of {}", "scorer": "clip",
+            "clip_model": str(clip_dir), "seeds": 1, "steps": 2, "guidance": "", "references": [str(p) for p in photos]}
+    assert "clip" in evaluate.scorers(ctx) and evaluate.CUSTOM in evaluate.protocols()
+    opts = evaluate.options(ctx, form, ctx.out_dir, None)
+    assert opts["prompts"] == ["a photo of {}"] and "guidance" not in opts and opts["clip_model"] == str(clip_dir)
+    result = evaluate.evaluate(ctx, form)
+    assert {row[0] for row in result["rows"]} >= {"clip_t", "clip_i"}
+    assert Path(result["sheet"]).is_file() and Path(result["plot"]).is_file() and "Evaluated **kit**" in result["text"]
+    assert "clip_i" in studio.library.info("kit").metrics["eval"]["scores"]  # stored in the concept
+    swept = evaluate.sweep(ctx, {**form, "strengths": "0, 1"})
+    assert [row[0] for row in swept["rows"]] == [0.0, 1.0] and "Recommended strength" in swept["text"]
+    assert studio.library.info("kit").strength in (0.0, 1.0)
+    with pytest.raises(StudioError, match="exactly one"):
+        evaluate.sweep(ctx, {**form, "concepts": []})
+    with pytest.raises(StudioError, match="Guidance must be a number"):
+        evaluate.options(ctx, {**form, "guidance": "lots"}, ctx.out_dir, None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Base switching, app defaults
+# ----------------------------------------------------------------------------------------------
+
+
+def test_switching_to_a_base_that_fails_keeps_the_old_one(ctx, studio):
+    from studio.ui import base_banner, switch_base
+
+    before = studio.base
+    with pytest.raises(StudioError):
+        switch_base(ctx, {"base": str(Path("/nonexistent/model-folder")), "device": "cpu"})
+    assert studio.base is before and studio.settings.base == "tiny"
+    assert "`tiny`" in base_banner(ctx)
+    with pytest.raises(StudioError, match="Type a base"):
+        switch_base(ctx, {"base": " "})
+
+
+def test_app_falls_back_to_an_offline_base_with_a_banner_and_binds_loopback(tiny_bases, tmp_path, monkeypatch):
+    import app
+    import studio.service as service
+
+    real = service.load_base
+
+    def load(spec, **kw):
+        return tiny_bases(spec) if spec in ("tiny",) else real(spec, **kw)
+
+    monkeypatch.setattr(service, "load_base", load)
+    monkeypatch.setattr(app, "OFFLINE_BASES", ("tiny",))
+    studio, banner = app.make_studio("/nonexistent/base-folder", str(tmp_path / "lib"))
+    assert studio.settings.base == "tiny"
+    assert "Could not load base '/nonexistent/base-folder'" in banner and "offline base 'tiny'" in banner
+    assert "--base" in banner and "STUDIO_BASE" in banner
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    assert app.server_name(False) == "127.0.0.1" and app.server_name(True) == "0.0.0.0"
+    assert app.parse_auth("ann:secret, bob:pw") == [("ann", "secret"), ("bob", "pw")]
+    with pytest.raises(SystemExit):
+        app.parse_auth("nopassword")
+    args = app.parse_args([])
+    assert not args.listen and not args.share
+
+
+# ----------------------------------------------------------------------------------------------
+# A simulated Hugging Face Space
+# ----------------------------------------------------------------------------------------------
+
+
+def _front_matter(readme: Path) -> dict[str, str] | None:
+    text = readme.read_text(encoding="utf-8")
+    m = re.match(r"---\n(.*?)\n---\n", text, re.S)
+    if not m:
+        return None
+    return {k.strip(): v.strip().strip("'\"") for k, _, v in (line.partition(":") for line in m.group(1).splitlines())
+            if k.strip() and not k.startswith(" ")}
+
+
+def test_the_app_runs_as_a_space_with_spaces_gpu(tiny_bases, tmp_path, monkeypatch):
+    """The Space runtime: ``spaces`` importable, ``SPACE_ID`` set, ``import app; app.demo``; the
+    models load at import and a generation goes through the ``spaces.GPU``-decorated function."""
+    import gradio as gr
+
+    import studio.service as service
+
+    calls: list[tuple[str, int]] = []
+    decorated: list[str] = []
+
+    def GPU(fn=None, *, duration=60):  # noqa: N802 - the spaces API
+        def wrap(f):
+            decorated.append(f.__name__)
+
+            def run(*args, **kwargs):
+                calls.append((f.__name__, duration))
+                return f(*args, **kwargs)
+
+            run.__name__ = f.__name__
+            return run
+
+        return wrap(fn) if fn is not None else wrap
+
+    monkeypatch.setitem(sys.modules, "spaces", types.SimpleNamespace(GPU=GPU))
+    loads = []
+    monkeypatch.setattr(service, "load_base", lambda spec, **kw: loads.append(spec) or tiny_bases(spec))
+    monkeypatch.setenv("SPACE_ID", "someone/studio")
+    monkeypatch.setenv("STUDIO_BASE", "tiny")
+    monkeypatch.setenv("STUDIO_LIBRARY", str(tmp_path / "lib"))
+    monkeypatch.setenv("STUDIO_WORKER", "0")
+    monkeypatch.delitem(sys.modules, "app", raising=False)
+
+    import app
+
+    try:
+        assert loads == ["tiny"]  # loaded at import, before any request
+        assert isinstance(app.demo, gr.Blocks)
+        assert {"render", "evaluate", "sweep", "train_chunk"} <= set(decorated)
+        images = app.render(GenerateConfig(prompt="a photo of a cat", steps=2, seed=3))
+        assert calls == [("render", 120)]
+        assert isinstance(images[0], Image.Image) and "Seed: 3" in images[0].info["parameters"]
+        ctx = app.demo.studio_context
+        _, files, _ = _drain(generate.generate(ctx, {"prompt": "a photo of a cat", "steps": 2, "seed": 4}))
+        assert calls[-1] == ("render", 120) and "Seed: 4" in _png_text(files[0])["parameters"]
+    finally:
+        sys.modules.pop("app", None)
+
+
+def test_the_readme_declares_the_space():
+    meta = _front_matter(REPO / "README.md")
+    if meta is None:
+        pytest.skip("README.md has no Hugging Face Space front matter yet (the lead adds it); "
+                    "test_the_app_runs_as_a_space_with_spaces_gpu checks the app itself.")
+    assert meta.get("sdk") == "gradio" and meta.get("app_file") == "app.py"
+    import gradio
+
+    assert meta.get("sdk_version") == gradio.__version__
