@@ -20,7 +20,7 @@ from PIL.PngImagePlugin import PngInfo
 from studio.concept import Concept, check_compatible
 from studio.errors import StudioError
 from studio.methods import get_method
-from studio.prompts import check_strength, find_triggers, rewrite
+from studio.prompts import MAX_STRENGTH, check_strength, find_triggers, rewrite
 
 # Scheduler names → (diffusers class name, A1111 sampler name, extra config).
 SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -59,6 +59,12 @@ class GenerateConfig:
     scheduler: str = "default"  # "default" keeps the base's; else a key of SCHEDULERS
     num_images: int = 1
     concepts: list[ConceptUse] = field(default_factory=list)
+    # Zero-shot image prompt (IP-Adapter): reference image files (or folders); encoded for this call.
+    reference_images: list[str] = field(default_factory=list)
+    reference_scale: float = 1.0  # the adapter scale: 0 = off (exactly the plain pipeline)
+    adapter: str | None = None  # preset (sd15, sd15-plus, sdxl …), file/folder or hub path; None = the base's default
+    image_encoder: str | None = None  # CLIP image-encoder folder, when not beside the adapter
+    reference_mask: str | None = None  # mask image: white where the reference acts (regional image prompt)
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -77,6 +83,10 @@ class GenerateConfig:
             if side is not None and not 8 <= side <= 4096:
                 raise StudioError(f"width and height must be between 8 and 4096 pixels, got {side}.")
         self.concepts = [c if isinstance(c, ConceptUse) else ConceptUse(**c) for c in self.concepts]
+        if not 0 <= self.reference_scale <= MAX_STRENGTH:
+            raise StudioError(f"reference_scale must be between 0 and {MAX_STRENGTH}, got {self.reference_scale}.")
+        if (self.adapter or self.image_encoder or self.reference_mask) and not self.reference_images:
+            raise StudioError("--adapter / --image-encoder / --reference-mask only matter with --reference-image IMG.")
 
 
 @dataclass
@@ -184,6 +194,12 @@ def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, f
     resolving files and library names). Returns ``num_images`` PIL images whose ``info`` holds
     the ``parameters`` text and a ``studio`` JSON of the request."""
     width, height = _native(base, cfg)
+    if cfg.reference_images:  # an in-memory zero-shot concept, applied like any other
+        from studio.methods.zeroshot import reference_concept
+
+        ref = reference_concept(base, cfg.reference_images, adapter=cfg.adapter, image_encoder=cfg.image_encoder,
+                                scale=cfg.reference_scale, mask=cfg.reference_mask)
+        concepts = [*concepts, (ref, cfg.reference_scale, "--reference-image")]
     resolved = effective_strengths(cfg.prompt, cfg.negative_prompt, concepts)
     images: list[Image.Image] = []
     from studio.methods.attention import cfg_layout

@@ -7,9 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 
 from studio.concept import Concept, load_concept
+from studio.errors import StudioError
 from studio.generation import GenerateConfig, generate
 from studio.jobs import JobQueue
 from studio.library import DEFAULT_LIBRARY, Library
@@ -63,10 +65,16 @@ class Studio:
             return self._jobs
 
     def switch_base(self, settings: BaseSettings) -> BaseModel:
+        """Load another base; when it cannot be loaded, the previous base stays (and the error is raised)."""
         with self._lock:
+            previous = (self.settings, self._base)
             self.settings = settings
             self._base = None
-            return self.base
+            try:
+                return self.base
+            except BaseException:
+                self.settings, self._base = previous
+                raise
 
     def load_concept(self, source: str) -> Concept:
         """A file path or a library name → the validated concept."""
@@ -77,3 +85,268 @@ class Studio:
         with self._lock:
             self.notes = []
             return generate(self.base, cfg, concepts, notes=self.notes, callback=callback)
+
+    def create_zeroshot(self, images: list[str], adapter: str, *, image_encoder: str | None = None,
+                        out: str | None = None, name: str | None = None, token: str | None = None,
+                        class_word: str = "", scale: float = 1.0, average: bool = False,
+                        layer_scales: float | dict | None = None, mask: str | None = None,
+                        force: bool = False) -> Path:
+        """Encode reference images with an IP-Adapter's image encoder into a zero-shot concept,
+        saved to ``out`` or into the library (under ``name``, default the first folder's name).
+        Needs no base model: the image encoder runs on the CPU unless the base is already loaded."""
+        from studio.methods.zeroshot import make_zeroshot_concept
+
+        if not images:
+            raise StudioError("Give at least one reference image or folder (--images).")
+        loaded = self._base
+        concept = make_zeroshot_concept(
+            images, adapter, image_encoder=image_encoder, average=average, scale=scale, layer_scales=layer_scales,
+            mask=mask,
+            name=name or Path(images[0]).expanduser().resolve().stem, token=token, class_word=class_word,
+            device=loaded.device if loaded is not None else "cpu",
+            dtype=loaded.dtype if loaded is not None else torch.float32)
+        if out:
+            from studio.concept import save_concept
+
+            target = Path(out).expanduser()
+            if target.suffix != ".safetensors":
+                raise StudioError(f"--out {target} must end in .safetensors.")
+            if target.exists() and not force:
+                raise StudioError(f"{target} exists; pass --force to replace it.")
+            return save_concept(concept, target)
+        return self.library.add(concept, name, force=force)
+
+    def evaluate(self, concepts: list[Any], **options: Any) -> Any:
+        """Generate, score and report concepts (files, library names or ``ConceptUse``); the summary is
+        written into each concept file. Options and result: :func:`studio.evaluation.evaluate_concepts`."""
+        from studio.evaluation import evaluate_concepts
+
+        with self._lock:
+            return evaluate_concepts(self, concepts, **options)
+
+    def sweep(self, concept: Any, strengths: list[float], **options: Any) -> Any:
+        """Score one concept across strengths and store its recommended strength
+        (:func:`studio.evaluation.sweep_strength`)."""
+        from studio.evaluation import sweep_strength
+
+        with self._lock:
+            return sweep_strength(self, concept, strengths, **options)
+
+    # -- training from uploads (the UI; the CLI passes folders) ----------------------------------
+    def training_methods(self) -> dict[str, TrainingMethod]:
+        """Every registered trainer with its presets and the options a user sets (see :class:`TrainingMethod`)."""
+        from trainers import trainer_registry
+
+        return {name: TrainingMethod(e) for name, e in trainer_registry().items()}
+
+    def stage_training_images(self, images: list[str | Path], *, masks: list[str | Path] = (),
+                              captions: dict[str, str] | None = None, min_images: int = 1,
+                              folder: str | Path | None = None) -> Path:
+        """Copy uploaded files into a fresh folder laid out as :mod:`trainers.data` reads it, and validate it.
+
+        ``images`` may also hold ``name.txt`` captions and ``name.mask.png`` masks; ``masks`` are matched to
+        images by file stem (``dog.png`` or ``dog.mask.png`` → ``dog.jpg``); ``captions`` maps an image's
+        file name or stem to its caption. Count, size and type are checked first, then every image is
+        decoded by :func:`trainers.data.load_image_folder` (errors name the file)."""
+        import shutil
+        import tempfile
+
+        from studio.errors import DatasetError
+        from trainers.data import IMAGE_SUFFIXES, load_image_folder
+
+        files = check_uploads(list(images) + list(masks), suffixes=IMAGE_SUFFIXES | {".txt"})
+        upload, mask_files = files[: len(images)], files[len(images):]
+        out = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="studio-upload-"))
+        out.mkdir(parents=True, exist_ok=True)
+        try:
+            stems: dict[str, str] = {}
+            for src in upload:
+                name = safe_filename(src.name)
+                low = name.lower()
+                if low.endswith(".mask.png") or low.endswith(".txt"):
+                    continue
+                stem = Path(name).stem
+                if stem in stems:
+                    raise DatasetError(f"Two uploaded images are named {stem!r} ({stems[stem]}, {name}); rename one.")
+                stems[stem] = name
+                shutil.copyfile(src, out / name)
+            if len(stems) < min_images:
+                raise DatasetError(f"{len(stems)} image(s) uploaded; this method needs at least {min_images} "
+                                   "(3–20 photos of the subject work best).")
+            sidecars = [(f, "mask") for f in mask_files] + [
+                (f, "mask" if f.name.lower().endswith(".mask.png") else "caption")
+                for f in upload if f.name.lower().endswith((".mask.png", ".txt"))]
+            for src, kind in sidecars:
+                name = safe_filename(src.name)
+                stem = name[: -len(".mask.png")] if name.lower().endswith(".mask.png") else Path(name).stem
+                if stem not in stems:
+                    raise DatasetError(f"{kind.capitalize()} {name} matches no uploaded image (name it like its image, "
+                                       f"e.g. {next(iter(stems))[:40]}.{'mask.png' if kind == 'mask' else 'txt'}).")
+                shutil.copyfile(src, out / (f"{stem}.mask.png" if kind == "mask" else f"{stem}.txt"))
+            for key, text in (captions or {}).items():
+                stem = key if key in stems else Path(key).stem
+                if stem not in stems:
+                    raise DatasetError(f"The caption for {key!r} matches no uploaded image "
+                                       f"(images: {', '.join(sorted(stems))}).")
+                (out / f"{stem}.txt").write_text(text.strip() + "\n", encoding="utf-8")
+            load_image_folder(out, 64, min_images=min_images, max_images=MAX_UPLOAD_FILES)
+        except BaseException:
+            if folder is None:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
+        return out
+
+    def submit_training(self, trainer: str, values: dict[str, Any], images: list[str | Path], *,
+                        masks: list[str | Path] = (), captions: dict[str, str] | None = None,
+                        preset: str | None = None) -> Any:
+        """Validate uploads and settings, then queue a job on the current base; returns the
+        :class:`~studio.jobs.Job`. Paths a job manages itself (:data:`JOB_MANAGED`) are refused; a
+        whole-model fine-tune goes to ``<library>/models/<name>/``."""
+        import shutil
+        import time as _time
+
+        from studio.library import check_name
+
+        method = self.training_methods().get(trainer) or next(
+            (m for m in self.training_methods().values() if m.method == trainer), None)
+        if method is None:
+            raise StudioError(f"Unknown training method {trainer!r}; available: "
+                              f"{', '.join(self.training_methods())}.")
+        import dataclasses
+
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(method.config_cls)})
+        if unknown:
+            raise StudioError(f"{method.name} has no setting {', '.join(unknown)}.")
+        managed = sorted(k for k in values if k in JOB_MANAGED or k.endswith("_dir"))
+        if managed:
+            raise StudioError(f"{', '.join(managed)} cannot be set here: the job keeps its images, checkpoints and "
+                              "output in its own folder.")
+        config = method.preset_values(preset) | dict(values)
+        probe = method.config_cls(**{**config, "images": ""})  # validate the settings before copying anything
+        if getattr(probe, "writes_folder", lambda: False)():
+            default = f"{config.get('class_word') or 'model'}-{_time.strftime('%Y%m%d-%H%M%S')}"
+            stem = check_name(config.get("name") or default)
+            config["out"] = str(self.library.folder / "models" / stem)
+        staged = []
+        try:
+            for key, value in list(config.items()):  # other uploads: *_images (a folder of files), *_file (a file)
+                if key.endswith("_images") and isinstance(value, (list, tuple)):
+                    staged.append(self.stage_training_images(list(value), min_images=1))
+                    config[key] = str(staged[-1])
+                elif key.endswith("_file") and value:
+                    check_uploads([value], suffixes=None)
+            staged.append(self.stage_training_images(images, masks=masks, captions=captions,
+                                                     min_images=method.min_images))
+            config["images"] = str(staged[-1])
+            return self.jobs.submit(method.name, config, _settings_dict(self.settings), preset=preset)
+        finally:
+            for folder in staged:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def import_upload(self, path: str | Path, name: str | None = None, *, token: str | None = None,
+                      class_word: str | None = None) -> Path:
+        """Import an uploaded concept file (studio, A1111 ``.pt``, diffusers, kohya) into the library."""
+        src = check_uploads([path], suffixes=CONCEPT_SUFFIXES, max_bytes=MAX_CONCEPT_BYTES)[0]
+        return self.library.import_file(src, name or None, token=token or None, class_word=class_word or None)
+
+    def capabilities(self) -> dict[str, bool]:
+        """Which optional parts this install has (the UI shows a note for the missing ones)."""
+        import dataclasses
+        import importlib.util
+
+        def has(module: str) -> bool:
+            try:
+                return importlib.util.find_spec(module) is not None
+            except ImportError:
+                return False
+
+        fields = {f.name for f in dataclasses.fields(GenerateConfig)}
+        world = False
+        if has("studio.world"):
+            try:
+                from studio.world import DEMO_BASE_DIR, ORACLE_PATH
+
+                world = (Path(DEMO_BASE_DIR) / "model_index.json").is_file() and Path(ORACLE_PATH).is_file()
+            except ImportError:
+                world = False
+        return {"evaluation": has("studio.evaluation"), "zeroshot": has("studio.methods.zeroshot"),
+                "reference_images": any("reference" in f for f in fields), "demo_world": world}
+
+
+# -- uploads ----------------------------------------------------------------------------------------
+MAX_UPLOAD_FILES = 200  # images (+ captions and masks) of one training upload
+MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # per uploaded image
+MAX_CONCEPT_BYTES = 512 * 1024**2  # per uploaded concept file (a LoRA can be large; the app's upload limit too)
+CONCEPT_SUFFIXES = frozenset({".safetensors", ".pt", ".bin"})
+IMAGE_UPLOADS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+JOB_MANAGED = ("images", "out", "checkpoint_dir", "resume")  # a job sets these itself
+
+
+def safe_filename(name: str) -> str:
+    """The last path component of an uploaded file's name, reduced to ``[A-Za-z0-9._ -]`` (never hidden)."""
+    import re
+
+    base = re.split(r"[\\/]", name)[-1]
+    clean = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .") or "file"
+    return clean[:120]
+
+
+def check_uploads(paths: list[str | Path], *, suffixes: Any, max_files: int = MAX_UPLOAD_FILES,
+                  max_bytes: int = MAX_UPLOAD_BYTES) -> list[Path]:
+    """Uploaded files: how many, how big, which type (by suffix; ``suffixes=None``: any), before anything reads them."""
+    from studio.errors import DatasetError
+
+    if len(paths) > max_files:
+        raise DatasetError(f"{len(paths)} files were uploaded; at most {max_files} are accepted at once.")
+    out = []
+    for raw in paths:
+        p = Path(raw)
+        if not p.is_file():
+            raise DatasetError(f"The upload {p.name} is missing (it may have expired); upload it again.")
+        name = p.name.lower()
+        if suffixes is not None and not any(name.endswith(s) for s in suffixes) and not name.endswith(".mask.png"):
+            raise DatasetError(f"{p.name} is not an accepted file type ({', '.join(sorted(suffixes))}).")
+        size = p.stat().st_size
+        if size > max_bytes:
+            raise DatasetError(f"{p.name} is {size / 2**20:.1f} MB; files up to {max_bytes / 2**20:.0f} MB are accepted.")
+        out.append(p)
+    return out
+
+
+def _settings_dict(settings: BaseSettings) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(settings)
+
+
+class TrainingMethod:
+    """A trainer as a form: its options (:func:`~studio.configs.field_specs` of its config dataclass,
+    minus what a job manages), presets and the values a preset gives every option."""
+
+    def __init__(self, entry: Any):
+        self.entry = entry
+        self.name: str = entry.cli_name
+        self.method: str = entry.method
+        self.help: str = entry.help
+        self.config_cls: type = entry.config_cls
+        self.presets: dict[str, dict[str, Any]] = dict(entry.presets)
+        self.default_preset: str | None = entry.default_preset
+        self.min_images: int = entry.min_images
+
+    def fields(self) -> list[Any]:
+        from studio.configs import field_specs
+
+        return [f for f in field_specs(self.config_cls) if f.name not in JOB_MANAGED and not f.name.endswith("_dir")]
+
+    def preset_values(self, preset: str | None = None) -> dict[str, Any]:
+        """Preset ``preset`` (default: the method's; ``""``: none) over the dataclass defaults, for the shown options."""
+        import dataclasses
+
+        name = self.default_preset if preset is None else preset
+        if name and name not in self.presets:
+            raise StudioError(f"Unknown preset {name!r} for {self.name}; presets: {', '.join(self.presets) or 'none'}.")
+        values = {f.name: f.default for f in self.fields() if f.default is not dataclasses.MISSING}
+        shown = set(values) | {f.name for f in self.fields()}
+        values.update({k: v for k, v in (self.presets.get(name, {}) if name else {}).items() if k in shown})
+        return values
+

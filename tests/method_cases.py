@@ -7,6 +7,7 @@ fails ``test_every_method_has_a_row``. Trainer issues add their rows here.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -23,6 +24,146 @@ def make_ti(base, trigger: str, seed: int) -> Concept:
                    name=trigger.strip("<>"), base=base.fingerprint())
 
 
+def make_lora(base, trigger: str, seed: int, *, rank: int = 4, text_encoder: bool = True) -> Concept:
+    """Random rank-``rank`` kohya LoRA on the UNet's attention projections (and the text encoders'
+    q/k/v/out_proj), ``alpha = rank / 2`` so the scale is not 1."""
+    from studio.methods.lora import UNET_PREFIX, base_modules
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, mod in base_modules(base.pipe).items():
+        unet = name.startswith(UNET_PREFIX) and name.endswith(("_to_q", "_to_k", "_to_v", "_to_out_0"))
+        te = text_encoder and not name.startswith(UNET_PREFIX) and name.endswith(("_q_proj", "_k_proj", "_v_proj",
+                                                                                  "_out_proj"))
+        if unet or te:
+            tensors[f"{name}.lora_down.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.3
+            tensors[f"{name}.lora_up.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.3
+            tensors[f"{name}.alpha"] = torch.tensor(rank / 2)
+    return Concept(method="lora", tokens=[trigger], tensors=tensors, class_word="cat", name=trigger.strip("<>"),
+                   base=base.fingerprint())
+
+
+def make_perfusion(base, trigger: str, seed: int) -> Concept:
+    """Random token embedding(s) and value targets; ``i*`` is the token's real encoding in "a photo
+    of <tok>" (so the gate opens at the token in "a photo of <tok> …"), ``i*_super`` the class word's."""
+    from studio.methods.attention import unet_layers
+    from studio.methods.perfusion import concept_meta, concept_tensors
+    from studio.methods.perfusion_cov import token_encoding, word_encoding
+
+    g = torch.Generator().manual_seed(seed)
+    encs = text_encoders(base.pipe)
+    embeddings = [torch.randn(te.config.hidden_size, generator=g) * 2.0 for _, te in encs]
+    i_star = token_encoding(base.pipe, trigger, embeddings, [f"a photo of {trigger}"])
+    i_super = word_encoding(base.pipe, "cat", ["a photo of a cat"])
+    v_targets = [torch.randn(layer.inner_dim, generator=g) for layer in unet_layers(base.pipe.unet)]
+    return Concept(method="perfusion", tokens=[trigger], class_word="cat", name=trigger.strip("<>"),
+                   tensors=concept_tensors(v_targets=v_targets, i_star=i_star, i_super=i_super, embeddings=embeddings),
+                   meta=concept_meta(), base=base.fingerprint())
+
+
+def make_neti(base, trigger: str, seed: int) -> Concept:
+    """An untrained NeTI mapper for ``base`` (weights from ``seed``; class word "cat")."""
+    from studio.methods.neti import random_concept
+
+    return random_concept(base, trigger, seed, class_word="cat")
+
+
 CASES: dict[str, Callable] = {
     "textual_inversion": make_ti,
+    "lora": make_lora,
+    "zeroshot": lambda base, trigger, seed: make_zeroshot(base, trigger, seed),
+    "perfusion": make_perfusion,
+    "neti": make_neti,
 }
+
+
+# -- zero-shot (IP-Adapter) --------------------------------------------------------------------------
+def tiny_image_encoder(seed: int = 0, *, image_size: int = 32):
+    """A seeded CLIPVisionModelWithProjection at toy widths (hidden 32, projection 16, 17 tokens)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, projection_dim=16, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image_size, patch_size=8)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return CLIPVisionModelWithProjection(cfg).eval()
+    finally:
+        torch.random.set_rng_state(state)
+
+
+def tiny_adapter_state(unet, encoder, kind: str = "base", seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random adapter weights for ``unet`` reading ``encoder``'s features, in the published layout
+    (``image_proj.*`` + ``ip_adapter.{2j+1}.to_{k,v}_ip.weight``)."""
+    from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
+
+    from studio.methods.attention import unet_layers
+    from studio.methods.ip_adapter import ip_key_ids, published_projection
+
+    width = int(unet.config.cross_attention_dim)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        if kind == "base":
+            proj = ImageProjection(image_embed_dim=encoder.config.projection_dim, cross_attention_dim=width,
+                                   num_image_text_embeds=4)
+        else:
+            proj = IPAdapterPlusImageProjection(embed_dims=encoder.config.hidden_size, output_dims=width,
+                                                hidden_dims=64, heads=1, num_queries=4)
+        flat = {f"image_proj.{k}": v for k, v in published_projection(kind, proj.state_dict()).items()}
+        ids = ip_key_ids(unet)
+        for layer in unet_layers(unet):
+            for which in ("to_k_ip", "to_v_ip"):
+                flat[f"ip_adapter.{ids[layer.name]}.{which}.weight"] = torch.randn(layer.inner_dim, width) * 0.5
+    finally:
+        torch.random.set_rng_state(state)
+    return {k: v.detach().float().contiguous() for k, v in flat.items()}
+
+
+def save_tiny_adapter(folder, unet, kind: str = "base", seed: int = 0):
+    """``folder/ip_adapter.safetensors`` + ``folder/image_encoder/`` — what ``load_ip_adapter(folder,
+    subfolder="", weight_name="ip_adapter.safetensors")`` reads. Returns the folder."""
+    from pathlib import Path
+
+    from studio.methods.ip_adapter import save_adapter_file
+
+    folder = Path(folder)
+    encoder = tiny_image_encoder(seed)
+    encoder.save_pretrained(str(folder / "image_encoder"))
+    save_adapter_file(folder / "ip_adapter.safetensors", tiny_adapter_state(unet, encoder, kind, seed))
+    return folder
+
+
+_TINY_ADAPTERS: dict[tuple[str, str], Any] = {}
+
+
+def tiny_adapter_folder(base, kind: str = "base"):
+    """A tiny adapter for ``base`` saved once per test session (in a temporary folder)."""
+    import tempfile
+    from pathlib import Path
+
+    key = (base.compat_id, kind)
+    if key not in _TINY_ADAPTERS or not (_TINY_ADAPTERS[key] / "ip_adapter.safetensors").is_file():
+        import atexit
+        import shutil
+
+        tmp = Path(tempfile.mkdtemp(prefix="studio-ip-"))
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
+        _TINY_ADAPTERS[key] = save_tiny_adapter(tmp / kind, base.pipe.unet, kind)
+    return _TINY_ADAPTERS[key]
+
+
+def reference_image(seed: int, size: int = 40):
+    """A seeded random RGB picture (PIL)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray((rng.random((size, size, 3)) * 255).astype("uint8"))
+
+
+def make_zeroshot(base, trigger: str, seed: int) -> Concept:
+    from studio.methods.zeroshot import make_zeroshot_concept
+
+    return make_zeroshot_concept([reference_image(seed)], str(tiny_adapter_folder(base)), name=trigger.strip("<>"),
+                                 token=trigger, class_word="cat")

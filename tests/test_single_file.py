@@ -43,13 +43,13 @@ from studio.errors import BaseModelError
 from studio.models.families import SingleFileInfo, detect_family
 from studio.models.single_file import (
     CONFIG_ROOT,
-    TOKENIZER_DIR,
     load_single_file,
     read_safetensors_header,
     save_single_file,
     shipped_config_dir,
     to_ldm_state_dict,
 )
+from studio.models.tiny import TOKENIZER_DIR
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -32,6 +32,10 @@ def register_trainer(entry: TrainerEntry) -> TrainerEntry:
 def trainer_registry() -> dict[str, TrainerEntry]:
     """All built-in trainers, by CLI name (imported here so that registration is explicit)."""
     from trainers import textual_inversion  # noqa: F401
+    from trainers import dreambooth  # noqa: F401
+    from trainers import neti  # noqa: F401
+    from trainers import adapter  # noqa: F401
+    from trainers import perfusion  # noqa: F401
 
     return dict(_TRAINERS)
 

@@ -31,12 +31,16 @@ def make_config(entry: TrainerEntry, preset: str | None = None, **values: Any) -
 
 
 def choose_token(cfg: CommonTrainConfig, library: Library | None) -> str:
-    """The user's token, or ``<name>`` / ``<class-word>``, made unique within the library."""
+    """The user's token; else the method's first candidate (``cfg.token_candidates()``) that no
+    concept of the library uses; else ``<name>`` / ``<class-word>``, made unique within the library."""
     if cfg.token:
         return normalize_token(cfg.token)
+    used = {t for info in (library.list() if library else []) for t in info.tokens}
+    for candidate in map(normalize_token, cfg.token_candidates()):
+        if candidate not in used:
+            return candidate
     stem = cfg.name or (cfg.class_word.replace(" ", "-") if cfg.class_word else "concept")
     token = normalize_token(stem)
-    used = {t for info in (library.list() if library else []) for t in info.tokens}
     i = 2
     candidate = token
     while candidate in used:
@@ -46,25 +50,161 @@ def choose_token(cfg: CommonTrainConfig, library: Library | None) -> str:
 
 
 def train(entry: TrainerEntry, cfg: CommonTrainConfig, base: Any, *, library: Library | None = None,
-          callbacks: TrainCallbacks | None = None, control: TrainControl | None = None) -> TrainResult:
+          callbacks: TrainCallbacks | None = None, control: TrainControl | None = None,
+          scorer: Any = None) -> TrainResult:
     """Train ``cfg`` on ``base`` (a loaded :class:`~studio.models.BaseModel`) and save the concept
-    to ``cfg.out`` or, when that is empty, into ``library`` under ``cfg.name`` / the token."""
+    to ``cfg.out`` or, when that is empty, into ``library`` under ``cfg.name`` / the token. A
+    whole-model config (``cfg.writes_folder()``) writes a diffusers folder to ``cfg.out`` instead.
+
+    With ``cfg.eval_every`` the concept is scored along training (:class:`TrainingEvaluator`;
+    ``scorer`` replaces the CLIP judge, e.g. in tests)."""
     token = choose_token(cfg, library)
-    if not cfg.out:
-        if library is None:
-            raise StudioError("Say where the concept goes: --out FILE.safetensors, or a library.")
-        name = check_name(cfg.name or token.strip("<>"))
-        cfg.out = str(library.path(name))
-        cfg.name = name
-    out = Path(cfg.out)
-    if out.suffix != ".safetensors":
-        raise StudioError(f"--out {out} must end in .safetensors.")
+    if cfg.writes_folder():
+        _check_folder_out(cfg)
+    else:
+        if not cfg.out:
+            if library is None:
+                raise StudioError("Say where the concept goes: --out FILE.safetensors, or a library.")
+            name = check_name(cfg.name or token.strip("<>"))
+            cfg.out = str(library.path(name))
+            cfg.name = name
+        if Path(cfg.out).suffix != ".safetensors":
+            raise StudioError(f"--out {cfg.out} must end in .safetensors.")
     resolution = cfg.resolution or base.native_size
     examples = load_image_folder(cfg.images, resolution, min_images=entry.min_images)
+    # The judges load before the trainer touches the pipeline: a missing model fails first.
+    evaluator = TrainingEvaluator(base, cfg, token, scorer=scorer, callbacks=callbacks) if cfg.eval_every else None
     trainer = entry.make_trainer(base, cfg, token)
+    if evaluator is not None:
+        evaluator.trainer = trainer
+        callbacks = ChainedCallbacks(callbacks, evaluator)
     result = run_training(base, trainer, cfg, method=entry.method, examples=examples, callbacks=callbacks,
                           control=control)
-    return result
+    return evaluator.finish(result) if evaluator is not None else result
+
+
+class ChainedCallbacks(TrainCallbacks):
+    """Calls every hook of :class:`TrainCallbacks` on each part in turn (``None`` parts are skipped)."""
+
+    def __init__(self, *parts: TrainCallbacks | None) -> None:
+        self.parts = [p for p in parts if p is not None]
+
+
+def _fan_out(name: str) -> Any:
+    def hook(self: ChainedCallbacks, *args: Any) -> None:
+        for part in self.parts:
+            getattr(part, name)(*args)
+
+    hook.__name__ = name
+    return hook
+
+
+for _hook in [n for n in vars(TrainCallbacks) if n.startswith("on_")]:
+    setattr(ChainedCallbacks, _hook, _fan_out(_hook))
+
+
+class TrainingEvaluator(TrainCallbacks):
+    """``--eval-every``: at each evaluated step, render the held-out prompts with the concept as
+    trained so far (``cfg.eval_images`` seeds each, the same seeds every time) and score them
+    (:class:`studio.evaluation.CurveTracker`: CLIP-I vs the training photos and CLIP-T, or the demo
+    world's oracle). :meth:`finish` writes the curve into the concept (``studio.metrics["curve"]``)
+    with the training photos' CLIP embeddings (``ref.clip``), and with ``--keep-best`` exports the
+    best evaluated step (:func:`studio.metrics.best_checkpoint`) instead of the last."""
+
+    def __init__(self, base: Any, cfg: CommonTrainConfig, token: str, *, scorer: Any = None,
+                 callbacks: TrainCallbacks | None = None) -> None:
+        from PIL import Image
+
+        from studio.concept import Concept
+        from studio.evaluation import (
+            CurveTracker,
+            build_prompts,
+            load_reference_images,
+            training_judges,
+            training_prompts,
+        )
+        from studio.metrics import EvalConcept
+
+        if cfg.keep_best and cfg.writes_folder():
+            raise StudioError("--keep-best keeps a concept file; a full fine-tune writes one model folder (use "
+                              "--checkpoint-every and resume from the step you want).")
+        self.base, self.cfg, self.token = base, cfg, token
+        self.class_word = cfg.class_word or ""
+        self.judges = training_judges(cfg.eval_model, base, scorer)
+        self.references = (load_reference_images(cfg.images) if self.judges.kind == "clip"
+                           else [Image.new("RGB", (1, 1))])  # the oracle needs no photos
+        stub = Concept(method="", tokens=[token], tensors={}, class_word=self.class_word)
+        self.prompts = build_prompts(training_prompts(cfg.eval_prompts, base), [stub])
+        self.tracker = CurveTracker(self.judges, EvalConcept(token, self.class_word or token.strip("<>"),
+                                                             self.references, cfg.name or None),
+                                    prompts=self.prompts, images_per_prompt=cfg.eval_images, steps=cfg.eval_steps)
+        self.guidance = 7.5
+        if getattr(base, "spec", "") == "demo":
+            from studio.world.score import GUIDANCE_SCALE  # the world's own sampling setting
+
+            self.guidance = GUIDANCE_SCALE
+        self.trainer: Any = None
+        self.log = callbacks.on_log if callbacks is not None else (lambda message: None)
+        self.seconds = 0.0
+
+    def on_eval(self, step: int, concept: Any) -> None:
+        import json
+
+        from studio.evaluation import live_text, render_batch
+
+        t0 = time.monotonic()
+        text = self.trainer.preview_prompt("{}")  # the concept's prompt text as the trainer has it now
+        jobs = [(p, self.cfg.seed + i) for p in self.prompts for i in range(self.cfg.eval_images)]
+        images = render_batch(self.base.pipe, [live_text(p, self.token, text, self.class_word) for p, _ in jobs],
+                              [s for _, s in jobs], steps=self.cfg.eval_steps, guidance=self.guidance,
+                              size=self.cfg.resolution or self.base.native_size)
+        by_prompt: dict[str, list[Any]] = {p: [] for p in self.prompts}
+        for (prompt, seed), image in zip(jobs, images):
+            image.info["studio"] = json.dumps({"prompt": prompt, "seed": seed, "step": step})
+            by_prompt[prompt].append(image)
+        point = self.tracker.add(step, by_prompt, concept)
+        self.seconds += time.monotonic() - t0
+        t = self.tracker
+        self.log(f"eval step {step}: {t.fidelity} {point.fidelity:.4f}, {t.editability} {point.editability:.4f} "
+                 f"({time.monotonic() - t0:.1f}s)")
+
+    def finish(self, result: TrainResult) -> TrainResult:
+        """Store the curve (and the best step's concept with ``--keep-best``) in the saved concept."""
+        from dataclasses import replace
+
+        from studio.concept import save_concept
+        from studio.metrics import CachedScorer
+
+        if not self.tracker.points:  # not the main process
+            return result
+        choice = self.tracker.best()
+        concept = result.concept
+        kept = int(self.tracker.points[-1].value)
+        if self.cfg.keep_best and int(choice.value) != kept:
+            kept = int(choice.value)
+            concept = replace(self.tracker.best_concept(), train=dict(concept.train) | {"kept_step": kept},
+                              base=concept.base)
+        curve = self.tracker.to_metrics() | {"kept_step": kept, "eval_seconds": round(self.seconds, 3)}
+        concept.metrics = dict(concept.metrics) | {"curve": curve}
+        if self.judges.kind == "clip" and self.judges.clip is not None:
+            clip = CachedScorer(self.judges.clip, self.judges.cache)
+            concept.refs = dict(concept.refs) | {"clip": clip.embed_images(self.references)}
+            concept.ref_models = dict(concept.ref_models) | {"clip": self.judges.clip.name}
+        self.log(f"best evaluated step {int(choice.value)} ({choice.rule}); exported step {kept}")
+        if result.path is not None and not self.cfg.writes_folder():
+            save_concept(concept, result.path)
+        return replace(result, concept=concept)
+
+
+def _check_folder_out(cfg: CommonTrainConfig) -> None:
+    """A whole model goes to a new diffusers folder (``--out DIR``), never into the concept library."""
+    if not cfg.out:
+        raise StudioError("A full fine-tune writes a whole model, not a concept: pass --out DIR (a new folder).")
+    out = Path(cfg.out).expanduser()
+    if out.suffix == ".safetensors":
+        raise StudioError(f"--out {out}: a full fine-tune writes a diffusers folder; pass a folder path instead.")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise StudioError(f"--out {out} exists and is not an empty folder; choose a new folder.")
 
 
 class PrintCallbacks(TrainCallbacks):

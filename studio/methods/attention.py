@@ -17,16 +17,24 @@ processors with its own, the last one installed would silently drop the others. 
      ``attn.to_k``/``attn.to_v`` themselves, so a PEFT LoRA on those projections still applies;
   3. ``extra``: add an output computed from the query (IP-Adapter's image attention).
 
+  When the UNet carries diffusers' IP-Adapter projection (``load_ip_adapter``), diffusers passes
+  ``encoder_hidden_states`` as a tuple ``(text, [image tokens per adapter])``: the processor keeps
+  the text and puts the image tokens (and ``cross_attention_kwargs["ip_adapter_masks"]``) in
+  ``store.extra["ip_tokens"]`` / ``store.extra["ip_masks"]`` for the IP hooks.
+
 * The processors are installed when the first hook is added and the UNet's own processors are
   put back when the last hook leaves, so ``remove`` restores the base exactly. If something
   (``enable_xformers_memory_efficient_attention``, ``load_ip_adapter`` …) replaced them meanwhile,
-  :func:`ensure_installed` installs ours again over the new ones.
+  :func:`ensure_installed` installs ours again over the new ones. Processors that own weights
+  (diffusers' IP-Adapter processors with ``to_k_ip``/``to_v_ip``) are not dropped: a *passive* hook
+  (:mod:`studio.methods.ip_adapter`) keeps their image attention running inside ours, and they come
+  back when the last active hook leaves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +55,10 @@ class LayerInfo:
 class AttentionHook:
     """Base class: override what the method needs. ``rows`` selects the batch rows a hook may change
     (the conditional half under classifier-free guidance, else every row)."""
+
+    passive: ClassVar[bool] = False
+    """True for a hook that only stands in for a replaced processor (diffusers' IP-Adapter): it does
+    not keep the studio processors installed once every active hook has left."""
 
     def context(self, store: ConditioningStore, layer: LayerInfo, ctx: torch.Tensor,
                 rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -89,8 +101,12 @@ class StudioCrossAttnProcessor:
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
-                 *args: Any, **kwargs: Any) -> torch.Tensor:
+                 *args: Any, ip_adapter_masks: Any = None, **kwargs: Any) -> torch.Tensor:
         store, layer = self.store, self.layer
+        ip_tokens = None
+        if isinstance(encoder_hidden_states, tuple):  # (text (B, T, D), [image tokens (B, n_img, T_ip, D)])
+            encoder_hidden_states, ip_tokens = encoder_hidden_states[0], list(encoder_hidden_states[1])
+        store.extra["ip_tokens"], store.extra["ip_masks"] = ip_tokens, ip_adapter_masks
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -179,7 +195,7 @@ def remove_hook(unet: Any, key: str) -> None:
     if store is None:
         return
     store.hooks.pop(key, None)
-    if not store.hooks:
+    if all(hook.passive for hook in store.hooks.values()):
         procs = dict(unet.attn_processors)
         procs.update(store.original)
         unet.set_attn_processor(procs)
@@ -204,6 +220,10 @@ def ensure_installed(unet: Any) -> None:
             changed = True
     if changed:
         unet.set_attn_processor(procs)
+        if any(hasattr(p, "to_k_ip") for p in store.original.values()):
+            from studio.methods.ip_adapter import adopt_diffusers_ip_adapter
+
+            adopt_diffusers_ip_adapter(store)
     if store.handle is None:
         store.handle = unet.register_forward_pre_hook(_timestep_hook(store), with_kwargs=True)
 
