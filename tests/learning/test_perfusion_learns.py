@@ -1,0 +1,67 @@
+"""Learning test: the Perfusion trainer learns the world's concept, and at learning rate 0 it
+does not (``python -m pytest -m learning``; see :mod:`tests.learning.harness` for the bars).
+
+The trainer runs through the studio's own code path (``trainers.perfusion`` on the shared loop,
+the concept applied with ``studio.methods.perfusion`` while generating), on the world's demo base
+wrapped as a :class:`~studio.models.BaseModel`. ``lr_scale`` multiplies both learning rates
+(embedding and value targets); at 0 the embedding stays the class word's and ``o*_V = W_V i*_super``,
+so the concept renders as the class — the negative control.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from studio.world import DEMO_BASE_DIR
+
+pytestmark = [
+    pytest.mark.learning,
+    pytest.mark.skipif(not (Path(DEMO_BASE_DIR) / "model_index.json").is_file(),
+                       reason="the world's demo base is not built (python scripts/build_world.py)"),
+]
+
+TOKEN = "<hrt>"
+STEPS = 150  # CPU budget ≤ 60 s on the 32-px world; the paper uses 400 at batch 16
+
+
+def train_perfusion(images_dir: Path, seed: int, lr_scale: float = 1.0):
+    from studio.methods import get_method
+    from studio.methods.attention import cfg_layout
+    from studio.models.keys import fingerprint_files
+    from studio.models.loading import describe
+    from studio.world.score import GUIDANCE_SCALE, pipeline_generator
+    from studio.world.task import CONCEPT
+    from tests.learning.harness import Trained, base_pipeline
+    from trainers.loop import run_training
+    from trainers.perfusion import PerfusionConfig, PerfusionTrainer
+
+    pipe = base_pipeline()
+    base = describe(pipe, spec="demo", name="demo", identity=f"folder:{fingerprint_files(DEMO_BASE_DIR)}")
+    cfg = PerfusionConfig(images=str(images_dir), class_word=CONCEPT.class_word, steps=STEPS, batch_size=16,
+                          lr=0.006 * lr_scale, lr_v=0.03 * lr_scale, seed=seed, log_every=0)
+    concept = run_training(base, PerfusionTrainer(base, cfg, TOKEN), cfg, method="perfusion", save=False).concept
+    plain = pipeline_generator(pipe)
+
+    def generate(prompts, seed):
+        handle = get_method("perfusion").apply(base, concept, strength=1.0)
+        try:
+            with cfg_layout(pipe.unet, guided=GUIDANCE_SCALE > 1):  # edit only the conditional rows
+                return plain(prompts, seed)
+        finally:
+            handle.remove()
+
+    return Trained(subject=TOKEN, generate=generate)
+
+
+def test_perfusion_learns(tmp_path):
+    from tests.learning.harness import assert_learns
+
+    assert_learns(train_perfusion, tmp_path, seeds=(0, 1), name="perfusion")
+
+
+def test_perfusion_at_learning_rate_zero_does_not(tmp_path):
+    from tests.learning.harness import assert_does_not_learn
+
+    assert_does_not_learn(train_perfusion, tmp_path, name="perfusion")

@@ -1,0 +1,234 @@
+"""Perfusion training (Tewel et al. 2023; METHODS.md §4): the concept's input embedding and the
+per-layer value targets ``o*_V`` learn, everything else is frozen.
+
+Per step (the shared loop does data, noise, masked loss, accumulation and checkpoints):
+
+1. the prompts ("a photo of <tok>" …) are encoded with the trigger's trainable input embedding
+   spliced in (:class:`~studio.methods.runtime.SplicedEmbedding`);
+2. every cross-attention K/V is edited by the same :class:`~studio.methods.perfusion.PerfusionHook`
+   as at inference, with the training gate β = 0.75, τ = 0.1 and key locking
+   ``o*_K = W_K i*_super`` (no gradient);
+3. ``L = ‖ε − ε̂‖²`` — masked by the subject mask when the images have one (alpha or
+   ``name.mask.png``; the loop weights the squared error by the mask), unmasked otherwise;
+4. two parameter groups: the embedding (lr ``--lr``, 0.006) and ``o*_V`` (lr ``--lr-v``, 0.03);
+5. after the optimizer step, ``i* ← 0.99 · i* + 0.01 · mean(encoder output at the concept token of
+   the step's prompts)`` (EMA, initialised from the superclass prompts' encoding ``i*_super``).
+
+Initialisation: the embedding from the class word's input embedding (mean over its tokens),
+``i* = i*_super`` = the mean context state at the class word in the training templates filled with
+the class word, and ``o*_V = W_V i*_super`` per layer. ``i*`` is handed to the loop as a (gradient-free)
+state tensor so checkpoints resume bit-identically. Under multi-process training every process
+keeps its own EMA over its slice of the batch (they differ by sampling noise only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from studio.concept import Concept
+from studio.errors import TrainingError
+from studio.methods.attention import unet_layers
+from studio.methods.perfusion import (
+    BETA,
+    BETA_GLOBAL,
+    EMBEDDINGS,
+    I_STAR,
+    TAU,
+    TRAIN_BETA,
+    TRAIN_TAU,
+    V_TARGET,
+    Perfusion,
+    PerfusionTarget,
+    concept_meta,
+    concept_tensors,
+    ensure_hook,
+    get_hook,
+    linear_part,
+    release_hook,
+)
+from studio.methods.perfusion_cov import CovarianceSettings, inverse_covariance, word_encoding
+from studio.methods.runtime import SplicedEmbedding, text_encoders, token_table
+from studio.methods.textual_inversion import class_embedding
+from trainers import TrainerEntry, register_trainer
+from trainers.conditioning import Conditioning, encode_prompts, tokenize
+from trainers.data import Example
+from trainers.loop import CommonTrainConfig, _f
+
+
+@dataclass
+class PerfusionConfig(CommonTrainConfig):
+    steps: int = _f(400, "optimizer steps", group="training")
+    lr: float = _f(0.006, "learning rate of the token's input embedding", group="training")
+    batch_size: int = _f(16, "images per step per process", group="training")
+    lr_v: float = _f(0.03, "learning rate of the value targets o*_V", group="training")
+    beta: float = _f(TRAIN_BETA, "training gate threshold β in σ((sim/energy − β)/τ)", group="perfusion")
+    tau: float = _f(TRAIN_TAU, "training gate temperature τ", group="perfusion")
+    ema: float = _f(0.99, "EMA decay of i* (the concept's encoding)", group="perfusion")
+    infer_beta: float = _f(BETA, "β stored as the concept's inference default (local locking; paper 0.6–0.75)",
+                           group="perfusion")
+    infer_tau: float = _f(TAU, "τ stored as the concept's inference default", group="perfusion")
+    infer_beta_global: float = _f(BETA_GLOBAL, "β stored for global locking (paper 0.4–0.6)", group="perfusion")
+    corpus: str | None = _f(None, "caption corpus for C⁻¹ (one caption per line; default: the generated corpus)",
+                            group="perfusion")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.class_word:
+            raise TrainingError("Perfusion needs --class-word (the superclass its keys lock to, e.g. teddy).")
+        if not (0 < self.tau and 0 < self.infer_tau):
+            raise TrainingError(f"τ must be positive, got tau={self.tau}, infer_tau={self.infer_tau}.")
+        if not 0 <= self.ema < 1:
+            raise TrainingError(f"ema must be in [0, 1), got {self.ema}.")
+        if self.lr_v < 0:
+            raise TrainingError(f"lr_v must be non-negative, got {self.lr_v}.")
+
+
+PRESETS = {
+    # The paper: batch 16, 400 steps, lr 0.006 (embedding) / 0.03 (value targets).
+    "paper": dict(batch_size=16, steps=400, lr=0.006, lr_v=0.03),
+    # CPU-friendly: a quarter of the batch, 150 steps (same learning rates).
+    "cpu": dict(batch_size=4, steps=150, lr=0.006, lr_v=0.03),
+}
+
+
+class PerfusionTrainer:
+    """Trains the trigger's embedding(s) and ``o*_V``; keeps ``i*`` as an EMA (module doc)."""
+
+    def __init__(self, base: Any, cfg: PerfusionConfig, token: str):
+        self.base, self.cfg, self.token = base, cfg, token
+        pipe = base.pipe
+        self.table = token_table(pipe)
+        if self.table.entries or get_hook(pipe.unet) is not None:
+            raise TrainingError("Remove applied concepts from the pipeline before training.")
+        class_word = cfg.class_word or ""
+        # 1. C⁻¹ of the base (computed once per base, then read from the cache).
+        self.c_inv = inverse_covariance(base, CovarianceSettings(corpus=cfg.corpus)).c_inv
+        # 2. i*_super: the class word's context state in the training templates; i* starts there.
+        from trainers.templates import TEMPLATES
+
+        prompts = [tpl.format(class_word) for tpl in TEMPLATES.get(cfg.templates, TEMPLATES["object"])]
+        device = base.device
+        self.i_super = word_encoding(pipe, class_word, prompts).to(device)
+        self.i_star = self.i_super.clone()  # a state tensor (no gradient), updated by the EMA
+        self.key = f"train-perfusion:{token}"
+        self._frozen = self._freeze(pipe)
+        try:
+            self._install(class_word)
+        except BaseException:
+            self.teardown()
+            raise
+        self._seen: list[torch.Tensor] = []  # encoder outputs at the token since the last step (for the EMA)
+
+    def _install(self, class_word: str) -> None:
+        """3. the trigger token with trainable embedding rows; 4. trainable ``o*_V``; the hook."""
+        pipe = self.base.pipe
+        init = [class_embedding(tok, emb, class_word)[None]
+                for tok, emb in zip(self.table.pristine_tokenizers, self.table.original_embeddings)]
+        try:
+            self.table.set(self.key, [self.token], init)
+        except ValueError as err:
+            raise TrainingError(f"Cannot add the trigger {self.token}: {err}; pick another --token.") from None
+        self.embeddings: list[nn.Parameter] = []
+        for (_, te), v in zip(text_encoders(pipe), init):
+            spliced = te.get_input_embeddings()
+            p = nn.Parameter(v.clone().to(te.device, torch.float32))
+            te.set_input_embeddings(SplicedEmbedding(spliced.original, p))
+            self.embeddings.append(p)
+        # o*_V = W_V i*_super per layer, trainable; the hook edits K and V like at inference.
+        unet = pipe.unet
+        self.v_targets: list[nn.Parameter] = []
+        with torch.no_grad():
+            for layer in unet_layers(unet):
+                attn = unet.get_submodule(layer.name)
+                w = linear_part(attn.to_v, self.i_super[None].to(attn.to_v.weight.dtype))[0]
+                self.v_targets.append(nn.Parameter(w.float().clone()))
+        self.target = PerfusionTarget(i_star=self.i_star, i_super=self.i_super, v_targets=list(self.v_targets),
+                                      beta=self.cfg.beta, tau=self.cfg.tau, c_inv=self.c_inv)
+        self.hook = ensure_hook(unet)
+        self.hook.add(self.key, self.target)
+
+    @staticmethod
+    def _freeze(pipe: Any) -> list[tuple[nn.Parameter, bool]]:
+        mods = [pipe.unet, pipe.vae] + [te for _, te in text_encoders(pipe)]
+        saved = [(p, p.requires_grad) for m in mods for p in m.parameters()]
+        for p, _ in saved:
+            p.requires_grad_(False)
+        return saved
+
+    def trainable(self) -> dict[str, torch.Tensor]:
+        """The parameters by their concept names, plus ``i*`` (a state tensor without gradient,
+        listed so that checkpoints hold it)."""
+        out: dict[str, torch.Tensor] = dict(zip(EMBEDDINGS, self.embeddings))
+        out.update({V_TARGET.format(i): p for i, p in enumerate(self.v_targets)})
+        out[I_STAR] = self.i_star
+        return out
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.embeddings), "lr": self.cfg.lr},
+                {"params": list(self.v_targets), "lr": self.cfg.lr_v}]
+
+    def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
+        out = []
+        for tpl, ex in zip(templates, examples):
+            prompt = tpl.format(self.token)
+            if ex.caption:
+                prompt = ex.caption if self.token in ex.caption else f"{prompt}, {ex.caption}"
+            out.append(prompt)
+        return out
+
+    def conditioning(self, prompts: list[str], resolution: int) -> Conditioning:
+        """Encode ``prompts`` (B) → ``(B, 77, D)``; remember the states at the trigger for the EMA."""
+        self.target.set_i_star(self.i_star)  # i* may have been restored from a checkpoint
+        self.hook.invalidate()
+        pipe = self.base.pipe
+        cond = encode_prompts(pipe, prompts, resolution=resolution, device=self.base.device)
+        tok = pipe.tokenizer
+        ids = tokenize(tok, prompts, cond.encoder_hidden_states.device)
+        where = ids == tok.convert_tokens_to_ids(self.token)  # (B, 77)
+        if not bool(where.any()):
+            raise TrainingError(f"No training prompt contains the trigger {self.token}; check the captions.")
+        self._seen.append(cond.encoder_hidden_states[where].detach().float())  # (n, D)
+        return cond
+
+    def extra_loss(self) -> torch.Tensor | None:
+        return None
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """``i* ← ema · i* + (1 − ema) · mean_n e_n`` over the trigger's encodings of the step."""
+        if self._seen:
+            batch = torch.cat(self._seen).mean(0).to(self.i_star.device)
+            self.i_star.mul_(self.cfg.ema).add_(batch, alpha=1.0 - self.cfg.ema)
+        self._seen = []
+        self.target.set_i_star(self.i_star)
+        self.hook.invalidate()
+
+    def preview_prompt(self, prompt: str) -> str:
+        return prompt.format(self.token)
+
+    def export(self) -> Concept:
+        tensors = concept_tensors(v_targets=self.v_targets, i_star=self.i_star, i_super=self.i_super,
+                                  embeddings=[p[0] for p in self.embeddings])
+        meta = concept_meta(self.cfg.infer_beta, self.cfg.infer_tau, self.cfg.infer_beta_global)
+        return Concept(method=Perfusion.name, tokens=[self.token], tensors=tensors, class_word=self.cfg.class_word or "",
+                       name=self.cfg.name or self.token.strip("<>"), meta=meta)
+
+    def teardown(self) -> None:
+        """Idempotent: the hook and the token leave, the modules get their gradients flags back."""
+        release_hook(self.base.pipe.unet, self.key)
+        self.table.drop(self.key)
+        for p, flag in self._frozen:
+            p.requires_grad_(flag)
+        self._frozen = []
+
+
+ENTRY = register_trainer(TrainerEntry(
+    cli_name="perfusion", method=Perfusion.name,
+    help="Perfusion: key-locked gated rank-one edits (~60 KB concepts that combine)",
+    config_cls=PerfusionConfig, make_trainer=PerfusionTrainer, presets=PRESETS, default_preset="paper",
+    min_images=1,
+))
