@@ -1,0 +1,649 @@
+"""Build the studio's learnable test world: a Stable Diffusion base model and an oracle.
+
+    python scripts/build_world.py                      # full build into studio/assets/world/
+    python scripts/build_world.py --out /tmp/w --set unet_steps=300 --set n_images=4000
+
+Steps (each seeded, single-threaded data generation, printed with its time):
+
+1. render the base model's training set (every purple dotted circle left out — the concept);
+2. train the VAE (AutoencoderKL, 32×32 RGB ↔ 4×8×8 latents) and cache the latents;
+3. train the oracle on renders and on their VAE reconstructions;
+4. train the CLIP text encoder (real 49,408-token BPE vocabulary) and the UNet jointly on
+   captions from the world's grammar, with 10 % empty captions for classifier-free guidance;
+5. save the diffusers folder ``base/`` and ``oracle.safetensors``, with this script's sha256 and
+   settings in ``world_build.json`` and in every safetensors header;
+6. verify: oracle accuracy on held-out renders, the base model's vocabulary accuracy, the
+   concept's baseline and upper bound.
+
+Same script, same settings, same machine → same weights (``torch.use_deterministic_algorithms``,
+fixed thread count, explicit generators).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from studio.world.oracle import Oracle, to_tensor  # noqa: E402
+from studio.world.render import (  # noqa: E402
+    VOCABULARY,
+    Attributes,
+    caption,
+    describe,
+    render,
+    sample_attributes,
+)
+from studio.world.task import CONCEPT  # noqa: E402
+
+TOKENIZER_DIR = ROOT / "studio" / "assets" / "clip_tokenizer"
+DEFAULT_OUT = ROOT / "studio" / "assets" / "world"
+
+
+@dataclass
+class Settings:
+    """Every knob of the build; all of it is recorded in the weights' metadata."""
+
+    seed: int = 0
+    # Fixed so that float reductions, hence weights, are reproducible. One thread: on a shared
+    # machine two threads that wait for each other run several times slower than one.
+    threads: int = 1
+    # data
+    n_images: int = 40_000  # base training renders (the concept excluded)
+    caption_p_drop: float = 0.25  # each attribute unsaid with this probability
+    p_empty_caption: float = 0.1  # classifier-free guidance dropout
+    # VAE: 32×32×3 ↔ 8×8×4
+    vae_channels: tuple[int, ...] = (16, 32, 64)
+    vae_steps: int = 3000
+    vae_batch: int = 32
+    vae_lr: float = 1.5e-3
+    vae_kl_weight: float = 1e-6
+    # text encoder (CLIP, real vocabulary) + UNet
+    text_width: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    text_ff: int = 256
+    unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_heads: int = 2
+    unet_steps: int = 4000
+    unet_batch: int = 96
+    unet_lr: float = 1e-3
+    unet_warmup: int = 200
+    snr_gamma: float = 5.0  # Min-SNR loss weighting
+    ema_decay: float = 0.999
+    # oracle
+    oracle_images: int = 24_000
+    oracle_width: int = 16
+    oracle_steps: int = 1500
+    oracle_batch: int = 64
+    oracle_lr: float = 2e-3
+    # verification
+    verify_images: int = 240
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self.t0 = time.time()
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.start = time.time()
+                print(f"[{time.time() - timer.t0:7.1f}s] {name} …", flush=True)
+
+            def __exit__(self, *exc):
+                timer.times[name] = round(time.time() - self.start, 1)
+                print(f"[{time.time() - timer.t0:7.1f}s] {name} done in {timer.times[name]}s", flush=True)
+
+        return _Ctx()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def images_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """(N, 32, 32, 3) uint8 → (N, 3, 32, 32) float32 in [-1, 1]."""
+    return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def render_set(n: int, rng: random.Random, exclude_concept: bool) -> tuple[np.ndarray, list[Attributes]]:
+    attrs, arrays = [], []
+    while len(attrs) < n:
+        a = sample_attributes(rng)
+        if exclude_concept and CONCEPT.is_identity(a):
+            continue
+        attrs.append(a)
+        arrays.append(np.asarray(render(a, jitter=rng.randrange(2**31))))
+    return np.stack(arrays), attrs
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. VAE
+# ----------------------------------------------------------------------------------------------
+
+
+def make_vae(s: Settings):
+    from diffusers import AutoencoderKL
+
+    n = len(s.vae_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=s.vae_channels,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,  # few groups: one channel per group would normalise colours away
+        sample_size=32,
+    )
+
+
+def train_vae(s: Settings, images: torch.Tensor):
+    torch.manual_seed(s.seed + 2)
+    vae = make_vae(s)
+    gen = torch.Generator().manual_seed(s.seed + 20)
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    for step in range(s.vae_steps):
+        for g in opt.param_groups:
+            g["lr"] = s.vae_lr * cosine_lr(step, s.vae_steps, 100)
+        idx = torch.randint(0, len(images), (s.vae_batch,), generator=gen)
+        x = images[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        # the shape covers a small part of the picture: weight its pixels 5× (the background is
+        # the pixel colour at the corner, which the shape never reaches)
+        weight = 1 + 4 * ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.05).float()
+        err = rec - x
+        l1 = err.abs().mean()
+        loss = (weight * (err.abs() + err**2)).mean() + s.vae_kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == s.vae_steps - 1:
+            print(f"  vae step {step:5d}  l1 {l1.item():.4f}", flush=True)
+    vae.eval()
+    return vae
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Posterior means (unscaled), (N, 4, 8, 8)."""
+    return torch.cat([vae.encode(images[i : i + batch]).latent_dist.mean for i in range(0, len(images), batch)])
+
+
+@torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch):
+        out.append(vae.decode(vae.encode(images[i : i + batch]).latent_dist.mean).sample.clamp(-1, 1))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. text encoder + UNet
+# ----------------------------------------------------------------------------------------------
+
+
+def make_text_encoder(s: Settings):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=s.text_width,
+        intermediate_size=s.text_ff,
+        num_hidden_layers=s.text_layers,
+        num_attention_heads=s.text_heads,
+        max_position_embeddings=77,
+        projection_dim=s.text_width,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    return CLIPTextModel(config)
+
+
+def make_unet(s: Settings):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=s.unet_channels,
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=s.text_width,
+        attention_head_dim=s.unet_heads,  # diffusers' legacy name: the number of heads
+        norm_num_groups=8,
+    )
+
+
+def make_train_scheduler():
+    from diffusers import DDPMScheduler
+
+    # DDPM's linear schedule: at 8×8×4 latents SD's "scaled_linear" leaves the image mean
+    # visible at t = T (SNR ≈ 0.3 for the mean), which breaks control of the background colour.
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+
+
+def make_sample_scheduler():
+    from diffusers import DPMSolverMultistepScheduler
+
+    return DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=1e-4,
+        beta_end=0.02,
+        beta_schedule="linear",
+        prediction_type="epsilon",
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        steps_offset=1,
+    )
+
+
+def use_fast_attention(unet) -> None:
+    """The classic (bmm) attention is faster than CPU SDPA at these tiny head sizes."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet.set_attn_processor(AttnProcessor())
+
+
+def train_base(s: Settings, latents: torch.Tensor, attrs: list[Attributes], tokenizer, snapshot=None,
+               snapshot_every: int = 0):
+    torch.manual_seed(s.seed + 3)
+    text_encoder = make_text_encoder(s)
+    unet = make_unet(s)
+    use_fast_attention(unet)
+    scheduler = make_train_scheduler()
+    alphas_cumprod = scheduler.alphas_cumprod
+    snr = alphas_cumprod / (1 - alphas_cumprod)
+    weights = torch.clamp(snr, max=s.snr_gamma) / snr  # Min-SNR-γ for ε-prediction
+
+    params = list(text_encoder.parameters()) + list(unet.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=s.unet_lr, betas=(0.9, 0.99), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(s.seed + 30)
+    rng = random.Random(f"captions/{s.seed}")
+    token_cache: dict[str, torch.Tensor] = {}
+
+    def tokenize(text: str) -> torch.Tensor:
+        if text not in token_cache:
+            token_cache[text] = tokenizer(
+                text, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids[0]
+        return token_cache[text]
+
+    n = len(latents)
+    losses = []
+    for step in range(s.unet_steps):
+        lr_scale = cosine_lr(step, s.unet_steps, s.unet_warmup)
+        for g in opt.param_groups:
+            g["lr"] = s.unet_lr * lr_scale
+        idx = torch.randint(0, n, (s.unet_batch,), generator=gen)
+        texts = [
+            "" if rng.random() < s.p_empty_caption else caption(attrs[i], rng, s.caption_p_drop)
+            for i in idx.tolist()
+        ]
+        ids = torch.stack([tokenize(t) for t in texts])
+        z0 = latents[idx]
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, 1000, (s.unet_batch,), generator=gen)
+        zt = scheduler.add_noise(z0, noise, t)
+        prompt_embeds = text_encoder(ids)[0]
+        pred = unet(zt, t, prompt_embeds).sample
+        loss = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (loss * weights[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(s.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - decay)
+        losses.append(loss.item())
+        if step % 100 == 0 or step == s.unet_steps - 1:
+            print(f"  base step {step:5d}  loss {np.mean(losses[-100:]):.4f}", flush=True)
+        if snapshot is not None and (step + 1) % snapshot_every == 0:
+            live = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    p.copy_(e)
+            snapshot(step + 1, text_encoder, unet)
+            with torch.no_grad():
+                for v, p in zip(live, params):
+                    p.copy_(v)
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    return text_encoder.eval(), unet.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. oracle
+# ----------------------------------------------------------------------------------------------
+
+
+def oracle_set(s: Settings, n: int, rng: random.Random) -> tuple[np.ndarray, list[Attributes]]:
+    """Renders for the oracle: ¼ the concept, ¼ near misses (2 of its 3 features), ½ uniform."""
+    attrs, arrays = [], []
+    keys = list(CONCEPT.identity)
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            a = sample_attributes(rng, **CONCEPT.identity)
+        elif kind == 1:
+            keep = rng.sample(keys, 2)
+            while True:
+                a = sample_attributes(rng, **{k: CONCEPT.identity[k] for k in keep})
+                if not CONCEPT.is_identity(a):
+                    break
+        else:
+            a = sample_attributes(rng)
+        attrs.append(a)
+        arrays.append(np.asarray(render(a, jitter=rng.randrange(2**31))))
+    return np.stack(arrays), attrs
+
+
+def oracle_targets(attrs: list[Attributes]) -> dict[str, torch.Tensor]:
+    targets = {name: torch.tensor([a.index(name) for a in attrs]) for name in VOCABULARY}
+    targets["identity"] = torch.tensor([float(CONCEPT.is_identity(a)) for a in attrs])
+    return targets
+
+
+def oracle_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss = sum(F.cross_entropy(logits[name], targets[name]) for name in VOCABULARY)
+    return loss + 2.0 * F.binary_cross_entropy_with_logits(logits["identity"], targets["identity"])
+
+
+def train_oracle(s: Settings, clean: torch.Tensor, recon: torch.Tensor, attrs: list[Attributes]) -> Oracle:
+    torch.manual_seed(s.seed + 4)
+    oracle = Oracle(width=s.oracle_width)
+    targets = oracle_targets(attrs)
+    gen = torch.Generator().manual_seed(s.seed + 40)
+    opt = torch.optim.AdamW(oracle.parameters(), lr=s.oracle_lr, weight_decay=1e-4)
+    oracle.train()
+    for step in range(s.oracle_steps):
+        for g in opt.param_groups:
+            g["lr"] = s.oracle_lr * cosine_lr(step, s.oracle_steps, 100, floor=0.02)
+        idx = torch.randint(0, len(clean), (s.oracle_batch,), generator=gen)
+        use_recon = torch.rand(s.oracle_batch, generator=gen) < 0.5
+        x = torch.where(use_recon[:, None, None, None], recon[idx], clean[idx])
+        # robustness to what a sampler leaves behind: a little noise and brightness drift
+        x = x + 0.04 * torch.rand(s.oracle_batch, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+        x = x * (1 + 0.06 * (torch.rand(s.oracle_batch, 1, 1, 1, generator=gen) - 0.5))
+        logits = oracle(x.clamp(-1, 1))
+        loss = oracle_loss(logits, {k: v[idx] for k, v in targets.items()})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == s.oracle_steps - 1:
+            print(f"  oracle step {step:5d}  loss {loss.item():.4f}", flush=True)
+    return oracle.eval()
+
+
+@torch.no_grad()
+def oracle_accuracy(oracle: Oracle, x: torch.Tensor, attrs: list[Attributes]) -> dict[str, float]:
+    probs = oracle.read(x)
+    targets = oracle_targets(attrs)
+    acc = {
+        name: float((probs[name].argmax(-1) == targets[name]).float().mean()) for name in VOCABULARY
+    }
+    acc["identity"] = float(((probs["identity"] > 0.5).float() == targets["identity"]).float().mean())
+    return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. save
+# ----------------------------------------------------------------------------------------------
+
+
+def add_metadata(path: Path, metadata: dict[str, str], fp16_keys: tuple[str, ...] = ()) -> None:
+    """Rewrite a safetensors file with extra header metadata (and some tensors in fp16)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    tensors = load_file(str(path))
+    for key in fp16_keys:
+        tensors[key] = tensors[key].half()
+    meta.setdefault("format", "pt")
+    meta.update(metadata)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def save_world(s: Settings, out: Path, vae, text_encoder, unet, oracle: Oracle, build_info: dict) -> None:
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+    from transformers import CLIPTokenizer
+
+    base = out / "base"
+    if base.exists():
+        shutil.rmtree(base)
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(base), safe_serialization=True)
+    # the committed tokenizer files, byte for byte
+    for f in (base / "tokenizer").iterdir():
+        f.unlink()
+    for f in TOKENIZER_DIR.iterdir():
+        shutil.copy(f, base / "tokenizer" / f.name)
+
+    meta = {"studio.world.build": json.dumps(build_info, sort_keys=True)}
+    add_metadata(base / "unet" / "diffusion_pytorch_model.safetensors", meta)
+    add_metadata(base / "vae" / "diffusion_pytorch_model.safetensors", meta)
+    add_metadata(
+        base / "text_encoder" / "model.safetensors",
+        meta,
+        fp16_keys=("embeddings.token_embedding.weight",),  # 49,408 × width: halves the file
+    )
+    oracle_meta = {
+        **meta,
+        "format": "pt",
+        "studio.world.oracle": json.dumps(
+            {"width": s.oracle_width, "heads": {k: list(v) for k, v in VOCABULARY.items()},
+             "identity": CONCEPT.identity}
+        ),
+    }
+    save_file(
+        {k: v.contiguous() for k, v in oracle.state_dict().items()},
+        str(out / "oracle.safetensors"),
+        metadata=oracle_meta,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. verify
+# ----------------------------------------------------------------------------------------------
+
+
+def verify(s: Settings, out: Path) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    from studio.world.oracle import load_oracle
+    from studio.world.score import baseline, pipeline_generator, upper_bound
+
+    oracle = load_oracle("cpu", out / "oracle.safetensors")
+    metrics: dict = {}
+
+    rng = random.Random(f"verify/{s.seed}")
+    held_out, held_attrs = oracle_set(s, 2000, rng)
+    metrics["oracle_heldout_accuracy"] = oracle_accuracy(oracle, images_to_tensor(held_out), held_attrs)
+    print("  oracle held-out accuracy", metrics["oracle_heldout_accuracy"], flush=True)
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "base"))
+    pipe.set_progress_bar_config(disable=True)
+    use_fast_attention(pipe.unet)
+    generate = pipeline_generator(pipe)
+
+    # the base model renders its own vocabulary: fully specified prompts
+    attrs = [sample_attributes(rng) for _ in range(s.verify_images)]
+    attrs = [a for a in attrs if not CONCEPT.is_identity(a)]
+    prompts = [describe(a.shape, a.colour, a.pattern, a.background, a.position, a.size) for a in attrs]
+    images = generate(prompts, 1234)
+    probs = oracle.read(images)
+    per_attr = {}
+    all_ok = torch.ones(len(attrs), dtype=torch.bool)
+    for name in VOCABULARY:
+        ok = probs[name].argmax(-1) == torch.tensor([a.index(name) for a in attrs])
+        per_attr[name] = float(ok.float().mean())
+        all_ok &= ok
+    metrics["base_vocabulary_accuracy"] = {
+        "per_attribute": per_attr,
+        "mean_attribute": float(np.mean(list(per_attr.values()))),
+        "all_attributes": float(all_ok.float().mean()),
+    }
+    print("  base vocabulary", metrics["base_vocabulary_accuracy"], flush=True)
+
+    metrics["concept_baseline"] = baseline(generate, per_prompt=8, oracle=oracle).as_dict()
+    metrics["concept_upper_bound"] = upper_bound(per_prompt=8, oracle=oracle).as_dict()
+    # diagnostic: the concept described in words (never seen by the base model)
+    from studio.world.score import evaluate
+
+    metrics["concept_in_words"] = evaluate(
+        generate, f"{CONCEPT.identity['colour']} {CONCEPT.identity['pattern']} circle",
+        per_prompt=8, oracle=oracle
+    ).as_dict()
+    print("  concept baseline", metrics["concept_baseline"], "upper", metrics["concept_upper_bound"],
+          "in words", metrics["concept_in_words"], flush=True)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (base/ and oracle)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set unet_steps=500")
+    parser.add_argument("--no-verify", action="store_true", help="skip step 6")
+    parser.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                        help="also save the world (EMA weights) every N base-model steps, for monitoring")
+    parser.add_argument("--snapshot-dir", type=Path, default=Path("/tmp/world_snapshots"))
+    args = parser.parse_args(argv)
+
+    s = Settings()
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not hasattr(s, key):
+            parser.error(f"unknown setting {key!r}")
+        current = getattr(s, key)
+        if isinstance(current, tuple):
+            setattr(s, key, tuple(int(v) for v in value.split(",")))
+        else:
+            setattr(s, key, type(current)(value))
+
+    torch.set_num_threads(s.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    from transformers import CLIPTokenizer
+
+    script = Path(__file__).resolve()
+    build_info = {
+        "script": str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else script.name,
+        "script_sha256": sha256(script),
+        "render_sha256": sha256(ROOT / "studio" / "world" / "render.py"),
+        "settings": dataclasses.asdict(s),
+        "concept": CONCEPT.identity,
+        "versions": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "diffusers": __import__("diffusers").__version__,
+            "transformers": __import__("transformers").__version__,
+        },
+    }
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    timer = Timer()
+    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+
+    with timer("1. render the base training set"):
+        arrays, attrs = render_set(s.n_images, random.Random(f"base/{s.seed}"), exclude_concept=True)
+        images = images_to_tensor(arrays)
+    with timer("2. train the VAE"):
+        vae = train_vae(s, images)
+        latents = encode_latents(vae, images)
+        scaling = float(1.0 / latents.std())
+        vae.register_to_config(scaling_factor=scaling)
+        latents = latents * scaling
+        print(f"  latent scaling factor {scaling:.4f}", flush=True)
+    with timer("3. train the oracle"):
+        o_arrays, o_attrs = oracle_set(s, s.oracle_images, random.Random(f"oracle/{s.seed}"))
+        clean = images_to_tensor(o_arrays)
+        oracle = train_oracle(s, clean, reconstruct(vae, clean), o_attrs)
+        del clean, o_arrays
+    snapshot = None
+    if args.snapshot_every:
+        def snapshot(step: int, text_encoder, unet) -> None:
+            save_world(s, args.snapshot_dir / f"step{step:05d}", vae, text_encoder, unet, oracle, build_info)
+    with timer("4. train the text encoder and UNet"):
+        text_encoder, unet = train_base(s, latents, attrs, tokenizer, snapshot, args.snapshot_every)
+    with timer("5. save"):
+        save_world(s, out, vae, text_encoder, unet, oracle, build_info)
+    metrics = {}
+    if not args.no_verify:
+        with timer("6. verify"):
+            metrics = verify(s, out)
+    sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
+    record = {**build_info, "timings_s": timer.times, "total_s": round(time.time() - timer.t0, 1),
+              "metrics": metrics, "file_sizes": sizes}
+    (out / "base" / "world_build.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    print(json.dumps({"timings_s": timer.times, "total_s": record["total_s"],
+                      "total_bytes": sum(sizes.values())}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""A learnable test world: synthetic text-to-image data, a base model trained on it, an oracle.
+
+The world is 32×32 pictures of one shape described by six attributes (shape, colour, pattern,
+background, position, size; see :mod:`studio.world.render`). Built from it by
+``scripts/build_world.py`` and committed:
+
+* :data:`DEMO_BASE_DIR` — a real diffusers ``StableDiffusionPipeline`` folder trained on the world
+  (VAE, CLIP text encoder with the real BPE tokenizer, cross-attention UNet, scheduler): the
+  studio's offline demo base (``--base demo``);
+* :data:`ORACLE_PATH` — a classifier that reads every attribute and the concept's identity from an
+  image (:func:`load_oracle`).
+
+:data:`CONCEPT` is the personalization task (a purple dotted circle the base never saw) and
+:mod:`studio.world.score` turns generations into fidelity and editability.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from studio.world.oracle import ORACLE_PATH, Oracle, load_oracle
+from studio.world.render import (
+    RESOLUTION,
+    VOCABULARY,
+    Attributes,
+    caption,
+    describe,
+    render,
+    sample_attributes,
+)
+from studio.world.score import (
+    Scores,
+    baseline,
+    editability,
+    evaluate,
+    fidelity,
+    pipeline_generator,
+    score_images,
+    upper_bound,
+)
+from studio.world.task import CONCEPT, ConceptTask, EvalPrompt
+
+WORLD_DIR = Path(__file__).resolve().parents[1] / "assets" / "world"
+DEMO_BASE_DIR = WORLD_DIR / "base"
+"""The committed diffusers folder of the world's base model."""
+
+__all__ = [
+    "CONCEPT",
+    "DEMO_BASE_DIR",
+    "ORACLE_PATH",
+    "RESOLUTION",
+    "VOCABULARY",
+    "WORLD_DIR",
+    "Attributes",
+    "ConceptTask",
+    "EvalPrompt",
+    "Oracle",
+    "Scores",
+    "baseline",
+    "caption",
+    "describe",
+    "editability",
+    "evaluate",
+    "fidelity",
+    "load_oracle",
+    "pipeline_generator",
+    "render",
+    "sample_attributes",
+    "score_images",
+    "upper_bound",
+]

@@ -1,0 +1,151 @@
+"""The concept task: an identity the base model never saw, its photos, and its evaluation prompts.
+
+The concept is a *purple dotted circle*: an instance of the class "circle" whose features
+(colour purple, white dots) the base model knows from other shapes and other circles, but never
+saw together — ``scripts/build_world.py`` leaves every purple dotted circle out of the base
+model's training data. Its training photos show it only in the middle of the picture on a white
+or gray background; the evaluation prompts put it where the photos never did: on four other
+backgrounds and at four other positions, each prompt paired with the attribute value the oracle
+must read in the result (editability).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from studio.errors import StudioError
+from studio.world.render import Attributes, describe, render
+
+
+@dataclass(frozen=True)
+class EvalPrompt:
+    """One evaluation context: a prompt template and the attribute value it asks for.
+
+    ``template`` holds one ``{}`` for the subject (``"<hrt> circle"``, or the bare class word for
+    the baseline); ``attribute``/``value`` is what the oracle must read in the image.
+    """
+
+    template: str
+    attribute: str
+    value: str
+
+    def format(self, subject: str) -> str:
+        return self.template.format(subject)
+
+
+def _context_prompts(backgrounds: Sequence[str], positions: Sequence[str]) -> tuple[EvalPrompt, ...]:
+    prompts = [
+        EvalPrompt(describe(noun="{}", background=bg), "background", bg) for bg in backgrounds
+    ]
+    prompts += [EvalPrompt(describe(noun="{}", position=p), "position", p) for p in positions]
+    return tuple(prompts)
+
+
+@dataclass(frozen=True)
+class ConceptTask:
+    """A personalization task in the world.
+
+    Attributes:
+        identity: the concept's own features, as attributes (shape = the class).
+        class_word: the class noun, as used in prompts ("a photo of a <hrt> circle").
+        train_backgrounds / train_positions / train_sizes: the contexts of its training photos.
+        eval_prompts: contexts absent from the training photos, each with its oracle target.
+    """
+
+    identity: dict[str, str] = field(
+        default_factory=lambda: {"shape": "circle", "colour": "purple", "pattern": "dotted"}
+    )
+    class_word: str = "circle"
+    train_backgrounds: tuple[str, ...] = ("white", "gray")
+    train_positions: tuple[str, ...] = ("center",)
+    train_sizes: tuple[str, ...] = ("large", "small")
+    eval_prompts: tuple[EvalPrompt, ...] = _context_prompts(
+        ("black", "pink", "brown", "teal"), ("left", "right", "top", "bottom")
+    )
+
+    def __post_init__(self) -> None:
+        for prompt in self.eval_prompts:
+            context = {
+                "background": self.train_backgrounds,
+                "position": self.train_positions,
+                "size": self.train_sizes,
+            }.get(prompt.attribute, ())
+            if prompt.value in context:
+                raise ValueError(
+                    f"evaluation prompt {prompt.template!r} asks for {prompt.attribute} "
+                    f"{prompt.value!r}, which the training photos already show"
+                )
+
+    # ------------------------------------------------------------------------------------------
+    def attributes(self, **context: str) -> Attributes:
+        """The concept in a given context (background, position, size)."""
+        defaults = {"background": "white", "position": "center", "size": "large"}
+        return Attributes(**{**defaults, **context, **self.identity})
+
+    def is_identity(self, attributes: Attributes) -> bool:
+        return all(getattr(attributes, k) == v for k, v in self.identity.items())
+
+    def description(self) -> str:
+        """The concept in the world's own words ("purple dotted circle")."""
+        return " ".join(self.identity[k] for k in ("colour", "pattern", "shape"))
+
+    def training_images(self, n: int = 5, seed: int = 0) -> list[Image.Image]:
+        """``n`` renders of the concept in its training contexts (deterministic in ``seed``)."""
+        if n < 1:
+            raise StudioError(f"A concept needs at least one training image; n={n} was asked.")
+        rng = random.Random(f"concept-train/{seed}")
+        images = []
+        for i in range(n):
+            context = {
+                "background": self.train_backgrounds[i % len(self.train_backgrounds)],
+                "position": rng.choice(self.train_positions),
+                "size": self.train_sizes[(i // len(self.train_backgrounds)) % len(self.train_sizes)],
+            }
+            images.append(render(self.attributes(**context), jitter=rng.randrange(2**31)))
+        return images
+
+    def write_training_folder(self, directory: str | Path, n: int = 5, seed: int = 0) -> list[Path]:
+        """Write the training images as ``NN.png`` into ``directory`` (created); return the paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        paths = []
+        for i, image in enumerate(self.training_images(n=n, seed=seed)):
+            path = directory / f"{i:02d}.png"
+            image.save(path)
+            paths.append(path)
+        return paths
+
+    def prompts(self, subject: str) -> list[str]:
+        """The evaluation prompts with ``subject`` in place ("<hrt> circle" or "circle")."""
+        return [p.format(subject) for p in self.eval_prompts]
+
+    def targets(self) -> list[tuple[str, str]]:
+        """``(attribute, value)`` the oracle must read, one per evaluation prompt."""
+        return [(p.attribute, p.value) for p in self.eval_prompts]
+
+    def real_images(self, per_prompt: int = 4, seed: int = 0) -> list[Image.Image]:
+        """Renders of the concept in each evaluation context (the upper bound's images).
+
+        Ordered prompt-major: ``per_prompt`` images for the first prompt, then the next.
+        """
+        rng = random.Random(f"concept-real/{seed}")
+        images = []
+        for prompt in self.eval_prompts:
+            for _ in range(per_prompt):
+                context = {
+                    "background": rng.choice(("white", "gray", "black", "pink", "brown", "teal")),
+                    "position": rng.choice(("center", "left", "right", "top", "bottom")),
+                    "size": rng.choice(("small", "large")),
+                    prompt.attribute: prompt.value,
+                }
+                images.append(render(self.attributes(**context), jitter=rng.randrange(2**31)))
+        return images
+
+
+CONCEPT = ConceptTask()
+"""The world's concept task (the purple dotted circle)."""

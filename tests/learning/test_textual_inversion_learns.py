@@ -1,0 +1,73 @@
+"""Learning test: the studio's textual-inversion trainer learns the world's concept.
+
+The trainer is the real one (:mod:`trainers.textual_inversion`, shared loop, its own templates and
+Cross Initialization); the concept is applied with the textual-inversion method for generation,
+so the file → token table → prompt path is what gets scored. ``lr_scale = 0`` keeps the vectors at
+their initialisation (the class word's encoding): the negative control.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from studio.world import DEMO_BASE_DIR
+from tests.learning.harness import Trained, assert_does_not_learn, assert_learns
+
+pytestmark = [
+    pytest.mark.learning,
+    pytest.mark.skipif(not (Path(DEMO_BASE_DIR) / "model_index.json").is_file(),
+                       reason="the learnable world is not built (python scripts/build_world.py)"),
+]
+
+TOKEN = "<hrt>"
+# One vector, Cross Initialization from the class word; the world's encoder is small, so a higher
+# learning rate and fewer steps than on SD (≈ 10 s of CPU per run).
+SETTINGS = dict(num_vectors=1, init="cross", steps=120, lr=2e-2, batch_size=8, reg_weight=0.0)
+
+
+def _base() -> Any:
+    import torch
+
+    from studio.models import describe
+    from tests.learning.harness import base_pipeline
+
+    return describe(base_pipeline(), spec="demo", name="demo", identity="world-base", device=torch.device("cpu"),
+                    dtype=torch.float32)
+
+
+def train_textual_inversion(images_dir: Path, seed: int, lr_scale: float) -> Trained:
+    """The harness's ``TrainFn`` for the studio's textual-inversion trainer."""
+    from studio.methods import get_method
+    from studio.prompts import rewrite
+    from studio.world import CONCEPT
+    from studio.world.score import pipeline_generator
+    from trainers import get_trainer
+    from trainers.loop import run_training
+    from trainers.runner import make_config
+
+    base = _base()
+    entry = get_trainer("textual-inversion")
+    cfg = make_config(entry, images=str(images_dir), class_word=CONCEPT.class_word, token=TOKEN, seed=seed,
+                      log_every=0, **dict(SETTINGS, lr=SETTINGS["lr"] * lr_scale))
+    concept = run_training(base, entry.make_trainer(base, cfg, TOKEN), cfg, method=entry.method, save=False).concept
+    plain = pipeline_generator(base.pipe)
+
+    def generate(prompts, gen_seed):
+        handle = get_method(entry.method).apply(base, concept, strength=1.0)
+        try:
+            return plain([rewrite(p, {concept.trigger: handle.prompt_text()}) for p in prompts], gen_seed)
+        finally:
+            handle.remove()
+
+    return Trained(subject=f"{TOKEN} {CONCEPT.class_word}", generate=generate)
+
+
+def test_textual_inversion_learns(tmp_path):
+    assert_learns(train_textual_inversion, tmp_path, seeds=(0, 1), name="textual inversion")
+
+
+def test_textual_inversion_at_learning_rate_zero_does_not_learn(tmp_path):
+    assert_does_not_learn(train_textual_inversion, tmp_path, name="textual inversion")
