@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    for name in args.bases.split(","):
+    for name in filter(None, args.bases.split(",")):
         size = args.sd15_size if name == "sd15" else None
         step_costs(name, size, args.repeats or (5 if name == "sd15" else 30), args.captions)
     if args.train_steps:
