@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "sdxl-plus …), adapter file or folder, or hub path (default: the base's usual one)")
     r.add_argument("--image-encoder", default=None, help="CLIP image-encoder folder, when not beside the adapter")
     r.add_argument("--reference-mask", default=None, metavar="IMG", help="mask image: white where the reference acts")
+    pf = g.add_argument_group("Perfusion concepts")
+    pf.add_argument("--perfusion-locking", choices=("local", "global"), default=None,
+                    help="key locking: local (the concept's keys) or global (the whole prompt's keys locked to "
+                         "the class word; paper β 0.4–0.6); default: each concept's own")
+    pf.add_argument("--perfusion-orthogonal", choices=("approx", "exact"), default="approx",
+                    help="several Perfusion concepts: approx (sum of each concept's term) or exact (Appendix B)")
     g.add_argument("--out", required=True, help="output PNG; with several images NAME-0.png, NAME-1.png …")
 
     c = sub.add_parser("concepts", help="the concept library")
@@ -184,7 +190,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
                          num_images=ns.num_images,
                          concepts=[ConceptUse(*split_concept_spec(s)) for s in ns.concept],
                          reference_images=ns.reference_image, reference_scale=ns.reference_scale, adapter=ns.adapter,
-                         image_encoder=ns.image_encoder, reference_mask=ns.reference_mask)
+                         image_encoder=ns.image_encoder, reference_mask=ns.reference_mask,
+                         perfusion_locking=ns.perfusion_locking, perfusion_orthogonal=ns.perfusion_orthogonal)
     out = Path(ns.out)
     if out.suffix.lower() != ".png":
         raise StudioError(f"--out {out} must end in .png (the parameters are stored in PNG text chunks).")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -65,6 +65,10 @@ class GenerateConfig:
     adapter: str | None = None  # preset (sd15, sd15-plus, sdxl …), file/folder or hub path; None = the base's default
     image_encoder: str | None = None  # CLIP image-encoder folder, when not beside the adapter
     reference_mask: str | None = None  # mask image: white where the reference acts (regional image prompt)
+    # Perfusion concepts: key locking ("local", "global"; None = each concept's own default) and,
+    # with several Perfusion concepts, the orthogonal term ("approx" = the sum, "exact" = Appendix B).
+    perfusion_locking: str | None = None
+    perfusion_orthogonal: str = "approx"
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
@@ -85,6 +89,10 @@ class GenerateConfig:
         self.concepts = [c if isinstance(c, ConceptUse) else ConceptUse(**c) for c in self.concepts]
         if not 0 <= self.reference_scale <= MAX_STRENGTH:
             raise StudioError(f"reference_scale must be between 0 and {MAX_STRENGTH}, got {self.reference_scale}.")
+        if self.perfusion_locking not in (None, "local", "global"):
+            raise StudioError(f"perfusion_locking must be local or global, got {self.perfusion_locking!r}.")
+        if self.perfusion_orthogonal not in ("approx", "exact"):
+            raise StudioError(f"perfusion_orthogonal must be approx or exact, got {self.perfusion_orthogonal!r}.")
         if (self.adapter or self.image_encoder or self.reference_mask) and not self.reference_images:
             raise StudioError("--adapter / --image-encoder / --reference-mask only matter with --reference-image IMG.")
 
@@ -118,17 +126,28 @@ def effective_strengths(prompt: str, negative: str, concepts: Sequence[tuple[Con
     return out
 
 
+def method_options(cfg: GenerateConfig) -> dict[str, dict[str, Any]]:
+    """Per-method keyword options of ``apply`` that a request sets (method name → options)."""
+    perfusion: dict[str, Any] = {"orthogonal": cfg.perfusion_orthogonal}
+    if cfg.perfusion_locking:
+        perfusion["locking"] = cfg.perfusion_locking
+    return {"perfusion": perfusion}
+
+
 @contextlib.contextmanager
-def applied(base: Any, resolved: Sequence[ResolvedConcept], notes: list[str] | None = None) -> Iterator[dict[str, str]]:
+def applied(base: Any, resolved: Sequence[ResolvedConcept], notes: list[str] | None = None,
+            options: Mapping[str, Mapping[str, Any]] | None = None) -> Iterator[dict[str, str]]:
     """Apply every concept, yield ``{trigger: prompt text}``, and remove them all afterwards
-    (also on errors), leaving the base bit-identical."""
+    (also on errors), leaving the base bit-identical. ``options``: extra ``apply`` keywords per
+    method name (see :func:`method_options`)."""
     handles = []
     try:
         for r in resolved:
             note = check_compatible(r.concept, base, source=r.source)
             if note and notes is not None:
                 notes.append(note)
-            handles.append(get_method(r.concept.method).apply(base, r.concept, strength=r.strength))
+            extra = dict((options or {}).get(r.concept.method, {}))
+            handles.append(get_method(r.concept.method).apply(base, r.concept, strength=r.strength, **extra))
         yield {h.concept.trigger: h.prompt_text() for h in handles}
     finally:
         for h in reversed(handles):
@@ -204,7 +223,7 @@ def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, f
     images: list[Image.Image] = []
     from studio.methods.attention import cfg_layout
 
-    with applied(base, resolved, notes) as texts, _scheduler(base.pipe, cfg.scheduler), \
+    with applied(base, resolved, notes, method_options(cfg)) as texts, _scheduler(base.pipe, cfg.scheduler), \
             cfg_layout(base.pipe.unet, guided=cfg.guidance > 1):
         prompt = rewrite(cfg.prompt, texts)
         negative = rewrite(cfg.negative_prompt, texts)

@@ -396,3 +396,27 @@ def test_perfusion_and_lora_concepts_in_one_prompt(tiny):
             images[name] = render(tiny, rewrite(p, texts), steps=1)
     assert np.abs(images["both"] - images["pf"]).max() > 1e-3 and np.abs(images["both"] - images["lora"]).max() > 1e-3
     np.testing.assert_array_equal(render(tiny, "a photo of cat with ll cat", steps=1), plain)  # base again
+
+
+def test_cli_chooses_global_locking_and_the_exact_orthogonal_term(tiny, tmp_path):
+    from PIL import Image
+
+    from studio.cli import main
+    from studio.errors import StudioError
+    from studio.generation import GenerateConfig
+
+    path = save_concept(make_perfusion(tiny, "<aa>", 5), tmp_path / "aa.safetensors")
+
+    def generate(name: str, *flags: str) -> np.ndarray:
+        out = tmp_path / f"{name}.png"
+        assert main(["generate", "--base", "tiny", "--prompt", "a photo of <aa> on the grass", "--steps", "2",
+                     "--concept", str(path), "--out", str(out), *flags]) == 0
+        return np.asarray(Image.open(out))
+
+    default = generate("default")
+    np.testing.assert_array_equal(generate("local", "--perfusion-locking", "local"), default)  # the concept's own
+    assert np.abs(generate("global", "--perfusion-locking", "global").astype(int) - default).max() > 0
+    # one concept: the exact orthogonal term equals the approximation
+    np.testing.assert_array_equal(generate("exact", "--perfusion-orthogonal", "exact"), default)
+    with pytest.raises(StudioError, match="perfusion_locking"):
+        GenerateConfig(prompt="a cat", perfusion_locking="everywhere")

@@ -58,6 +58,11 @@ def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
                                                           else 7.5),
         width=int(form["width"]) if form.get("width") else None, height=int(form["height"]) if form.get("height") else None,
         scheduler=str(form.get("scheduler") or "default"), num_images=int(form.get("num_images") or 1), concepts=uses)
+    locking = str(form.get("perfusion_locking") or "")
+    if locking in ("local", "global"):
+        values["perfusion_locking"] = locking
+    if form.get("perfusion_orthogonal"):
+        values["perfusion_orthogonal"] = str(form["perfusion_orthogonal"])
     refs = upload_paths(form.get("reference"))
     if refs:
         field = reference_field()
@@ -210,6 +215,14 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                     else:
                         gr.Markdown(note("Zero-shot generation from reference images comes with the zero-shot method "
                                          "(IP-Adapter); this install does not have it."))
+                with gr.Accordion("Perfusion concepts", open=False):
+                    with gr.Row():
+                        c["perfusion_locking"] = gr.Dropdown(
+                            choices=["concept's own", "local", "global"], value="concept's own", label="Key locking",
+                            info="global: the whole prompt's keys locked to the class word (β 0.4–0.6)")
+                        c["perfusion_orthogonal"] = gr.Dropdown(
+                            choices=["approx", "exact"], value="approx", label="Several concepts",
+                            info="approx: sum of each concept's term; exact: the paper's Appendix B")
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go")
             with gr.Column(scale=5):
                 gallery = gr.Gallery(label="Images", columns=4, height=420, elem_id="gen-gallery", format="png")
