@@ -13,7 +13,7 @@ There are no pretrained image encoders or adapters for the world, so both are tr
 2. train the image encoder, a ``CLIPVisionModelWithProjection`` (32 px, 4-px patches): linear
    heads on its ``image_embeds`` classify the *identity* attributes (shape, colour, pattern); the
    heads exist only during training. Identity only: the image prompt should carry the subject,
-   the text the context (background, position);
+   the text the context (background, size);
 3. render the adapter's training folder with captions that often leave the identity unsaid
    (so the image branch has to supply it);
 4. train a new base-kind adapter with the studio's own trainer (``trainers/adapter.py``,

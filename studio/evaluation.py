@@ -10,7 +10,7 @@
    ``scorer="clip"`` — CLIP-T, CLIP-I (+ DINO with a ``dino_model``; CP-CLIP/TI-CLIP with a detector
    when several concepts are evaluated), :mod:`studio.metrics`; ``scorer="oracle"`` — the demo
    world's oracle: *fidelity* = P(the image shows the world's concept), *editability* = whether the
-   oracle reads the background/position the prompt asks for;
+   oracle reads the background/size the prompt asks for;
 3. ``seeds`` images per prompt (image ``i`` uses seed ``seed + i``, as ``python -m studio generate
    --num-images``), generated in batches with the concepts applied once per strength setting;
 4. one :class:`~studio.metrics.Report` — each image encoded once per backbone, shared by every
@@ -268,11 +268,11 @@ class WorldJudge:
         from studio.world import VOCABULARY, describe
 
         found = []
-        for attribute in ("background", "position"):
-            for value in VOCABULARY[attribute]:
-                phrase = describe(noun="X", prefix="", **{attribute: value}).split("X ", 1)[1]
-                if phrase in prompt:
-                    found.append((attribute, value))
+        for value in VOCABULARY["background"]:
+            phrase = describe(noun="X", prefix="", background=value).split("X ", 1)[1]
+            if phrase in prompt:
+                found.append(("background", value))
+        found += [("size", value) for value in VOCABULARY["size"] if re.search(rf"\b{value}\b", prompt)]
         return found
 
     def judge(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> tuple[list[float], list[float | None]]:

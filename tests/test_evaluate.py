@@ -374,12 +374,14 @@ def test_two_concepts_score_cp_clip_with_the_haar_detector(tiny, tmp_path, clip_
 
 def test_world_targets_follow_the_world_grammar():
     assert WorldJudge.targets("a photo of a <hrt> circle on a pink background") == [("background", "pink")]
-    assert WorldJudge.targets("a photo of a <hrt> circle on the left") == [("position", "left")]
+    assert WorldJudge.targets("a photo of a small <hrt> circle") == [("size", "small")]
+    assert WorldJudge.targets("a large <hrt> circle on a teal background") == [("background", "teal"),
+                                                                               ("size", "large")]
     assert WorldJudge.targets("a photo of a <hrt> circle") == []
 
 
 class FakeOracle:
-    """Reads every image as: background pink, position left, identity probability 0.75."""
+    """Reads every image as: background pink, size small, identity probability 0.75."""
 
     def read(self, images):
         from studio.world import VOCABULARY
@@ -389,7 +391,6 @@ class FakeOracle:
                  for name, values in VOCABULARY.items()}
         probs["background"] = F.one_hot(torch.full((n,), VOCABULARY["background"].index("pink")),
                                         len(VOCABULARY["background"])).float()
-        probs["position"] = F.one_hot(torch.full((n,), VOCABULARY["position"].index("left")), 5).float()
         probs["identity"] = torch.full((n,), 0.75)
         return probs
 
@@ -401,11 +402,11 @@ def test_oracle_report_from_a_stand_in_oracle():
 
     images = {"a <hrt> circle on a pink background": [Image.new("RGB", (32, 32))] * 2,
               "a <hrt> circle on a teal background": [Image.new("RGB", (32, 32))],
-              "a <hrt> circle at the top": [Image.new("RGB", (32, 32))]}
+              "a large <hrt> circle": [Image.new("RGB", (32, 32))]}
     report = score_images(images, [EvalConcept("<hrt>", "circle", [Image.new("RGB", (1, 1))])],
                           Judges("oracle", world=judge))
     assert report.score("fidelity") == pytest.approx(0.75)
-    assert report.score("editability") == pytest.approx(0.5)  # pink read (x2), teal and top missed
+    assert report.score("editability") == pytest.approx(0.5)  # pink read (x2), teal and large missed
     assert report.records[2].clip_t_text == "background=teal"
     assert Judges("oracle", world=judge).keys() == ("fidelity", "editability")
 
@@ -432,6 +433,8 @@ def stand_in_world(tmp_path, monkeypatch):
 def test_oracle_path_end_to_end_on_a_stand_in_world(stand_in_world, tiny, tmp_path, capsys):
     from dataclasses import replace
 
+    from studio.world import CONCEPT
+
     concept = replace(make_ti(tiny, "<hrt>", 1), class_word="circle")
     path = save_concept(concept, tmp_path / "hrt.safetensors")
     out = tmp_path / "oracle"
@@ -439,7 +442,7 @@ def test_oracle_path_end_to_end_on_a_stand_in_world(stand_in_world, tiny, tmp_pa
                  "--steps", "1", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert set(report["summaries"]) == {"fidelity", "editability"}
-    assert report["settings"]["protocol"] == "world" and report["settings"]["images"] == 8
+    assert report["settings"]["protocol"] == "world" and report["settings"]["images"] == len(CONCEPT.eval_prompts)
     assert report["settings"]["guidance"] == 4.0  # the world's sampling settings on --base demo
     assert report["backbones"]["oracle"].startswith("oracle:world:")
     assert report["records"][0]["prompt"] == "a photo of a <hrt> circle on a black background"

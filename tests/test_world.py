@@ -64,7 +64,7 @@ def world_pipe():
 
 
 def test_render_is_deterministic_and_jitter_varies():
-    a = Attributes("star", "red", "striped", "pink", "left", "small")
+    a = Attributes("star", "red", "striped", "pink", "small")
     first, again = np.asarray(render(a, jitter=3)), np.asarray(render(a, jitter=3))
     assert first.shape == (32, 32, 3) and first.dtype == np.uint8
     assert np.array_equal(first, again)
@@ -79,8 +79,8 @@ def test_attributes_reject_unknown_values():
 
 
 def test_captions_follow_the_grammar():
-    assert describe("star", "red", "striped", "pink", "left", "small") == (
-        "a photo of a small red striped star on a pink background, on the left"
+    assert describe("star", "red", "striped", "pink", "small") == (
+        "a photo of a small red striped star on a pink background"
     )
     assert describe(noun="<hrt> circle", background="teal") == "a photo of a <hrt> circle on a teal background"
     rng = random.Random(0)
@@ -96,7 +96,7 @@ def test_concept_task_puts_the_concept_in_unseen_contexts(tmp_path):
     assert [np.asarray(p).tobytes() for p in photos] == [
         np.asarray(p).tobytes() for p in CONCEPT.training_images(n=5, seed=0)
     ]
-    seen = {"background": set(CONCEPT.train_backgrounds), "position": set(CONCEPT.train_positions)}
+    seen = {"background": set(CONCEPT.train_backgrounds), "size": set(CONCEPT.train_sizes)}
     for attribute, value in CONCEPT.targets():
         assert value not in seen[attribute]
     paths = CONCEPT.write_training_folder(tmp_path / "photos", n=4, seed=1)
@@ -126,7 +126,7 @@ def test_world_weights_are_committed_small_and_stamped():
 @needs_world
 def test_demo_base_is_a_standalone_diffusers_folder(world_pipe):
     assert len(world_pipe.tokenizer) == 49408
-    assert world_pipe.tokenizer("a purple dotted circle").input_ids == [49406, 320, 5496, 12763, 7117, 49407]
+    assert world_pipe.tokenizer("a purple dotted circle").input_ids == [49406, 320, 5496, 47950, 7117, 49407]
     assert world_pipe.text_encoder.get_input_embeddings().weight.dtype == torch.float32
     out = world_pipe(["a photo of a red square"], num_inference_steps=4, guidance_scale=4.0,
                      generator=torch.Generator().manual_seed(0))
@@ -167,7 +167,7 @@ def test_base_model_renders_its_vocabulary(world_pipe, oracle):
 
     rng = random.Random("test-vocabulary")
     attrs = [a for a in (sample_attributes(rng) for _ in range(40)) if not CONCEPT.is_identity(a)]
-    prompts = [describe(a.shape, a.colour, a.pattern, a.background, a.position, a.size) for a in attrs]
+    prompts = [describe(a.shape, a.colour, a.pattern, a.background, a.size) for a in attrs]
     images = pipeline_generator(world_pipe)(prompts, 7)
     probs = oracle.read(images)
     ok = torch.ones(len(attrs), dtype=torch.bool)

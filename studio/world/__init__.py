@@ -1,7 +1,7 @@
 """A learnable test world: synthetic text-to-image data, a base model trained on it, an oracle.
 
-The world is 32×32 pictures of one shape described by six attributes (shape, colour, pattern,
-background, position, size; see :mod:`studio.world.render`). Built from it by
+The world is 32×32 pictures of one centred shape described by five attributes (shape, colour,
+pattern, background, size; see :mod:`studio.world.render`). Built from it by
 ``scripts/build_world.py`` and committed:
 
 * :data:`DEMO_BASE_DIR` — a real diffusers ``StableDiffusionPipeline`` folder trained on the world

@@ -42,7 +42,7 @@ class Oracle(nn.Module):
 
     Heads: every attribute of ``VOCABULARY`` (``(B, n_values)`` logits) and ``identity``
     (``(B,)`` logit of "this is the concept"). Spatial features are flattened, not pooled, so
-    that position is readable.
+    that where a mark sits (stripes vs dots) stays readable.
     """
 
     def __init__(self, width: int = 16) -> None:

@@ -3,10 +3,9 @@
 The concept is a *purple dotted circle*: an instance of the class "circle" whose features
 (colour purple, white dots) the base model knows from other shapes and other circles, but never
 saw together — ``scripts/build_world.py`` leaves every purple dotted circle out of the base
-model's training data. Its training photos show it only in the middle of the picture on a white
-or gray background; the evaluation prompts put it where the photos never did: on four other
-backgrounds and at four other positions, each prompt paired with the attribute value the oracle
-must read in the result (editability).
+model's training data. Its training photos show it only large, on a white or gray background;
+the evaluation prompts put it where the photos never did: on four other backgrounds, and small,
+each prompt paired with the attribute value the oracle must read in the result (editability).
 """
 
 from __future__ import annotations
@@ -38,11 +37,11 @@ class EvalPrompt:
         return self.template.format(subject)
 
 
-def _context_prompts(backgrounds: Sequence[str], positions: Sequence[str]) -> tuple[EvalPrompt, ...]:
+def _context_prompts(backgrounds: Sequence[str], sizes: Sequence[str]) -> tuple[EvalPrompt, ...]:
     prompts = [
         EvalPrompt(describe(noun="{}", background=bg), "background", bg) for bg in backgrounds
     ]
-    prompts += [EvalPrompt(describe(noun="{}", position=p), "position", p) for p in positions]
+    prompts += [EvalPrompt(describe(noun="{}", size=size), "size", size) for size in sizes]
     return tuple(prompts)
 
 
@@ -53,7 +52,7 @@ class ConceptTask:
     Attributes:
         identity: the concept's own features, as attributes (shape = the class).
         class_word: the class noun, as used in prompts ("a photo of a <hrt> circle").
-        train_backgrounds / train_positions / train_sizes: the contexts of its training photos.
+        train_backgrounds / train_sizes: the contexts of its training photos.
         eval_prompts: contexts absent from the training photos, each with its oracle target.
     """
 
@@ -62,17 +61,13 @@ class ConceptTask:
     )
     class_word: str = "circle"
     train_backgrounds: tuple[str, ...] = ("white", "gray")
-    train_positions: tuple[str, ...] = ("center",)
-    train_sizes: tuple[str, ...] = ("large", "small")
-    eval_prompts: tuple[EvalPrompt, ...] = _context_prompts(
-        ("black", "pink", "brown", "teal"), ("left", "right", "top", "bottom")
-    )
+    train_sizes: tuple[str, ...] = ("large",)
+    eval_prompts: tuple[EvalPrompt, ...] = _context_prompts(("black", "pink", "brown", "teal"), ("small",))
 
     def __post_init__(self) -> None:
         for prompt in self.eval_prompts:
             context = {
                 "background": self.train_backgrounds,
-                "position": self.train_positions,
                 "size": self.train_sizes,
             }.get(prompt.attribute, ())
             if prompt.value in context:
@@ -83,8 +78,8 @@ class ConceptTask:
 
     # ------------------------------------------------------------------------------------------
     def attributes(self, **context: str) -> Attributes:
-        """The concept in a given context (background, position, size)."""
-        defaults = {"background": "white", "position": "center", "size": "large"}
+        """The concept in a given context (background, size)."""
+        defaults = {"background": "white", "size": "large"}
         return Attributes(**{**defaults, **context, **self.identity})
 
     def is_identity(self, attributes: Attributes) -> bool:
@@ -103,7 +98,6 @@ class ConceptTask:
         for i in range(n):
             context = {
                 "background": self.train_backgrounds[i % len(self.train_backgrounds)],
-                "position": rng.choice(self.train_positions),
                 "size": self.train_sizes[(i // len(self.train_backgrounds)) % len(self.train_sizes)],
             }
             images.append(render(self.attributes(**context), jitter=rng.randrange(2**31)))
@@ -139,7 +133,6 @@ class ConceptTask:
             for _ in range(per_prompt):
                 context = {
                     "background": rng.choice(("white", "gray", "black", "pink", "brown", "teal")),
-                    "position": rng.choice(("center", "left", "right", "top", "bottom")),
                     "size": rng.choice(("small", "large")),
                     prompt.attribute: prompt.value,
                 }

@@ -1,13 +1,15 @@
 """A minimal, honest textual inversion — the harness's validation tool and negative control.
 
-One ``(1, D)`` embedding ``v`` is spliced into the text encoder's input at the placeholder's
+One ``(1, D)`` embedding ``e`` is spliced into the text encoder's input at the placeholder's
 position (forward hooks on the token-embedding module; no row is added to the matrix, nothing
 else changes) and optimised with Adam on the diffusion loss
 
-    L = ‖ε − ε̂(z_t, t, TE(prompt with v))‖²,   z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε,
+    L = ‖y − ŷ(z_t, t, TE(prompt with e))‖²,   z_t = √ᾱ_t z_0 + √(1 − ᾱ_t) ε,
+
+(y = ε, or v = √ᾱ_t ε − √(1 − ᾱ_t) z_0 when the base's scheduler predicts v)
 
 over the cached VAE posteriors of the training photos and a few "a photo of a <hrt> circle"
-templates. ``v`` starts at the class word's embedding, so ``lr_scale = 0`` is exactly the class
+templates. ``e`` starts at the class word's embedding, so ``lr_scale = 0`` is exactly the class
 word — the negative control.
 """
 
@@ -103,7 +105,8 @@ def train_mini_ti(
         with spliced(text_encoder, token_id, vector):
             prompt_embeds = text_encoder(ids)[0]
         pred = unet(scheduler.add_noise(z0, noise, t), t, prompt_embeds).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        target = noise if scheduler.config.prediction_type == "epsilon" else scheduler.get_velocity(z0, noise, t)
+        loss = torch.nn.functional.mse_loss(pred, target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
