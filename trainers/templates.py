@@ -1,10 +1,15 @@
 """Prompt templates for concept training (our own wording). ``{}`` is the concept's text —
-its trigger tokens, followed by the class word where the method uses one."""
+its trigger tokens, followed by the class word where the method uses one.
+
+Unlike the original textual-inversion list, no template says "small" or "large": a template is
+paired with every photo, so it would claim a size the photo may not have and teach the concept to
+override size words (in the learnable world, training on large photos with "a photo of a small
+<tok>" made "a small <tok>" render large)."""
 
 OBJECT_TEMPLATES = [
     "a photo of {}", "a close-up photo of {}", "a cropped photo of {}", "a bright photo of {}",
     "a dark photo of {}", "a good photo of {}", "a photo of the {}", "a photo of one {}",
-    "a photo of a small {}", "a photo of a large {}", "a rendering of {}", "a picture of {}",
+    "a rendering of {}", "a picture of {}",
     "an image of {}", "a clean photo of {}", "a blurry photo of {}", "a nice photo of {}",
     "a photo of my {}", "a snapshot of {}", "{}", "a studio photo of {}",
 ]

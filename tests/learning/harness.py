@@ -33,8 +33,8 @@ from studio.world.oracle import Oracle, load_oracle
 from studio.world.score import Generator, Scores, baseline, evaluate, pipeline_generator, upper_bound
 from studio.world.task import CONCEPT, ConceptTask
 
-PER_PROMPT = 6
-"""Images per evaluation prompt (8 prompts → 48 images per score)."""
+PER_PROMPT = 8
+"""Images per evaluation prompt (5 prompts → 40 images per score)."""
 FIDELITY_MARGIN = 0.3
 FIDELITY_FRACTION = 0.5
 EDITABILITY_FRACTION = 0.9
@@ -46,6 +46,17 @@ class Trained:
 
     subject: str
     generate: Generator
+    size_bytes: int | None = None  # the concept file's size, for the README's learning table
+
+
+def concept_bytes(concept) -> int:
+    """Size of ``concept`` saved as a studio ``.safetensors`` file."""
+    import tempfile
+
+    from studio.concept import save_concept
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_concept(concept, Path(tmp) / "concept.safetensors").stat().st_size
 
 
 TrainFn = Callable[[Path, int, float], Trained]
@@ -101,14 +112,23 @@ def base_pipeline():
     return pipe
 
 
-@functools.lru_cache(maxsize=4)
+_REFERENCES: dict[tuple[int, int, int], References] = {}
+
+
 def references(task: ConceptTask = CONCEPT, per_prompt: int = PER_PROMPT, seed: int = 0) -> References:
-    """Baseline (base model + class word) and upper bound (real renders), computed once."""
-    generate = pipeline_generator(base_pipeline())
-    return References(
-        baseline=baseline(generate, task, per_prompt=per_prompt, seed=seed + 10_000, oracle=oracle()),
-        upper=upper_bound(task, per_prompt=per_prompt, seed=seed, oracle=oracle()),
-    )
+    """Baseline (base model + class word) and upper bound (real renders), computed once per
+    (task, per_prompt, seed) and world (a task holds dicts, so it is keyed by identity)."""
+    key = (id(task), per_prompt, seed)
+    if key not in _REFERENCES:
+        generate = pipeline_generator(base_pipeline())
+        _REFERENCES[key] = References(
+            baseline=baseline(generate, task, per_prompt=per_prompt, seed=seed + 10_000, oracle=oracle()),
+            upper=upper_bound(task, per_prompt=per_prompt, seed=seed, oracle=oracle()),
+        )
+    return _REFERENCES[key]
+
+
+references.cache_clear = _REFERENCES.clear  # type: ignore[attr-defined]  # as for the lru_cached loaders
 
 
 def measure(

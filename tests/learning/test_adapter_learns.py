@@ -79,7 +79,8 @@ def train_adapter(images_dir: Path, seed: int, lr_scale: float) -> Trained:
     from PIL import Image
 
     reference = Image.open(sorted(images_dir.glob("*.png"))[0]).convert("RGB")
-    return Trained(subject=CONCEPT.class_word, generate=reference_generator(adapter, reference))
+    size = sum(f.stat().st_size for f in adapter.rglob("*.safetensors") if "image_encoder" not in f.parts)
+    return Trained(subject=CONCEPT.class_word, generate=reference_generator(adapter, reference), size_bytes=size)
 
 
 def test_fine_tuned_adapter_renders_the_concept_from_a_reference(tmp_path):

@@ -16,13 +16,13 @@ import pytest
 
 from studio.world.score import pipeline_generator
 from studio.world.task import CONCEPT
-from tests.learning.harness import Trained, assert_does_not_learn, assert_learns
+from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
 
 pytestmark = pytest.mark.learning
 
 # The toy world's UNet is small and its images are 32 px: a higher learning rate than SD's 1e-4 and
 # a text-encoder LoRA so the identifier (an untrained BPE token there) gets a meaning quickly.
-SETTINGS = dict(steps=300, lr=2e-3, batch_size=4, rank=8, train_text_encoder=True, num_class_images=48,
+SETTINGS = dict(steps=200, lr=2e-3, batch_size=4, rank=8, train_text_encoder=True, num_class_images=48,
                 class_steps=20, class_guidance=4.0, prior_weight=1.0, token="sks")
 
 
@@ -57,7 +57,8 @@ def train_dreambooth(workdir: Path):
             finally:
                 handle.remove()
 
-        return Trained(subject=f"{concept.trigger.strip('<>')} {concept.class_word}", generate=generate)
+        return Trained(subject=f"{concept.trigger.strip('<>')} {concept.class_word}", generate=generate,
+                       size_bytes=concept_bytes(concept))
 
     return run
 

@@ -75,7 +75,7 @@ def _applied(concept: Any, strength: float) -> Iterator[None]:
 
 def trained(concept: Any, strength: float = 1.0) -> Any:
     from studio.world.score import pipeline_generator
-    from tests.learning.harness import Trained, base_pipeline
+    from tests.learning.harness import Trained, base_pipeline, concept_bytes
 
     plain = pipeline_generator(base_pipeline())
 
@@ -83,7 +83,7 @@ def trained(concept: Any, strength: float = 1.0) -> Any:
         with _applied(concept, strength):
             return plain(prompts, seed)
 
-    return Trained(subject=f"{PLACEHOLDER} {CLASS_WORD}", generate=generate)
+    return Trained(subject=f"{PLACEHOLDER} {CLASS_WORD}", generate=generate, size_bytes=concept_bytes(concept))
 
 
 def train_neti(images_dir: Path, seed: int, lr_scale: float) -> Any:
@@ -94,7 +94,13 @@ def train_neti(images_dir: Path, seed: int, lr_scale: float) -> Any:
 def test_neti_learns(tmp_path):
     from tests.learning.harness import assert_learns
 
-    assert_learns(train_neti, tmp_path, seeds=(0,), name="NeTI")
+    assert_learns(train_neti, tmp_path, seeds=(0, 1), name="NeTI")
+
+
+def test_neti_at_learning_rate_zero_does_not_learn(tmp_path):
+    from tests.learning.harness import assert_does_not_learn
+
+    assert_does_not_learn(train_neti, tmp_path, name="NeTI")
 
 
 def truncation_curve(workdir: Path, strengths: Sequence[float] = (0.25, 0.5, 0.75, 1.0), seed: int = 0

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from studio.world import DEMO_BASE_DIR
-from tests.learning.harness import Trained, assert_does_not_learn, assert_learns
+from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
 
 pytestmark = [
     pytest.mark.learning,
@@ -23,9 +23,10 @@ pytestmark = [
 ]
 
 TOKEN = "<hrt>"
-# One vector, Cross Initialization from the class word; the world's encoder is small, so a higher
-# learning rate and fewer steps than on SD (≈ 10 s of CPU per run).
-SETTINGS = dict(num_vectors=1, init="cross", steps=120, lr=2e-2, batch_size=8, reg_weight=0.0)
+# Two vectors, Cross Initialization from the class word; the world's encoder is small, so a higher
+# learning rate and fewer steps than on SD (≈ 15 s per run on 2 cores). Measured on the committed
+# world: fidelity 0.86 / 0.92 / 0.73 / 0.98 for seeds 0–3 (one vector, 120 steps: 0.43 / 0.34).
+SETTINGS = dict(num_vectors=2, init="cross", steps=200, lr=2e-2, batch_size=8, reg_weight=0.0)
 
 
 def _base() -> Any:
@@ -62,7 +63,8 @@ def train_textual_inversion(images_dir: Path, seed: int, lr_scale: float) -> Tra
         finally:
             handle.remove()
 
-    return Trained(subject=f"{TOKEN} {CONCEPT.class_word}", generate=generate)
+    # classic TI: the trained prompts are "a photo of <hrt>", so the token alone names the concept
+    return Trained(subject=TOKEN, generate=generate, size_bytes=concept_bytes(concept))
 
 
 def test_textual_inversion_learns(tmp_path):
