@@ -33,7 +33,7 @@ from studio.errors import StudioError  # noqa: E402
 from studio.service import BaseSettings, Studio  # noqa: E402
 from studio.ui.space import gpu, on_space, run_jobs_for, zero_gpu  # noqa: E402
 
-DEFAULT_BASE = "demo"
+DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # offline: the demo world, with a banner
 OFFLINE_BASES = ("demo", "tiny")
 
 
