@@ -453,13 +453,6 @@ def test_oracle_path_end_to_end_on_a_stand_in_world(stand_in_world, tiny, tmp_pa
         report["summaries"]["editability"]["mean"], abs=1e-6)
 
 
-def _world_built() -> bool:
-    from studio.world import DEMO_BASE_DIR, ORACLE_PATH
-
-    return (Path(DEMO_BASE_DIR) / "model_index.json").is_file() and Path(ORACLE_PATH).is_file()
-
-
-@pytest.mark.skipif(not _world_built(), reason="the demo world (base + oracle) is not built")
 def test_oracle_end_to_end_on_the_demo_base(tmp_path, capsys):
     from studio.models import load_base
     from studio.world import CONCEPT
@@ -478,8 +471,10 @@ def test_oracle_end_to_end_on_the_demo_base(tmp_path, capsys):
         report["summaries"]["fidelity"]["mean"], abs=1e-6)
 
 
-@pytest.mark.skipif(_world_built(), reason="the demo world is built; the end-to-end test runs instead")
-def test_oracle_missing_is_a_clear_error(concept_file, tmp_path, capsys):
+def test_oracle_missing_is_a_clear_error(concept_file, tmp_path, capsys, monkeypatch):
+    import studio.world as world
+
+    monkeypatch.setattr(world, "ORACLE_PATH", tmp_path / "no-oracle.safetensors")  # an install without it
     with pytest.raises(StudioError, match="The demo world's oracle is not built"):
         load_judges("oracle")
     assert main(["evaluate", "--base", "tiny", "--concept", str(concept_file), "--scorer", "oracle",

@@ -38,8 +38,6 @@ WEIGHT_FILES = (
 )
 
 
-WORLD_BUILT = (DEMO_BASE_DIR / "model_index.json").is_file() and ORACLE_PATH.is_file()
-needs_world = pytest.mark.skipif(not WORLD_BUILT, reason="the world weights are not built yet (python scripts/build_world.py)")
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +107,6 @@ def test_concept_task_puts_the_concept_in_unseen_contexts(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@needs_world
 def test_world_weights_are_committed_small_and_stamped():
     record = json.loads((DEMO_BASE_DIR / "world_build.json").read_text())
     assert len(record["script_sha256"]) == 64 and record["settings"]["seed"] == 0
@@ -123,7 +120,6 @@ def test_world_weights_are_committed_small_and_stamped():
         assert json.loads(f.metadata()["studio.world.build"])["script_sha256"] == record["script_sha256"]
 
 
-@needs_world
 def test_demo_base_is_a_standalone_diffusers_folder(world_pipe):
     assert len(world_pipe.tokenizer) == 49408
     assert world_pipe.tokenizer("a purple dotted circle").input_ids == [49406, 320, 5496, 47950, 7117, 49407]
@@ -133,7 +129,6 @@ def test_demo_base_is_a_standalone_diffusers_folder(world_pipe):
     assert out.images[0].size == (32, 32)
 
 
-@needs_world
 def test_oracle_reads_held_out_renders(oracle):
     """> 95 % on every head, on renders with seeds the build never used."""
     rng = random.Random("test-heldout")
@@ -151,7 +146,6 @@ def test_oracle_reads_held_out_renders(oracle):
     assert acc > 0.95, f"oracle identity accuracy {acc:.3f}"
 
 
-@needs_world
 def test_score_helpers_on_real_renders(oracle):
     ub = upper_bound(per_prompt=2, oracle=oracle)
     assert ub.fidelity > 0.95 and ub.editability > 0.95
@@ -160,7 +154,6 @@ def test_score_helpers_on_real_renders(oracle):
     assert editability(others, [("pattern", "striped"), ("shape", "circle")], oracle) == 0.5
 
 
-@needs_world
 def test_base_model_renders_its_vocabulary(world_pipe, oracle):
     """Fully specified prompts: the oracle reads every prompted attribute on ≥ 80 % of images."""
     from studio.world.score import pipeline_generator

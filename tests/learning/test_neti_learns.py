@@ -18,13 +18,7 @@ from typing import Any
 
 import pytest
 
-from studio.world import DEMO_BASE_DIR
-
-pytestmark = [
-    pytest.mark.learning,
-    pytest.mark.skipif(not (Path(DEMO_BASE_DIR) / "model_index.json").is_file(),
-                       reason="the learnable world is not built (python scripts/build_world.py)"),
-]
+pytestmark = pytest.mark.learning
 
 PLACEHOLDER = "<hrt>"
 CLASS_WORD = "circle"

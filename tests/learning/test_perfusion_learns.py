@@ -16,11 +16,7 @@ import pytest
 
 from studio.world import DEMO_BASE_DIR
 
-pytestmark = [
-    pytest.mark.learning,
-    pytest.mark.skipif(not (Path(DEMO_BASE_DIR) / "model_index.json").is_file(),
-                       reason="the world's demo base is not built (python scripts/build_world.py)"),
-]
+pytestmark = pytest.mark.learning
 
 TOKEN = "<hrt>"
 STEPS = 100  # CPU budget ≤ 60 s on the 32-px world; the paper uses 400 at batch 16

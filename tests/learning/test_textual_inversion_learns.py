@@ -13,14 +13,9 @@ from typing import Any
 
 import pytest
 
-from studio.world import DEMO_BASE_DIR
 from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
 
-pytestmark = [
-    pytest.mark.learning,
-    pytest.mark.skipif(not (Path(DEMO_BASE_DIR) / "model_index.json").is_file(),
-                       reason="the learnable world is not built (python scripts/build_world.py)"),
-]
+pytestmark = pytest.mark.learning
 
 TOKEN = "<hrt>"
 # Two vectors, Cross Initialization from the class word; the world's encoder is small, so a higher
