@@ -3,9 +3,10 @@
 :func:`evaluate_concepts` runs one evaluation end to end:
 
 1. prompts from a protocol (:func:`load_protocol`: ``dreambench-object``, ``dreambench-live``,
-   ``world``) or a prompt file, ``{}`` standing for each concept's trigger and class noun
-   ("a {} in the snow" → "a <my-dog> dog in the snow"); several concepts share every prompt
-   ("a <a> cat and <b> dog in the snow");
+   ``world``) or a prompt file, ``{}`` standing for each concept as its method was trained
+   (:func:`subject`: "a {} in the snow" → "a <my-dog> in the snow" for textual inversion, NeTI
+   and Perfusion, "a <sks> dog in the snow" for DreamBooth); several concepts share every prompt
+   ("a <a> and <b> dog in the snow");
 2. the judges are loaded first, so a missing model fails before anything is generated:
    ``scorer="clip"`` — CLIP-T, CLIP-I (+ DINO with a ``dino_model``; CP-CLIP/TI-CLIP with a detector
    when several concepts are evaluated), :mod:`studio.metrics`; ``scorer="oracle"`` — the demo
@@ -46,6 +47,7 @@ from PIL import Image
 from studio.concept import Concept, load_concept, save_concept
 from studio.errors import StudioError
 from studio.generation import ConceptUse, GenerateConfig, applied, effective_strengths, parameters_text
+from studio.methods import get_method
 from studio.metrics import (
     CachedScorer,
     Choice,
@@ -133,7 +135,11 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 def subject(concept: Concept) -> str:
-    """What ``{}`` becomes for one concept: ``"<trigger> class"`` (DreamBench's ``"sks dog"``)."""
+    """What ``{}`` becomes for one concept, as its method was trained: the trigger alone where it
+    names the whole subject (textual inversion, NeTI, Perfusion: ``"a photo of <tok>"``), else
+    ``"<trigger> class"`` (DreamBench's ``"sks dog"``)."""
+    if concept.method and getattr(get_method(concept.method), "trigger_is_subject", False):
+        return concept.trigger
     return f"{concept.trigger} {concept.class_word}".strip()
 
 

@@ -153,11 +153,15 @@ def test_protocol_file_matches_the_shared_source():
 
 
 def test_prompts_name_every_concept(tmp_path):
-    dog = Concept("textual_inversion", ["<a>"], {}, class_word="dog")
-    cat = Concept("textual_inversion", ["<b>"], {}, class_word="cat")
+    dog = Concept("lora", ["<a>"], {}, class_word="dog")  # an identifier: goes with the class noun
+    cat = Concept("lora", ["<b>"], {}, class_word="cat")
     assert build_prompts(["a {} in the snow"], [dog]) == ["a <a> dog in the snow"]
     assert build_prompts(["{} on the beach", "{1} chasing {0}"], [dog, cat]) == [
         "<a> dog and <b> cat on the beach", "<b> cat chasing <a> dog"]
+    # textual inversion trains "a photo of <tok>": the trigger alone names the subject
+    ti = Concept("textual_inversion", ["<t>"], {}, class_word="dog")
+    assert build_prompts(["a {} in the snow", "{1} chasing {0}"], [ti, cat]) == [
+        "a <t> and <b> cat in the snow", "<b> cat chasing <t>"]
     assert build_prompts(["a <a:0.5> dog"], [dog]) == ["a <a:0.5> dog"]
     with pytest.raises(StudioError, match="does not name <a>"):
         build_prompts(["a photo of a dog"], [dog])
@@ -231,7 +235,7 @@ def test_cli_evaluate_end_to_end(tiny, tmp_path, clip_dir, photos, concept_file,
     assert len(list((out / "images").glob("*.png"))) == 25
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["protocol"] == "dreambench-object" and report["settings"]["images"] == 25
-    assert report["records"][0]["prompt"] == "a <hrt> cat in the jungle"
+    assert report["records"][0]["prompt"] == "a <hrt> in the jungle"  # TI: the trigger names the subject
     assert report["records"][0]["clip_t_text"] == "a cat in the jungle"
     timing = report["settings"]["timing"]
     assert timing["generation_s"] > 0 and timing["scoring_s"] > 0 and timing["images"] == 25
@@ -339,7 +343,7 @@ def test_training_curve_and_best_checkpoint(tiny, tmp_path, photos, keep_best):
     curve = saved.metrics["curve"]
     assert [p["step"] for p in curve["points"]] == [1, 2, 3] and curve["best_step"] == 2
     assert curve["points"][1]["fidelity"] == pytest.approx(0.7) and curve["points"][1]["editability"] == pytest.approx(0.7)
-    assert curve["prompts"] == ["a photo of <cat> cat on the beach"]
+    assert curve["prompts"] == ["a photo of <cat> on the beach"]  # as TI trains: the token alone
     kept = 2 if keep_best else 3
     assert curve["kept_step"] == kept
     assert torch.equal(saved.tensors["emb_params"], recorder.exported[kept].tensors["emb_params"])
@@ -365,7 +369,7 @@ def test_two_concepts_score_cp_clip_with_the_haar_detector(tiny, tmp_path, clip_
     b = save_concept(make_ti(tiny, "<b>", 2), tmp_path / "b.safetensors")
     report = evaluate_concepts(tiny, [str(a), str(b)], references=[photos, photos], prompts=["{} on the beach"],
                                seeds=1, steps=1, guidance=1.0, clip_model=str(clip_dir), detector="haar")
-    assert report.records[0].prompt == "<a> cat and <b> cat on the beach"
+    assert report.records[0].prompt == "<a> and <b> on the beach"
     assert {"clip_t", "clip_i", "clip_i[a]", "clip_i[b]", "cp_clip", "ti_clip"} <= set(report.summaries)
     assert report.records[0].context_text == "on the beach"
     assert report.backbones["detector"]
@@ -445,7 +449,7 @@ def test_oracle_path_end_to_end_on_a_stand_in_world(stand_in_world, tiny, tmp_pa
     assert report["settings"]["protocol"] == "world" and report["settings"]["images"] == len(CONCEPT.eval_prompts)
     assert report["settings"]["guidance"] == 4.0  # the world's sampling settings on --base demo
     assert report["backbones"]["oracle"].startswith("oracle:world:")
-    assert report["records"][0]["prompt"] == "a photo of a <hrt> circle on a black background"
+    assert report["records"][0]["prompt"] == "a photo of a <hrt> on a black background"
     assert report["records"][0]["clip_t_text"] == "background=black"
     assert (out / "scatter.png").is_file() and (out / "contact_sheet.png").is_file()
     saved = load_concept(path).metrics["eval"]

@@ -73,7 +73,8 @@ def train(entry: TrainerEntry, cfg: CommonTrainConfig, base: Any, *, library: Li
     resolution = cfg.resolution or base.native_size
     examples = load_image_folder(cfg.images, resolution, min_images=entry.min_images)
     # The judges load before the trainer touches the pipeline: a missing model fails first.
-    evaluator = TrainingEvaluator(base, cfg, token, scorer=scorer, callbacks=callbacks) if cfg.eval_every else None
+    evaluator = TrainingEvaluator(base, cfg, token, scorer=scorer, callbacks=callbacks,
+                                  method=entry.method) if cfg.eval_every else None
     trainer = entry.make_trainer(base, cfg, token)
     if evaluator is not None:
         evaluator.trainer = trainer
@@ -112,7 +113,7 @@ class TrainingEvaluator(TrainCallbacks):
     best evaluated step (:func:`studio.metrics.best_checkpoint`) instead of the last."""
 
     def __init__(self, base: Any, cfg: CommonTrainConfig, token: str, *, scorer: Any = None,
-                 callbacks: TrainCallbacks | None = None) -> None:
+                 callbacks: TrainCallbacks | None = None, method: str = "") -> None:
         from PIL import Image
 
         from studio.concept import Concept
@@ -133,7 +134,8 @@ class TrainingEvaluator(TrainCallbacks):
         self.judges = training_judges(cfg.eval_model, base, scorer)
         self.references = (load_reference_images(cfg.images) if self.judges.kind == "clip"
                            else [Image.new("RGB", (1, 1))])  # the oracle needs no photos
-        stub = Concept(method="", tokens=[token], tensors={}, class_word=self.class_word)
+        # the method decides how the held-out prompts name the concept (evaluation.subject)
+        stub = Concept(method=method, tokens=[token], tensors={}, class_word=self.class_word)
         self.prompts = build_prompts(training_prompts(cfg.eval_prompts, base), [stub])
         self.tracker = CurveTracker(self.judges, EvalConcept(token, self.class_word or token.strip("<>"),
                                                              self.references, cfg.name or None),

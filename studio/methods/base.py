@@ -31,6 +31,10 @@ class Method(Protocol):
 
     name: ClassVar[str]
     description: ClassVar[str]
+    # True when the trigger alone names the subject, as the method trains it ("a photo of <tok>":
+    # textual inversion, NeTI, Perfusion); False when it is an identifier that goes with the class
+    # noun ("a photo of sks dog": DreamBooth). Evaluation prompts name the concept accordingly.
+    trigger_is_subject: ClassVar[bool]
 
     def validate(self, concept: Concept) -> None:
         """Check the concept's tensors (names, ranks, finiteness); raise ConceptFormatError."""

@@ -317,6 +317,7 @@ class AppliedLoRA:
 @register_method
 class LoRA:
     name: ClassVar[str] = "lora"
+    trigger_is_subject: ClassVar[bool] = False  # the trigger goes with the class noun
     description: ClassVar[str] = "DreamBooth-LoRA: low-rank layer updates in kohya keys (A1111/ComfyUI/diffusers)"
 
     def validate(self, concept: Concept) -> None:

@@ -495,6 +495,7 @@ class AppliedPerfusion:
 @register_method
 class Perfusion:
     name: ClassVar[str] = "perfusion"
+    trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "key-locked gated rank-one K/V edits (~60 KB, combines with other concepts)"
 
     def validate(self, concept: Concept) -> None:

@@ -85,6 +85,7 @@ def _vectors(concept: Concept) -> list[torch.Tensor]:
 @register_method
 class TextualInversion:
     name: ClassVar[str] = "textual_inversion"
+    trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "a few learned token vectors (A1111/diffusers-compatible)"
 
     def validate(self, concept: Concept) -> None:

@@ -129,6 +129,7 @@ def install(base: BaseModel, adapter: LoadedAdapter, embeds: torch.Tensor, negat
 @register_method
 class ZeroShot:
     name: ClassVar[str] = "zeroshot"
+    trigger_is_subject: ClassVar[bool] = False  # the trigger goes with the class noun
     description: ClassVar[str] = "IP-Adapter image prompt: reference-image embeddings, no training (kilobytes to a few MB)"
 
     def validate(self, concept: Concept) -> None:

@@ -138,6 +138,7 @@ class AppliedNeTI:
 @register_method
 class NeTI:
     name: ClassVar[str] = METHOD
+    trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "a neural space-time mapper: one token per timestep and UNet layer (NeTI)"
 
     def validate(self, concept: Concept) -> None:
