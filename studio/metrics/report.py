@@ -130,6 +130,9 @@ def contact_sheet(
         if image is None:
             continue
         thumb = image.convert("RGB")
+        if max(thumb.size) * 2 <= cell:  # small renders (the 32-px demo world): enlarge by whole pixels
+            k_up = cell // max(thumb.size)
+            thumb = thumb.resize((thumb.width * k_up, thumb.height * k_up), Image.Resampling.NEAREST)
         thumb.thumbnail((cell, cell))
         x, y = (k % columns) * cell, (k // columns) * (cell + caption_h)
         sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
