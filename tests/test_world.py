@@ -167,3 +167,22 @@ def test_base_model_renders_its_vocabulary(world_pipe, oracle):
     for name in VOCABULARY:
         ok &= probs[name].argmax(-1) == torch.tensor([a.index(name) for a in attrs])
     assert float(ok.float().mean()) >= 0.8, f"all attributes read on {float(ok.float().mean()):.2f} of images"
+
+
+def test_demo_base_works_as_a_local_folder_base(tmp_path):
+    """``--base studio/assets/world/base`` is an ordinary diffusers folder to the studio: same
+    family/widths as ``--base demo``, and the CLI renders the same pixels from either."""
+    from PIL import Image
+
+    from studio.cli import main
+    from studio.models import load_base
+
+    folder, demo = load_base(str(DEMO_BASE_DIR), device="cpu"), load_base("demo", device="cpu")
+    assert folder.family == demo.family == "sd1" and folder.native_size == demo.native_size == 32
+    outs = []
+    for spec in (str(DEMO_BASE_DIR), "demo"):
+        out = tmp_path / f"{len(outs)}.png"
+        assert main(["generate", "--base", spec, "--prompt", "a photo of a red striped star on a teal background",
+                     "--steps", "8", "--guidance", "4", "--out", str(out)]) == 0
+        outs.append(np.asarray(Image.open(out)))
+    np.testing.assert_array_equal(outs[0], outs[1])
