@@ -160,7 +160,7 @@ def ti_init(seeds: Sequence[int], steps: int, every: int) -> None:
                         def generate(prompts, gen_seed, _h=handle, _c=concept):
                             return plain([rewrite(p, {_c.trigger: _h.prompt_text()}) for p in prompts], gen_seed)
 
-                        scores = evaluate(generate, f"{TOKEN} {CONCEPT.class_word}", CONCEPT, per_prompt=PER_PROMPT,
+                        scores = evaluate(generate, TOKEN, CONCEPT, per_prompt=PER_PROMPT,
                                           seed=seed, oracle=oracle())
                     finally:
                         handle.remove()

@@ -132,6 +132,10 @@ PRESETS = {
     "lora-text-encoder": dict(full=False, train_text_encoder=True, steps=500, lr=1e-4, rank=4),
     "full": dict(full=True, steps=800, lr=5e-6),
     "full-text-encoder": dict(full=True, train_text_encoder=True, steps=800, lr=2e-6),
+    # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
+    # learning tests train with it (README, learning table).
+    "demo-world": dict(full=False, train_text_encoder=True, steps=200, lr=2e-3, batch_size=4, rank=8,
+                       num_class_images=48, class_steps=20, class_guidance=4.0, prior_weight=1.0),
 }
 
 

@@ -78,6 +78,9 @@ PRESETS = {
     "paper": dict(steps=1000, lr=8e-3, batch_size=2, grad_accum=4),
     # A quick CPU run: 8× fewer samples per step, a fifth of the steps.
     "cpu": dict(steps=200, lr=8e-3, batch_size=1, grad_accum=1),
+    # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
+    # learning tests train with it (README, learning table).
+    "demo-world": dict(steps=120, lr=8e-3, batch_size=8, grad_accum=1),
 }
 
 

@@ -92,6 +92,10 @@ PRESETS = {
     "paper": dict(batch_size=16, steps=400, lr=0.006, lr_v=0.03),
     # CPU-friendly: a quarter of the batch, 150 steps (same learning rates).
     "cpu": dict(batch_size=4, steps=150, lr=0.006, lr_v=0.03),
+    # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
+    # learning tests train with it (README, learning table).
+    # lr_v 0.03 over-wrote the backgrounds there (editability 0.78); give masks (NAME.mask.png).
+    "demo-world": dict(batch_size=16, steps=100, lr=0.006, lr_v=0.01),
 }
 
 

@@ -66,6 +66,9 @@ PRESETS = {
     "cross-init-fast": dict(init="cross", num_vectors=2, steps=25, lr=5e-3, batch_size=8, reg_weight=1e-5),
     # Classic TI as in diffusers' README: batch 1 × accumulation 4, 3000 steps, effective lr 2e-3.
     "plain": dict(init="plain", num_vectors=1, steps=3000, lr=2e-3, batch_size=1, grad_accum=4, reg_weight=0.0),
+    # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
+    # learning tests train with it (README, learning table).
+    "demo-world": dict(init="cross", num_vectors=2, steps=200, lr=2e-2, batch_size=8, reg_weight=0.0),
 }
 
 

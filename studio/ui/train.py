@@ -27,6 +27,18 @@ def preset_choices(ctx: UIContext, method: str) -> list[str]:
     return ([] if m.default_preset else [NO_PRESET]) + list(m.presets)
 
 
+DEMO_PRESET = "demo-world"  # the presets measured on the offline demo world (trainers' PRESETS)
+
+
+def default_preset(ctx: UIContext, method: str) -> str:
+    """The preset the form opens with: on the demo base, the method's ``demo-world`` preset (the
+    SD presets' learning rates are too small for its 64-wide encoder); else the method's default."""
+    m = ctx.studio.training_methods()[method]
+    if getattr(ctx.studio.settings, "base", None) == "demo" and DEMO_PRESET in m.presets:
+        return DEMO_PRESET
+    return m.default_preset or NO_PRESET
+
+
 def preset_values(ctx: UIContext, method: str, preset: str | None) -> dict[str, Any]:
     m = ctx.studio.training_methods()[method]
     return m.preset_values("" if preset in (None, NO_PRESET) else preset)
@@ -145,7 +157,7 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
             with gr.Group(visible=name == first) as groups[name]:
                 gr.Markdown(f"**{name}** — {m.help}")
                 choices = preset_choices(ctx, name)
-                preset = m.default_preset or NO_PRESET
+                preset = default_preset(ctx, name)
                 c[f"{name}{SEP}preset"] = gr.Dropdown(choices=choices, value=preset, label="Preset",
                                                       elem_id=f"train-{name}-preset")
                 comps = build_form(forms[name], preset_values(ctx, name, preset), prefix=f"train-{name}")

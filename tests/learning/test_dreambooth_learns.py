@@ -17,13 +17,14 @@ import pytest
 from studio.world.score import pipeline_generator
 from studio.world.task import CONCEPT
 from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
+from trainers.dreambooth import PRESETS as DREAMBOOTH_PRESETS
 
 pytestmark = pytest.mark.learning
 
-# The toy world's UNet is small and its images are 32 px: a higher learning rate than SD's 1e-4 and
-# a text-encoder LoRA so the identifier (an untrained BPE token there) gets a meaning quickly.
-SETTINGS = dict(steps=200, lr=2e-3, batch_size=4, rank=8, train_text_encoder=True, num_class_images=48,
-                class_steps=20, class_guidance=4.0, prior_weight=1.0, token="sks")
+# The trainer's "demo-world" preset: the toy world's UNet is small and its images are 32 px, so a
+# higher learning rate than SD's 1e-4 and a text-encoder LoRA so that the identifier (an untrained
+# BPE token there) gets a meaning quickly.
+SETTINGS = dict(DREAMBOOTH_PRESETS["demo-world"], token="sks")
 
 
 @functools.lru_cache(maxsize=1)

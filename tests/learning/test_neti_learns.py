@@ -18,13 +18,15 @@ from typing import Any
 
 import pytest
 
+from trainers.neti import PRESETS as NETI_PRESETS
+
 pytestmark = pytest.mark.learning
 
 PLACEHOLDER = "<hrt>"
 CLASS_WORD = "circle"
 WORLD_TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}", "a rendering of a {}", "a {}")
-STEPS = 120
-BATCH = 8
+PRESET = dict(NETI_PRESETS["demo-world"])  # 120 steps, lr 8e-3, batch 8
+STEPS = PRESET["steps"]
 
 
 def _base() -> Any:
@@ -50,7 +52,8 @@ def train_concept(images_dir: Path, seed: int, lr_scale: float = 1.0, steps: int
 
     base = _base()
     cfg = NetiTrainConfig(images=str(images_dir), class_word=CLASS_WORD, token=PLACEHOLDER, steps=steps,
-                          lr=8e-3 * lr_scale, batch_size=BATCH, grad_accum=1, seed=seed, log_every=0,
+                          lr=PRESET["lr"] * lr_scale, batch_size=PRESET["batch_size"],
+                          grad_accum=PRESET["grad_accum"], seed=seed, log_every=0,
                           resolution=base.native_size)
     result = run_training(base, WorldTrainer(base, cfg, PLACEHOLDER), cfg, method="neti", save=False)
     return result.concept

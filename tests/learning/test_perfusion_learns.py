@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 from studio.world import DEMO_BASE_DIR
+from trainers.perfusion import PRESETS as PERFUSION_PRESETS
 
 pytestmark = pytest.mark.learning
 
 TOKEN = "<hrt>"
-STEPS = 100  # CPU budget ≤ 60 s on the 32-px world; the paper uses 400 at batch 16
-LR, LR_V = 0.006, 0.01  # embedding, o*_V (0.03 over-wrote the backgrounds: editability 0.78)
+# The trainer's "demo-world" preset: batch 16, 100 steps, lr 0.006 (embedding) / 0.01 (o*_V)
+PRESET = dict(PERFUSION_PRESETS["demo-world"])
 MASKS = True  # the paper trains on segmented subjects: without masks o*_V learns the backgrounds too
 
 
@@ -52,8 +53,8 @@ def train_perfusion(images_dir: Path, seed: int, lr_scale: float = 1.0):
         write_masks(images_dir)
     pipe = base_pipeline()
     base = describe(pipe, spec="demo", name="demo", identity=f"folder:{fingerprint_files(DEMO_BASE_DIR)}")
-    cfg = PerfusionConfig(images=str(images_dir), class_word=CONCEPT.class_word, steps=STEPS, batch_size=16,
-                          lr=LR * lr_scale, lr_v=LR_V * lr_scale, seed=seed, log_every=0)
+    cfg = PerfusionConfig(images=str(images_dir), class_word=CONCEPT.class_word, seed=seed, log_every=0,
+                          **dict(PRESET, lr=PRESET["lr"] * lr_scale, lr_v=PRESET["lr_v"] * lr_scale))
     concept = run_training(base, PerfusionTrainer(base, cfg, TOKEN), cfg, method="perfusion", save=False).concept
     plain = pipeline_generator(pipe)
 
