@@ -223,11 +223,9 @@ def test_the_studio_end_to_end_in_chromium(browser, app_url, photos, clip_dir):
     set_number(page, f"{FORM}-steps", "4")
     set_number(page, f"{FORM}-batch_size", "1")
     page.locator(f"#{FORM}-group-previews").get_by_text("Previews").click()
-    # the accordion mounts its fields when it opens: fill only once the field is there and settled,
-    # else the mount resets it (the job then ran with preview_every 0 and no card image)
+    # the value must stick: a preset re-applied at page load once reset it to 0 (no previews, no card image)
     preview_box = page.locator(f"#{FORM}-preview_every input[type=number]").first
     expect(preview_box).to_have_value("0")
-    page.wait_for_load_state("networkidle")
     set_number(page, f"{FORM}-preview_every", "2")
     expect(preview_box).to_have_value("2")
     page.locator("#train-images input[type=file]").set_input_files([str(p) for p in photos])

@@ -194,7 +194,9 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     on(c["method"].change, ctx, lambda ctx_, form: show_method(form), {"method": c["method"]}, list(groups.values()))
     for name in methods:
         comps = field_comps[name]
-        on(c[f"{name}{SEP}preset"].change, ctx,
+        # .input (a user's choice), not .change: a change event at page load would re-apply the preset
+        # over fields the user is already editing
+        on(c[f"{name}{SEP}preset"].input, ctx,
            lambda ctx_, form, name=name, comps=comps: update_values(
                forms[name], preset_values(ctx_, name, form["preset"]), list(comps)),
            {"preset": c[f"{name}{SEP}preset"]}, list(comps.values()))
