@@ -51,6 +51,7 @@ from studio.methods.runtime import text_encoders, token_table
 from trainers import TrainerEntry, register_trainer
 from trainers.conditioning import Conditioning, encode_prompts
 from trainers.data import Example, load_image_folder
+from trainers.templates import fill_templates
 from trainers.loop import CommonTrainConfig, PriorSet, _f
 
 # Rare identifiers that the CLIP BPE vocabulary holds as one or two tokens (the paper picks rare
@@ -226,13 +227,8 @@ class _DreamBoothTrainer:
         return self._prior
 
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
-        out = []
-        for tpl, ex in zip(templates, examples):
-            prompt = (tpl if self.cfg.use_templates else self.cfg.instance_prompt).format(self.text)
-            if ex.caption:
-                prompt = ex.caption.replace(self.token, self.text) if self.token in ex.caption else f"{prompt}, {ex.caption}"
-            out.append(prompt)
-        return out
+        chosen = templates if self.cfg.use_templates else [self.cfg.instance_prompt] * len(examples)
+        return fill_templates(chosen, [ex.caption for ex in examples], self.token, self.text)
 
     def conditioning(self, prompts: list[str], resolution: int) -> Conditioning:
         """(B, 77, D) states (+ SDXL's pooled embeds and time ids). With frozen encoders each prompt is

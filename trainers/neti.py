@@ -37,6 +37,7 @@ from studio.methods.runtime import text_encoders, token_table
 from trainers import TrainerEntry, register_trainer
 from trainers.conditioning import Conditioning, tokenize
 from trainers.data import Example
+from trainers.templates import fill_templates
 from trainers.loop import CommonTrainConfig, _f
 
 
@@ -141,13 +142,7 @@ class NetiTrainer:
         return [{"params": list(self.mapper.parameters()), "lr": self.cfg.lr}]
 
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
-        out = []
-        for tpl, ex in zip(templates, examples):
-            prompt = tpl.format(self.token)
-            if ex.caption:
-                prompt = ex.caption if self.token in ex.caption else f"{prompt}, {ex.caption}"
-            out.append(prompt)
-        return out
+        return fill_templates(templates, [ex.caption for ex in examples], self.token, self.token)
 
     def conditioning(self, prompts: list[str], resolution: int) -> Conditioning:
         """Bind the prompts' ids to the hook (it edits every row of the next UNet call) and return

@@ -56,6 +56,7 @@ from studio.methods.textual_inversion import class_embedding
 from trainers import TrainerEntry, register_trainer
 from trainers.conditioning import Conditioning, encode_prompts, tokenize
 from trainers.data import Example
+from trainers.templates import fill_templates
 from trainers.loop import CommonTrainConfig, _f
 
 
@@ -176,13 +177,7 @@ class PerfusionTrainer:
                 {"params": list(self.v_targets), "lr": self.cfg.lr_v}]
 
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
-        out = []
-        for tpl, ex in zip(templates, examples):
-            prompt = tpl.format(self.token)
-            if ex.caption:
-                prompt = ex.caption if self.token in ex.caption else f"{prompt}, {ex.caption}"
-            out.append(prompt)
-        return out
+        return fill_templates(templates, [ex.caption for ex in examples], self.token, self.token)
 
     def conditioning(self, prompts: list[str], resolution: int) -> Conditioning:
         """Encode ``prompts`` (B) → ``(B, 77, D)``; remember the states at the trigger for the EMA."""

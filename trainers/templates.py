@@ -6,6 +6,8 @@ paired with every photo, so it would claim a size the photo may not have and tea
 override size words (in the learnable world, training on large photos with "a photo of a small
 <tok>" made "a small <tok>" render large)."""
 
+from collections.abc import Sequence
+
 OBJECT_TEMPLATES = [
     "a photo of {}", "a close-up photo of {}", "a cropped photo of {}", "a bright photo of {}",
     "a dark photo of {}", "a good photo of {}", "a photo of the {}", "a photo of one {}",
@@ -22,3 +24,17 @@ STYLE_TEMPLATES = [
 ]
 
 TEMPLATES = {"object": OBJECT_TEMPLATES, "style": STYLE_TEMPLATES}
+
+
+def fill_templates(templates: Sequence[str], captions: Sequence[str | None], token: str, text: str) -> list[str]:
+    """The training prompt of each sample: its template with ``text`` (the concept's prompt text,
+    e.g. ``"<tok> <tok>#1"`` or ``"sks dog"``) in place of ``{}``. A caption that names ``token`` is
+    used instead (``token`` → ``text``); any other caption is appended after a comma."""
+    out = []
+    for template, caption in zip(templates, captions):
+        prompt = template.format(text)
+        if caption:
+            prompt = caption.replace(token, text) if token in caption else f"{prompt}, {caption}"
+        out.append(prompt)
+    return out
+

@@ -37,6 +37,7 @@ from studio.methods.textual_inversion import SD_KEY, SDXL_KEYS, TextualInversion
 from trainers import TrainerEntry, register_trainer
 from trainers.conditioning import encode_prompts
 from trainers.data import Example
+from trainers.templates import fill_templates
 from trainers.loop import CommonTrainConfig, _f
 
 
@@ -185,13 +186,7 @@ class TextualInversionTrainer:
         return " ".join(self.tokens)
 
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
-        out = []
-        for tpl, ex in zip(templates, examples):
-            prompt = tpl.format(self.text())
-            if ex.caption:
-                prompt = ex.caption.replace(self.token, self.text()) if self.token in ex.caption else f"{prompt}, {ex.caption}"
-            out.append(prompt)
-        return out
+        return fill_templates(templates, [ex.caption for ex in examples], self.token, self.text())
 
     def conditioning(self, prompts: list[str], resolution: int):
         return encode_prompts(self.base.pipe, prompts, resolution=resolution, device=self.base.device)
