@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "dreambench_prompts_and_classes.txt"
+# google/dreambooth dataset/prompts_and_classes.txt (CC-BY-4.0), committed beside the protocol it builds
+DEFAULT_SOURCE = ROOT / "studio" / "assets" / "protocols" / "dreambench_prompts_and_classes.txt"
 DEFAULT_OUT = ROOT / "studio" / "assets" / "protocols" / "dreambench.json"
 LIVE_CLASSES = ("cat", "dog")
 PROMPT = re.compile(r"^'(?P<text>[^']*)'\.format\(unique_token, class_token\),?$")
@@ -60,7 +61,8 @@ def parse(text: str) -> dict[str, object]:
         "format": 1,
         "name": "dreambench",
         "source": "https://github.com/google/dreambooth dataset/prompts_and_classes.txt (CC-BY-4.0)",
-        "placeholder": "{} = the concept's trigger followed by its class noun ('{unique_token} {class_token}')",
+        "placeholder": ("{} = the concept as its method names it: trigger + class noun ('{unique_token} "
+                        "{class_token}'), or the trigger alone for textual inversion, NeTI and Perfusion"),
         "images_per_prompt": 4,
         "live_classes": list(LIVE_CLASSES),
         "subjects": subjects,
