@@ -51,7 +51,7 @@ def random_concept(base: Any, trigger: str, seed: int) -> Any:
     from studio.concept import Concept
     from studio.methods.attention import unet_layers
     from studio.methods.perfusion import concept_meta, concept_tensors
-    from studio.methods.perfusion_cov import token_encoding, word_encoding
+    from studio.methods.perfusion.covariance import token_encoding, word_encoding
     from studio.methods.runtime import text_encoders
 
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +68,7 @@ def step_costs(base_name: str, size: int | None, repeats: int, n_captions: int |
     from bench.common import table
     from studio.methods import get_method
     from studio.methods.attention import AttentionHook, add_hook, cfg_layout, remove_hook
-    from studio.methods.perfusion_cov import CovarianceSettings
+    from studio.methods.perfusion.covariance import CovarianceSettings
 
     base = _base(base_name)
     pipe, unet = base.pipe, base.pipe.unet

@@ -16,7 +16,7 @@ There are no pretrained image encoders or adapters for the world, so both are tr
    the text the context (background, size);
 3. render the adapter's training folder with captions that often leave the identity unsaid
    (so the image branch has to supply it);
-4. train a new base-kind adapter with the studio's own trainer (``trainers/adapter.py``,
+4. train a new base-kind adapter with the studio's own trainer (``trainers/zeroshot.py``,
    ``--adapter new``: ``to_k_ip``/``to_v_ip`` start from the text ``to_k``/``to_v``);
 5. save ``ip_adapter.safetensors`` + ``image_encoder/`` + ``studio_adapter.json`` (settings, this
    script's sha256, metrics) and verify: zero-shot fidelity of the concept from one of its photos
@@ -112,7 +112,7 @@ def make_encoder(s: Settings):
 
 def pixels(images: list, image_size: int = 32) -> torch.Tensor:
     """PIL renders → CLIP-normalised (N, 3, 32, 32), exactly as the adapter's image processor."""
-    from studio.methods.ip_adapter import clip_processor
+    from studio.methods.zeroshot.encoder import clip_processor
 
     return clip_processor(image_size)(images, return_tensors="pt").pixel_values
 

@@ -5,7 +5,7 @@ For a base (default: the ``tiny`` offline base) this script
 1. encodes a large *reference* corpus (generated with another seed than the corpora under test)
    and builds ``C_ref⁻¹``;
 2. for each corpus size ``N``, builds ``C_N⁻¹`` from the first ``N`` generated captions
-   (``studio.methods.perfusion_cov.generated_captions``, seed 0 — the default corpus);
+   (``studio.methods.perfusion.covariance.generated_captions``, seed 0 — the default corpus);
 3. on held-out prompts (a third seed) takes ``i*`` = the context state at a noun of a prompt
    (a stand-in for a concept encoding) and compares ``r = sim/energy = eᵀC⁻¹i* / i*ᵀC⁻¹i*`` at
    every real token ``e`` of the held-out prompts under ``C_N⁻¹`` and ``C_ref⁻¹``;
@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from studio.methods.perfusion_cov import (  # noqa: E402
+from studio.methods.perfusion.covariance import (  # noqa: E402
     DEFAULT_RIDGE,
     accumulate_covariance,
     context_tokens,

@@ -32,7 +32,7 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +96,16 @@ class Concept:
 _ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
-def save_concept(concept: Concept, path: str | os.PathLike[str]) -> Path:
-    """Write ``concept`` atomically to ``path`` (a ``.safetensors`` file) and return the path."""
-    from safetensors.torch import save_file
+def write_concept(concept: Concept, path: str | os.PathLike[str]) -> Path:
+    """Write ``concept`` atomically to ``path`` (a ``.safetensors`` file) and return the path.
 
-    from studio.methods import get_method
+    The format alone: validating the tensors against the concept's method is
+    :func:`studio.methods.save_concept`, which every caller outside the methods uses."""
+    from safetensors.torch import save_file
 
     method_tensors, refs = split_refs(concept.tensors)
     refs.update(concept.refs)
     _check_refs(refs, Path(path))
-    get_method(concept.method).validate(replace(concept, tensors=method_tensors))  # ref.* belong to no method
     final = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in method_tensors.items()}
     tensors.update({REF_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in refs.items()})
@@ -152,12 +152,13 @@ def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str,
     return header, {str(k): str(v) for k, v in metadata.items()}
 
 
-def load_concept(path: str | os.PathLike[str]) -> Concept:
-    """Read and validate a studio concept file (no compatibility check; see :func:`check_compatible`)."""
+def read_concept(path: str | os.PathLike[str]) -> Concept:
+    """Read a studio concept file and check its format (header, metadata types, finite tensors).
+
+    The format alone: :func:`studio.methods.load_concept` also validates the tensors against the
+    concept's method, and is what every caller outside the methods uses."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from studio.methods import get_method
 
     p = Path(path)
     _, md = read_header(p)
@@ -194,7 +195,6 @@ def load_concept(path: str | os.PathLike[str]) -> Concept:
         refs=refs,
         ref_models=_json(md, "studio.ref_model", p, dict),
     )
-    get_method(concept.method).validate(concept)
     return concept
 
 

@@ -44,10 +44,10 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
-from studio.concept import Concept, load_concept, save_concept
+from studio.concept import Concept
 from studio.errors import StudioError
 from studio.generation import ConceptUse, GenerateConfig, applied, effective_strengths, parameters_text
-from studio.methods import get_method
+from studio.methods import get_method, load_concept, save_concept
 from studio.metrics import (
     CachedScorer,
     Choice,

@@ -17,8 +17,9 @@ from typing import Any
 from PIL import Image
 
 from studio.atomic import atomic_path
-from studio.concept import Concept, load_concept, read_header, save_concept
+from studio.concept import Concept, read_header
 from studio.errors import ConceptFormatError, StudioError
+from studio.methods import load_concept, save_concept
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,79}$")
 SUFFIX = ".safetensors"
@@ -175,8 +176,8 @@ class Library:
         self.preview_path(name).unlink(missing_ok=True)
 
     def export(self, name: str, out: str | os.PathLike[str], fmt: str = "studio", *, force: bool = False) -> Path:
-        """Copy a concept out of the library, as a studio file or converted (see :mod:`studio.interop`)."""
-        from studio.interop import export_concept
+        """Copy a concept out of the library, as a studio file or converted (see :mod:`studio.methods.interop`)."""
+        from studio.methods.interop import export_concept
 
         out_path = Path(out).expanduser()
         if out_path.exists() and not force:
@@ -191,7 +192,7 @@ class Library:
     def import_file(self, path: str | os.PathLike[str], name: str | None = None, *, token: str | None = None,
                     class_word: str | None = None, force: bool = False) -> Path:
         """Bring a studio, A1111, diffusers, Cross-Initialization (or, with those methods, LoRA) file in."""
-        from studio.interop import import_concept
+        from studio.methods.interop import import_concept
 
         concept = import_concept(Path(path).expanduser(), token=token, class_word=class_word)
         return self.add(concept, name or concept.name, force=force)

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from studio.concept import Concept, load_concept
+from studio.concept import Concept
 from studio.errors import StudioError
 from studio.generation import GenerateConfig, generate
 from studio.jobs import JobQueue
 from studio.library import DEFAULT_LIBRARY, Library
+from studio.methods import load_concept
 from studio.models import BaseModel, load_base
 
 
@@ -106,7 +107,7 @@ class Studio:
             device=loaded.device if loaded is not None else "cpu",
             dtype=loaded.dtype if loaded is not None else torch.float32)
         if out:
-            from studio.concept import save_concept
+            from studio.methods import save_concept
 
             target = Path(out).expanduser()
             if target.suffix != ".safetensors":

@@ -27,7 +27,7 @@ def make_ti(base, trigger: str, seed: int) -> Concept:
 def make_lora(base, trigger: str, seed: int, *, rank: int = 4, text_encoder: bool = True) -> Concept:
     """Random rank-``rank`` kohya LoRA on the UNet's attention projections (and the text encoders'
     q/k/v/out_proj), ``alpha = rank / 2`` so the scale is not 1."""
-    from studio.methods.lora import UNET_PREFIX, base_modules
+    from studio.methods.lora.keys import UNET_PREFIX, base_modules
 
     g = torch.Generator().manual_seed(seed)
     tensors = {}
@@ -48,7 +48,7 @@ def make_perfusion(base, trigger: str, seed: int) -> Concept:
     of <tok>" (so the gate opens at the token in "a photo of <tok> …"), ``i*_super`` the class word's."""
     from studio.methods.attention import unet_layers
     from studio.methods.perfusion import concept_meta, concept_tensors
-    from studio.methods.perfusion_cov import token_encoding, word_encoding
+    from studio.methods.perfusion.covariance import token_encoding, word_encoding
 
     g = torch.Generator().manual_seed(seed)
     encs = text_encoders(base.pipe)
@@ -98,7 +98,7 @@ def tiny_adapter_state(unet, encoder, kind: str = "base", seed: int = 0) -> dict
     from diffusers.models.embeddings import ImageProjection, IPAdapterPlusImageProjection
 
     from studio.methods.attention import unet_layers
-    from studio.methods.ip_adapter import ip_key_ids, published_projection
+    from studio.methods.zeroshot.adapter import ip_key_ids, published_projection
 
     width = int(unet.config.cross_attention_dim)
     state = torch.random.get_rng_state()
@@ -125,7 +125,7 @@ def save_tiny_adapter(folder, unet, kind: str = "base", seed: int = 0):
     subfolder="", weight_name="ip_adapter.safetensors")`` reads. Returns the folder."""
     from pathlib import Path
 
-    from studio.methods.ip_adapter import save_adapter_file
+    from studio.methods.zeroshot.adapter import save_adapter_file
 
     folder = Path(folder)
     encoder = tiny_image_encoder(seed)

@@ -5,8 +5,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from studio.concept import FORMAT_VERSION, Concept, check_compatible, load_concept, save_concept
+from studio.concept import FORMAT_VERSION, Concept, check_compatible
 from studio.errors import ConceptFormatError, IncompatibleConceptError
+from studio.methods import load_concept, save_concept
 from tests.method_cases import make_ti
 
 

@@ -15,31 +15,25 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.concept import load_concept, save_concept
 from studio.errors import StudioError, TrainingError
 from studio.generation import applied, effective_strengths
-from studio.interop import export_concept, import_concept
-from studio.methods import get_method
-from studio.methods.lora import (
-    lora_modules,
-    lora_state,
-    module_path,
-    sgm_to_diffusers,
-    te_path,
-)
+from studio.methods import get_method, load_concept, save_concept
+from studio.methods.interop import export_concept, import_concept
+from studio.methods.lora import lora_state
+from studio.methods.lora.keys import lora_modules, module_path, sgm_to_diffusers, te_path
 from studio.models import build_tiny_pipeline
 from studio.prompts import rewrite
 from tests.conftest import render
 from tests.method_cases import make_lora
 from trainers import get_trainer
-from trainers.dreambooth import (
+from trainers.loop import TrainControl, TrainingStopped, _noise, _optimizer
+from trainers.lora import (
     ADAPTER,
     RARE_IDENTIFIERS,
     DreamBoothConfig,
     class_image_folder,
     ensure_class_images,
 )
-from trainers.loop import TrainControl, TrainingStopped, _noise, _optimizer
 from trainers.runner import make_config, train
 
 ENTRY = get_trainer("dreambooth")

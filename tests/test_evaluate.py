@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from studio.cli import main
-from studio.concept import Concept, load_concept, save_concept
+from studio.concept import Concept
 from studio.errors import StudioError
 from studio.evaluation import (
     WorldJudge,
@@ -27,6 +27,7 @@ from studio.evaluation import (
     score_images,
     sweep_strength,
 )
+from studio.methods import load_concept, save_concept
 from studio.metrics import ClipScorer, EvalConcept
 from studio.service import BaseSettings, Studio
 from tests.method_cases import make_ti

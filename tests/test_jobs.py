@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.concept import load_concept
 from studio.errors import StudioError
 from studio.jobs import JobQueue, Worker, start_worker_process
+from studio.methods import load_concept
 from trainers import get_trainer
 from trainers.loop import TrainCallbacks
 from trainers.runner import make_config, train

@@ -8,9 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.concept import load_concept, save_concept
 from studio.errors import ConceptFormatError, IncompatibleConceptError
-from studio.methods import get_method
+from studio.methods import get_method, load_concept, save_concept
 from studio.methods.attention import AttentionHook, add_hook, cfg_layout, remove_hook, store_of
 from studio.methods.neti import (
     NetiMapper,

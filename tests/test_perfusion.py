@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from studio.concept import Concept, load_concept, save_concept
+from studio.concept import Concept
 from studio.errors import ConceptFormatError, IncompatibleConceptError
-from studio.methods import get_method
+from studio.methods import get_method, load_concept, save_concept
 from studio.methods.attention import ConditioningStore, unet_layers
 from studio.methods.perfusion import (
     I_STAR,
@@ -25,7 +25,7 @@ from studio.methods.perfusion import (
     gate_beta,
     get_hook,
 )
-from studio.methods.perfusion_cov import word_encoding
+from studio.methods.perfusion.covariance import word_encoding
 from tests.conftest import render
 from tests.method_cases import make_perfusion, make_ti
 
@@ -318,7 +318,7 @@ def test_global_locking_keys_read_the_superclass_prompt(tiny):
 
 
 def test_inverse_covariance_cache_is_reused_and_keyed_by_identity(tiny, tmp_path, monkeypatch):
-    from studio.methods import perfusion_cov as pc
+    from studio.methods.perfusion import covariance as pc
 
     settings = pc.CovarianceSettings(n_captions=200)
     calls = []

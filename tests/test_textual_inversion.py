@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from studio.concept import load_concept
 from studio.errors import TrainingError
-from studio.generation import GenerateConfig, ConceptUse
+from studio.generation import ConceptUse, GenerateConfig
+from studio.methods import load_concept
 from studio.service import Studio
 from trainers import get_trainer
 from trainers.loop import TrainControl, TrainingStopped

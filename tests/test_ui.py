@@ -120,7 +120,7 @@ def test_the_train_form_is_the_config_dataclass_minus_what_a_job_manages(ctx):
 def test_a_field_added_to_a_config_appears_in_the_train_form_with_no_ui_change(ctx, monkeypatch):
     import gradio as gr
 
-    import trainers
+    import trainers.registry
     from studio.ui.forms import build_form
 
     @dataclasses.dataclass
@@ -132,7 +132,7 @@ def test_a_field_added_to_a_config_appears_in_the_train_form_with_no_ui_change(c
     entry = TrainerEntry(cli_name="sharper-ti", method="textual_inversion", help="TI, sharper",
                          config_cls=SharperConfig, make_trainer=TextualInversionTrainer,
                          presets={"sharp": {"sharpness": 0.9}}, default_preset="sharp")
-    monkeypatch.setitem(trainers._TRAINERS, entry.cli_name, entry)
+    monkeypatch.setattr(trainers.registry, "_TRAINERS", (*trainers.registry._TRAINERS, entry))
 
     fields = {f.name: f for f in train.method_forms(ctx)["sharper-ti"]}
     assert fields["sharpness"].widget == "float" and fields["sharpness"].help == "how sharp the learned vectors are"

@@ -13,8 +13,8 @@ from studio.errors import IncompatibleConceptError, StudioError
 from studio.generation import GenerateConfig, applied, effective_strengths, generate
 from studio.methods import get_method
 from studio.methods.attention import AttentionHook, StudioCrossAttnProcessor, add_hook, remove_hook, store_of
-from studio.methods.ip_adapter import build_adapter, published_state, read_adapter_state, resolve_adapter
 from studio.methods.zeroshot import EMBEDS, make_zeroshot_concept
+from studio.methods.zeroshot.adapter import build_adapter, published_state, read_adapter_state, resolve_adapter
 from studio.prompts import rewrite
 from tests.conftest import render
 from tests.method_cases import (
@@ -243,7 +243,7 @@ def test_errors_are_clear(tiny_bases, tmp_path):
         resolve_adapter(str(tmp_path / "missing.safetensors"))
     faceid = {"image_proj.proj.0.weight": torch.zeros(8, 4), "image_proj.proj.2.weight": torch.zeros(32, 8),
               "image_proj.norm.weight": torch.zeros(8), "ip_adapter.1.to_k_ip.weight": torch.zeros(8, 8)}
-    from studio.methods.ip_adapter import save_adapter_file
+    from studio.methods.zeroshot.adapter import save_adapter_file
 
     save_adapter_file(tmp_path / "faceid.safetensors", faceid)
     with pytest.raises(StudioError, match="insightface"):
@@ -299,7 +299,7 @@ def test_mask_limits_where_the_reference_acts(tiny, tmp_path):
     left = np.tile((np.arange(48) < 24).astype("uint8") * 255, (48, 1))
     Image.fromarray(left).save(tmp_path / "left.png")
     Image.fromarray(left * 0).save(tmp_path / "none.png")
-    from studio.methods.ip_adapter import mask_tensor
+    from studio.methods.zeroshot.adapter import mask_tensor
 
     masked = replace(c, tensors={**c.tensors, MASK: mask_tensor(Image.open(tmp_path / "left.png"))})
     nowhere = replace(c, tensors={**c.tensors, MASK: mask_tensor(Image.open(tmp_path / "none.png"))})
@@ -311,7 +311,7 @@ def test_mask_limits_where_the_reference_acts(tiny, tmp_path):
 
 def test_cli_create_zeroshot_and_generate_with_a_reference(tiny, tmp_path, capsys):
     from studio.cli import main
-    from studio.concept import load_concept
+    from studio.methods import load_concept
 
     folder = tiny_adapter_folder(tiny)
     refs = tmp_path / "refs"

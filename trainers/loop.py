@@ -35,7 +35,14 @@ from PIL import Image
 
 from studio.concept import Concept
 from studio.errors import TrainingError
-from trainers.checkpoint import config_hash, data_digest, list_checkpoints, load_checkpoint, resolve_resume, save_checkpoint
+from trainers.checkpoint import (
+    config_hash,
+    data_digest,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from trainers.conditioning import Conditioning
 from trainers.data import Example, load_image_folder
 
@@ -424,7 +431,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     concept.base = base.fingerprint()
     written = None
     if save and out_path is not None and acc.is_main_process:
-        from studio.concept import save_concept
+        from studio.methods import save_concept
 
         if cfg.writes_folder():  # a whole model, written while the trained weights are in the pipeline
             written = trainer.save_model(out_path, concept)  # type: ignore[attr-defined]

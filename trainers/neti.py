@@ -34,11 +34,11 @@ from studio.methods.neti.encoder import clip_hidden_states, pooled_text_embeds, 
 from studio.methods.neti.hook import NetiEntry, NetiHook, attach_neti_hook, neti_hook
 from studio.methods.neti.mapper import NetiMapper
 from studio.methods.runtime import text_encoders, token_table
-from trainers import TrainerEntry, register_trainer
 from trainers.conditioning import Conditioning, tokenize
 from trainers.data import Example
-from trainers.templates import fill_templates
+from trainers.entry import TrainerEntry
 from trainers.loop import CommonTrainConfig, _f
+from trainers.templates import fill_templates
 
 
 @dataclass
@@ -201,8 +201,8 @@ class NetiTrainer:
         self._frozen = []
 
 
-ENTRY = register_trainer(TrainerEntry(
+ENTRY = TrainerEntry(
     cli_name="neti", method=METHOD,
     help="NeTI: a small mapper gives the token a vector per timestep and UNet layer (≈2 MB; strength = truncation)",
     config_cls=NetiTrainConfig, make_trainer=NetiTrainer, presets=PRESETS, default_preset="paper", min_images=1,
-))
+)

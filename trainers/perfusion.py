@@ -50,14 +50,14 @@ from studio.methods.perfusion import (
     linear_part,
     release_hook,
 )
-from studio.methods.perfusion_cov import CovarianceSettings, inverse_covariance, word_encoding
+from studio.methods.perfusion.covariance import CovarianceSettings, inverse_covariance, word_encoding
 from studio.methods.runtime import SplicedEmbedding, text_encoders, token_table
 from studio.methods.textual_inversion import class_embedding
-from trainers import TrainerEntry, register_trainer
 from trainers.conditioning import Conditioning, encode_prompts, tokenize
 from trainers.data import Example
-from trainers.templates import fill_templates
+from trainers.entry import TrainerEntry
 from trainers.loop import CommonTrainConfig, _f
+from trainers.templates import fill_templates
 
 
 @dataclass
@@ -225,9 +225,9 @@ class PerfusionTrainer:
         self._frozen = []
 
 
-ENTRY = register_trainer(TrainerEntry(
+ENTRY = TrainerEntry(
     cli_name="perfusion", method=Perfusion.name,
     help="Perfusion: key-locked gated rank-one edits (~60 KB concepts that combine)",
     config_cls=PerfusionConfig, make_trainer=PerfusionTrainer, presets=PRESETS, default_preset="paper",
     min_images=1,
-))
+)

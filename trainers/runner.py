@@ -174,7 +174,7 @@ class TrainingEvaluator(TrainCallbacks):
         """Store the curve (and the best step's concept with ``--keep-best``) in the saved concept."""
         from dataclasses import replace
 
-        from studio.concept import save_concept
+        from studio.methods import save_concept
         from studio.metrics import CachedScorer
 
         if not self.tracker.points:  # not the main process

@@ -33,12 +33,13 @@ from torch import nn
 from studio.concept import Concept
 from studio.errors import TrainingError
 from studio.methods.runtime import SplicedEmbedding, text_encoders, token_table
-from studio.methods.textual_inversion import SD_KEY, SDXL_KEYS, TextualInversion, placeholder_tokens
-from trainers import TrainerEntry, register_trainer
+from studio.methods.textual_inversion import TextualInversion, placeholder_tokens
+from studio.methods.textual_inversion.files import SD_KEY, SDXL_KEYS
 from trainers.conditioning import encode_prompts
 from trainers.data import Example
-from trainers.templates import fill_templates
+from trainers.entry import TrainerEntry
 from trainers.loop import CommonTrainConfig, _f
+from trainers.templates import fill_templates
 
 
 @dataclass
@@ -217,9 +218,9 @@ class TextualInversionTrainer:
         self._frozen = []
 
 
-ENTRY = register_trainer(TrainerEntry(
+ENTRY = TrainerEntry(
     cli_name="textual-inversion", method=TextualInversion.name,
     help="textual inversion with Cross Initialization: a few token vectors (kilobytes)",
     config_cls=TextualInversionConfig, make_trainer=TextualInversionTrainer, presets=PRESETS,
     default_preset="cross-init", min_images=1,
-))
+)

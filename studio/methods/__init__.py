@@ -1,13 +1,10 @@
-"""Concept methods: the protocol, the registry and the built-in methods."""
+"""Concept methods: one folder per method (apply, file I/O, import/export), the registry, the shared
+attention processor (:mod:`studio.methods.attention`) and token table (:mod:`studio.methods.runtime`),
+and the validating concept reader/writer (:mod:`studio.methods.interop`)."""
 
 from studio.methods.base import Applied, Method
-from studio.methods.registry import get_method, method_names, register_method
+from studio.methods.interop import export_concept, export_formats, import_concept, load_concept, save_concept
+from studio.methods.registry import METHODS, get_method, method_names
 
-# Built-in methods register on import (order = the order the UI lists them).
-from studio.methods import textual_inversion  # noqa: E402,F401  isort: skip
-from studio.methods import lora  # noqa: E402,F401  isort: skip
-from studio.methods import perfusion  # noqa: E402,F401  isort: skip
-from studio.methods import neti  # noqa: E402,F401  isort: skip
-from studio.methods import zeroshot  # noqa: E402,F401  isort: skip
-
-__all__ = ["Applied", "Method", "get_method", "method_names", "register_method"]
+__all__ = ["METHODS", "Applied", "Method", "export_concept", "export_formats", "get_method", "import_concept",
+           "load_concept", "method_names", "save_concept"]

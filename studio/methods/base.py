@@ -35,6 +35,10 @@ class Method(Protocol):
     # textual inversion, NeTI, Perfusion); False when it is an identifier that goes with the class
     # noun ("a photo of sks dog": DreamBooth). Evaluation prompts name the concept accordingly.
     trigger_is_subject: ClassVar[bool]
+    # Readers of other tools' files: ``(tensors, metadata, path) -> Concept | None`` (None: not mine),
+    # tried in registry order by ``concepts import``; and writers by format name (``concepts export``).
+    importers: ClassVar[tuple[Any, ...]]
+    exporters: ClassVar[dict[str, Any]]
 
     def validate(self, concept: Concept) -> None:
         """Check the concept's tensors (names, ranks, finiteness); raise ConceptFormatError."""
@@ -58,4 +62,3 @@ def plain_prompt_text(concept: Concept, strength: float) -> str:
         return class_word_text(concept)
     return " ".join(t for t in (concept.trigger.strip("<>"), concept.class_word) if t)
 
-_UNUSED: Any = None

@@ -1,29 +1,35 @@
-"""Name → method registry. Methods register themselves when their module is imported; the
-package ``__init__`` imports every built-in method explicitly (no entry-point magic)."""
+"""Name → method. The built-in methods are listed here explicitly: the registry imports the
+methods, never the reverse, so there is no registration by import side effect and no import loop.
+A method declares its own file importers and exporters (``importers``, ``exporters``), which
+:mod:`studio.methods.interop` reads from here."""
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from studio.errors import ConceptFormatError
+from studio.methods.lora import LoRA
+from studio.methods.neti import NeTI
+from studio.methods.perfusion import Perfusion
+from studio.methods.textual_inversion import TextualInversion
+from studio.methods.zeroshot import ZeroShot
 
-_METHODS: dict[str, Any] = {}
-
-
-def register_method(cls: type) -> type:
-    """Class decorator: register ``cls`` (a :class:`~studio.methods.base.Method`) by ``cls.name``."""
-    _METHODS[cls.name] = cls()
-    return cls
+# The order is the order the UI lists them.
+METHODS: MappingProxyType[str, Any] = MappingProxyType(
+    {m.name: m for m in (TextualInversion(), LoRA(), Perfusion(), NeTI(), ZeroShot())})
 
 
 def get_method(name: str) -> Any:
+    """The method called ``name`` (a :class:`~studio.methods.base.Method`); a clear error otherwise."""
     try:
-        return _METHODS[name]
-    except KeyError:
-        known = ", ".join(sorted(_METHODS)) or "none"
+        return METHODS[name]
+    except (KeyError, TypeError):
+        known = ", ".join(sorted(METHODS))
         raise ConceptFormatError(f"Unknown concept method {name!r}; this studio knows: {known}. "
                                  "The file may come from a newer studio.") from None
 
 
 def method_names() -> list[str]:
-    return sorted(_METHODS)
+    """Names of every method, sorted."""
+    return sorted(METHODS)

@@ -114,7 +114,7 @@ def import_concept(ctx: UIContext, form: dict[str, Any]) -> str:
 
 
 def export_formats(ctx: UIContext, name: str | None) -> list[str]:
-    from studio.interop import export_formats as formats
+    from studio.methods.interop import export_formats as formats
 
     if not name:
         return ["studio"]

@@ -53,7 +53,7 @@ def concept_bytes(concept) -> int:
     """Size of ``concept`` saved as a studio ``.safetensors`` file."""
     import tempfile
 
-    from studio.concept import save_concept
+    from studio.methods import save_concept
 
     with tempfile.TemporaryDirectory() as tmp:
         return save_concept(concept, Path(tmp) / "concept.safetensors").stat().st_size

@@ -3,7 +3,7 @@ trainer, renders the concept from one reference photo in contexts the photos nev
 
 The adapter (``studio/assets/world_adapter``, built by ``scripts/build_world_adapter.py`` with an
 image encoder trained on the world) never saw a purple dotted circle. Each seed: fine-tune it on
-the concept's photos (``trainers/adapter.py``), then generate the task's evaluation prompts with the
+the concept's photos (``trainers/zeroshot.py``), then generate the task's evaluation prompts with the
 bare class word ("a photo of a circle on a pink background") and one of the photos as the image
 prompt. Scored by the oracle against the class-word baseline (:mod:`tests.learning.harness`).
 

@@ -17,7 +17,7 @@ import pytest
 from studio.world.score import pipeline_generator
 from studio.world.task import CONCEPT
 from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
-from trainers.dreambooth import PRESETS as DREAMBOOTH_PRESETS
+from trainers.lora import PRESETS as DREAMBOOTH_PRESETS
 
 pytestmark = pytest.mark.learning
 

@@ -40,7 +40,6 @@ from studio.methods.attention import unet_layers
 from studio.methods.base import class_word_text
 from studio.methods.neti.hook import NetiEntry, NetiHook, attach_neti_hook, neti_hook
 from studio.methods.neti.mapper import MapperConfig, NetiMapper, truncation_for
-from studio.methods.registry import register_method
 from studio.methods.runtime import text_encoders, token_table
 
 if TYPE_CHECKING:
@@ -135,9 +134,10 @@ class AppliedNeTI:
         self.table_key = ""
 
 
-@register_method
 class NeTI:
     name: ClassVar[str] = METHOD
+    importers: ClassVar[tuple] = ()  # no other tool writes this method's files
+    exporters: ClassVar[dict] = {}
     trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "a neural space-time mapper: one token per timestep and UNet layer (NeTI)"
 

@@ -27,70 +27,20 @@ processors with its own, the last one installed would silently drop the others. 
   (``enable_xformers_memory_efficient_attention``, ``load_ip_adapter`` …) replaced them meanwhile,
   :func:`ensure_installed` installs ours again over the new ones. Processors that own weights
   (diffusers' IP-Adapter processors with ``to_k_ip``/``to_v_ip``) are not dropped: a *passive* hook
-  (:mod:`studio.methods.ip_adapter`) keeps their image attention running inside ours, and they come
+  (:mod:`studio.methods.attention.ip`) keeps their image attention running inside ours, and they come
   back when the last active hook leaves.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from studio.methods.attention.hooks import AttentionHook, ConditioningStore, LayerInfo
+from studio.methods.attention.ip import adopt_diffusers_ip_adapter
 from studio.models.keys import cross_attention_layers
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A cross-attention layer: its index in execution order, module name, and widths."""
-
-    index: int
-    name: str  # e.g. "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
-    context_dim: int  # width of the encoder states it reads (cross_attention_dim)
-    inner_dim: int  # width of its keys/values (to_k.out_features)
-
-
-class AttentionHook:
-    """Base class: override what the method needs. ``rows`` selects the batch rows a hook may change
-    (the conditional half under classifier-free guidance, else every row)."""
-
-    passive: ClassVar[bool] = False
-    """True for a hook that only stands in for a replaced processor (diffusers' IP-Adapter): it does
-    not keep the studio processors installed once every active hook has left."""
-
-    def context(self, store: ConditioningStore, layer: LayerInfo, ctx: torch.Tensor,
-                rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Return ``(ctx_for_keys, ctx_for_values)`` (B, T, D) or None to leave them."""
-        return None
-
-    def edit_kv(self, store: ConditioningStore, layer: LayerInfo, attn: Any, ctx_k: torch.Tensor,
-                ctx_v: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return edited ``(key, value)`` (B, T, inner)."""
-        return key, value
-
-    def extra(self, store: ConditioningStore, layer: LayerInfo, attn: Any, query: torch.Tensor,
-              rows: slice) -> torch.Tensor | None:
-        """An extra attention output (B, N, inner) added before the output projection, or None."""
-        return None
-
-
-@dataclass
-class ConditioningStore:
-    """Shared state of the studio processors of one UNet."""
-
-    layers: list[LayerInfo]
-    hooks: dict[str, AttentionHook] = field(default_factory=dict)
-    timestep: torch.Tensor | None = None  # the UNet call's timestep(s): () or (B,)
-    uncond_rows: int = 0  # leading rows of the batch that are the unconditional CFG half
-    original: dict[str, Any] = field(default_factory=dict)  # processors to restore
-    handle: Any = None  # the UNet forward pre-hook
-    extra: dict[str, Any] = field(default_factory=dict)  # per-method shared data (e.g. IP image tokens)
-
-    def rows(self, batch: int) -> slice:
-        return slice(self.uncond_rows if 0 < self.uncond_rows < batch else 0, batch)
 
 
 class StudioCrossAttnProcessor:
@@ -221,8 +171,6 @@ def ensure_installed(unet: Any) -> None:
     if changed:
         unet.set_attn_processor(procs)
         if any(hasattr(p, "to_k_ip") for p in store.original.values()):
-            from studio.methods.ip_adapter import adopt_diffusers_ip_adapter
-
             adopt_diffusers_ip_adapter(store)
     if store.handle is None:
         store.handle = unet.register_forward_pre_hook(_timestep_hook(store), with_kwargs=True)

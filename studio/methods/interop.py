@@ -1,7 +1,11 @@
 """Import foreign concept files and export ours to other tools' formats.
 
+Also the validating reader and writer of studio concept files (:func:`load_concept`,
+:func:`save_concept`): the file format alone is :mod:`studio.concept`; checking the tensors against
+the method that made them needs the method registry, which lives at this layer.
+
 Importers are tried in order; each recognises a file by its tensor names and returns a
-:class:`~studio.concept.Concept` or ``None``. Methods register their own importers and exporters
+:class:`~studio.concept.Concept` or ``None``. Each method declares its own importers and exporters
 (textual inversion: A1111 / diffusers / Cross-Initialization; LoRA: kohya / PEFT …).
 
 Pickled files (``.pt``, ``.bin``) are read only here — an explicit ``concepts import`` — and only
@@ -10,36 +14,41 @@ with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from studio.concept import Concept, load_concept, read_header
+from studio.concept import Concept, read_concept, read_header, split_refs, write_concept
 from studio.errors import ConceptFormatError, StudioError
+from studio.methods.registry import METHODS, get_method
+from studio.prompts import normalize_token
 
 Importer = Callable[[dict[str, torch.Tensor], dict[str, str], Path], "Concept | None"]
 Exporter = Callable[[Concept, Path], Path]
 
-_IMPORTERS: list[Importer] = []
-_EXPORTERS: dict[tuple[str, str], Exporter] = {}
+
+def load_concept(path: str | os.PathLike[str]) -> Concept:
+    """Read a studio concept file (:func:`studio.concept.read_concept`) and validate its tensors
+    against its method. No compatibility check with a base (see :func:`studio.concept.check_compatible`)."""
+    concept = read_concept(path)
+    get_method(concept.method).validate(concept)
+    return concept
 
 
-def register_importer(fn: Importer) -> Importer:
-    _IMPORTERS.append(fn)
-    return fn
-
-
-def register_exporter(method: str, fmt: str) -> Callable[[Exporter], Exporter]:
-    def deco(fn: Exporter) -> Exporter:
-        _EXPORTERS[(method, fmt)] = fn
-        return fn
-    return deco
+def save_concept(concept: Concept, path: str | os.PathLike[str]) -> Path:
+    """Validate ``concept`` against its method, then write it atomically (:func:`studio.concept.write_concept`)."""
+    method_tensors, _ = split_refs(concept.tensors)
+    get_method(concept.method).validate(replace(concept, tensors=method_tensors))  # ref.* belong to no method
+    return write_concept(concept, path)
 
 
 def export_formats(method: str) -> list[str]:
-    return ["studio"] + sorted(f for m, f in _EXPORTERS if m == method)
+    """``studio`` and the formats ``method`` declares exporters for."""
+    return ["studio"] + sorted(get_method(method).exporters)
 
 
 def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -69,16 +78,13 @@ def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 def import_concept(path: Path, *, token: str | None = None, class_word: str | None = None) -> Concept:
     """Read any supported concept file; a studio concept is returned as is (token/class word
     overridable)."""
-    import studio.methods  # noqa: F401  (registers the methods' importers)
-    from studio.prompts import normalize_token
-
     if path.suffix == ".safetensors":
         _, md = read_header(path)
         if "studio.format" in md:
             concept = load_concept(path)
             return _override(concept, token, class_word)
     tensors, md = read_tensors(path)
-    for importer in _IMPORTERS:
+    for importer in (imp for m in METHODS.values() for imp in m.importers):
         concept = importer(tensors, md, path)
         if concept is not None:
             concept.meta.setdefault("studio.imported_from", path.name)
@@ -88,8 +94,6 @@ def import_concept(path: Path, *, token: str | None = None, class_word: str | No
 
 
 def _override(concept: Concept, token: str | None, class_word: str | None) -> Concept:
-    from studio.prompts import normalize_token
-
     if token:
         concept.tokens = [normalize_token(token)] + concept.tokens[1:]
     if class_word is not None:
@@ -99,7 +103,7 @@ def _override(concept: Concept, token: str | None, class_word: str | None) -> Co
 
 def export_concept(concept: Concept, out: Path, fmt: str) -> Path:
     try:
-        fn = _EXPORTERS[(concept.method, fmt)]
+        fn = get_method(concept.method).exporters[fmt]
     except KeyError:
         raise StudioError(f"A {concept.method} concept cannot be exported as {fmt!r}; "
                           f"formats: {', '.join(export_formats(concept.method))}.") from None

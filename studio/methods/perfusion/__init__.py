@@ -8,7 +8,7 @@ and every context row ``e`` ``(D,)`` of the conditional CFG rows::
     sim = eᵀ C⁻¹ i*,   energy = i*ᵀ C⁻¹ i*,   r = sim / energy
     W′e = W (e − r·i*) + σ((r − β)/τ) · o*
 
-``C⁻¹`` is the inverse caption covariance of the base (:mod:`studio.methods.perfusion_cov`), ``i*``
+``C⁻¹`` is the inverse caption covariance of the base (:mod:`studio.methods.perfusion.covariance`), ``i*``
 the concept's encoding, ``o*`` the target the concept's own encoding is mapped to. Everything is
 computed **through** ``attn.to_k`` / ``attn.to_v`` (``W x = to_k(x) − to_k(0)``), never by reading
 ``.weight``, so a PEFT LoRA on those layers (a LoRA concept applied at the same time) still acts;
@@ -42,7 +42,7 @@ a 61 KB file in fp32 (``o*_K`` is not stored: with it, ~111 KB — the paper's "
 
 ``D`` is the width of the context the UNet reads: 768 (SD 1), 1024 (SD 2), and for SDXL the
 2048-d concatenation of both encoders' penultimate states (``C`` is the covariance of that 2048-d
-vector — see :mod:`studio.methods.perfusion_cov`). Metadata: ``studio.class_word`` (required) and
+vector — see :mod:`studio.methods.perfusion.covariance`). Metadata: ``studio.class_word`` (required) and
 ``perfusion.beta`` / ``perfusion.tau`` / ``perfusion.beta_global`` / ``perfusion.locking`` (defaults at
 inference; training uses β = 0.75, τ = 0.1).
 
@@ -75,8 +75,7 @@ from studio.methods.attention import (
     unet_layers,
 )
 from studio.methods.base import class_word_text
-from studio.methods.perfusion_cov import CovarianceSettings, PerfusionError, inverse_covariance
-from studio.methods.registry import register_method
+from studio.methods.perfusion.covariance import CovarianceSettings, PerfusionError, inverse_covariance
 from studio.methods.runtime import text_encoders, token_table
 
 if TYPE_CHECKING:
@@ -492,9 +491,10 @@ class AppliedPerfusion:
         self.key = None
 
 
-@register_method
 class Perfusion:
     name: ClassVar[str] = "perfusion"
+    importers: ClassVar[tuple] = ()  # no other tool writes this method's files
+    exporters: ClassVar[dict] = {}
     trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "key-locked gated rank-one K/V edits (~60 KB, combines with other concepts)"
 

@@ -41,20 +41,17 @@ import torch
 from studio.errors import ConceptFormatError, IncompatibleConceptError, StudioError
 from studio.methods.attention import add_hook, remove_hook, store_of
 from studio.methods.base import class_word_text
-from studio.methods.ip_adapter import (
+from studio.methods.zeroshot.adapter import (
     AdapterRef,
-    IPAdapterHook,
     LoadedAdapter,
     adapter_info,
-    check_encoder,
-    layer_scales,
     load_adapter,
-    load_image_encoder,
     mask_tensor,
     read_adapter_state,
     resolve_adapter,
 )
-from studio.methods.registry import register_method
+from studio.methods.zeroshot.encoder import check_encoder, load_image_encoder
+from studio.methods.zeroshot.hook import IPAdapterHook, layer_scales
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -126,9 +123,10 @@ def install(base: BaseModel, adapter: LoadedAdapter, embeds: torch.Tensor, negat
     return hook
 
 
-@register_method
 class ZeroShot:
     name: ClassVar[str] = "zeroshot"
+    importers: ClassVar[tuple] = ()  # no other tool writes this method's files
+    exporters: ClassVar[dict] = {}
     trigger_is_subject: ClassVar[bool] = False  # the trigger goes with the class noun
     description: ClassVar[str] = "IP-Adapter image prompt: reference-image embeddings, no training (kilobytes to a few MB)"
 
@@ -269,7 +267,7 @@ def make_zeroshot_concept(images: Sequence[str | Path | Image.Image], adapter: s
 
 def default_adapter(base: BaseModel) -> str:
     """The adapter ``--reference-image`` uses without ``--adapter``: the demo world's, else a hub preset."""
-    world = Path(__file__).resolve().parents[1] / "assets" / "world_adapter"
+    world = Path(__file__).resolve().parents[2] / "assets" / "world_adapter"
     if base.spec == "demo":
         if not (world / "ip_adapter.safetensors").is_file():
             raise StudioError("The demo world's IP-Adapter is not built in this install; build it with "

@@ -65,7 +65,7 @@ import torch
 from studio.errors import StudioError
 from studio.methods.runtime import text_encoders
 
-CORPUS_WORDS = Path(__file__).resolve().parents[1] / "assets" / "perfusion" / "corpus_words.json"
+CORPUS_WORDS = Path(__file__).resolve().parents[2] / "assets" / "perfusion" / "corpus_words.json"
 DEFAULT_CAPTIONS = 20_000  # ≈ 188k real tokens; chosen by scripts/perfusion_corpus_convergence.py (module doc)
 DEFAULT_RIDGE = 1e-4
 CACHE_VERSION = 1  # bump when the computation changes: it is part of the cache key
@@ -263,7 +263,7 @@ def _find_span(ids: list[int], span: list[int]) -> int:
 def word_encoding(pipe: Any, word: str, prompts: Sequence[str]) -> torch.Tensor:
     """Mean context state ``(D,)`` float32 at the last token of ``word`` in each of ``prompts``
     (which contain ``word``) — the superclass encoding ``i*_super`` when ``word`` is the class word.
-    The context is the one the UNet reads (:func:`~studio.methods.perfusion_cov.context_tokens`)."""
+    The context is the one the UNet reads (:func:`~studio.methods.perfusion.covariance.context_tokens`)."""
     tok = text_encoders(pipe)[0][0]
     span = tok(word, add_special_tokens=False).input_ids
     if not span:

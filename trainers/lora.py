@@ -36,23 +36,22 @@ from studio.atomic import atomic_path
 from studio.concept import Concept
 from studio.errors import TrainingError
 from studio.methods.base import plain_prompt_text
-from studio.methods.lora import (
+from studio.methods.lora import LoRA, quiet_loading
+from studio.methods.lora.keys import (
     TE_PREFIXES,
     UNET_PREFIX,
-    LoRA,
     LoraModule,
     kohya_metadata,
     kohya_name,
     kohya_tensors,
-    quiet_loading,
     te_path,
 )
 from studio.methods.runtime import text_encoders, token_table
-from trainers import TrainerEntry, register_trainer
 from trainers.conditioning import Conditioning, encode_prompts
 from trainers.data import Example, load_image_folder
-from trainers.templates import fill_templates
+from trainers.entry import TrainerEntry
 from trainers.loop import CommonTrainConfig, PriorSet, _f
+from trainers.templates import fill_templates
 
 # Rare identifiers that the CLIP BPE vocabulary holds as one or two tokens (the paper picks rare
 # tokens so the identifier starts with little meaning); tried in order, then with a digit suffix.
@@ -412,8 +411,8 @@ def make_trainer(base: Any, cfg: DreamBoothConfig, token: str) -> _DreamBoothTra
     return DreamBoothFullTrainer(base, cfg, token) if cfg.full else DreamBoothLoRATrainer(base, cfg, token)
 
 
-ENTRY = register_trainer(TrainerEntry(
+ENTRY = TrainerEntry(
     cli_name="dreambooth", method=LoRA.name,
     help="DreamBooth with prior preservation: a LoRA concept (megabytes), or --full for a whole fine-tuned model",
     config_cls=DreamBoothConfig, make_trainer=make_trainer, presets=PRESETS, default_preset=None, min_images=1,
-))
+)

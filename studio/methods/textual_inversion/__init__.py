@@ -26,19 +26,13 @@ import torch
 
 from studio.errors import ConceptFormatError, IncompatibleConceptError, StudioError
 from studio.methods.base import class_word_text
-from studio.methods.registry import register_method
 from studio.methods.runtime import text_encoders, token_table
+from studio.methods.textual_inversion.files import EXPORTERS, IMPORTERS, METHOD, SD_KEY, SDXL_KEYS, tensor_keys  # noqa: F401 (public)
 
 if TYPE_CHECKING:
     from studio.concept import Concept
     from studio.models import BaseModel
 
-SD_KEY = "emb_params"
-SDXL_KEYS = ("clip_l", "clip_g")
-
-
-def tensor_keys(n_encoders: int) -> tuple[str, ...]:
-    return (SD_KEY,) if n_encoders == 1 else SDXL_KEYS
 
 
 def placeholder_tokens(trigger: str, n: int) -> list[str]:
@@ -82,9 +76,10 @@ def _vectors(concept: Concept) -> list[torch.Tensor]:
     return [concept.tensors[k] for k in keys]
 
 
-@register_method
 class TextualInversion:
-    name: ClassVar[str] = "textual_inversion"
+    name: ClassVar[str] = METHOD
+    importers: ClassVar[tuple] = IMPORTERS
+    exporters: ClassVar[dict] = EXPORTERS
     trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "a few learned token vectors (A1111/diffusers-compatible)"
 
@@ -132,87 +127,3 @@ class TextualInversion:
         except ValueError as err:
             raise StudioError(f"Cannot add trigger {concept.trigger!r}: {err}; rename the concept's trigger.") from None
         return AppliedTI(concept=concept, pipe=pipe, strength=strength, key=key)
-
-
-# -- import / export ---------------------------------------------------------------------------
-def _ti_concept(vectors: dict[str, torch.Tensor], token: str, source: str) -> Concept:
-    from studio.concept import Concept
-    from studio.prompts import normalize_token
-
-    family = "sdxl" if SDXL_KEYS[0] in vectors else {768: "sd1", 1024: "sd2"}.get(vectors[SD_KEY].shape[1], "")
-    return Concept(method=TextualInversion.name, tokens=[normalize_token(token)],
-                   tensors={k: v.detach().float().reshape(-1, v.shape[-1]).contiguous() for k, v in vectors.items()},
-                   name=token.strip("<>"), base={"family": family} if family else {})
-
-
-def _token_from_name(path) -> str:
-    import re
-
-    stem = re.sub(r"[^A-Za-z0-9_.\-]", "-", path.stem).strip("-.") or "concept"
-    return f"<{stem}>"
-
-
-def _import_ti(tensors: dict, md: dict, path) -> Concept | None:
-    """A1111 ``emb_params`` / ``string_to_param``, SDXL ``clip_l``+``clip_g``, diffusers
-    ``{token: (n, d)}`` and Cross-Initialization's ``{token}_v0, {token}_v1 …``."""
-    import re
-
-    if set(tensors) == {SD_KEY} or set(tensors) == set(SDXL_KEYS):
-        return _ti_concept(dict(tensors), _token_from_name(path), str(path))
-    if "string_to_param" in tensors:  # A1111 .pt
-        params = tensors["string_to_param"]
-        vec = params.get("*") if isinstance(params, dict) else None
-        if vec is None and isinstance(params, dict) and params:
-            vec = next(iter(params.values()))
-        if not isinstance(vec, torch.Tensor):
-            raise ConceptFormatError(f"{path.name}: an A1111 embedding without vectors in string_to_param.")
-        name = tensors.get("name") if isinstance(tensors.get("name"), str) else path.stem
-        return _ti_concept({SD_KEY: vec}, f"<{name}>", str(path))
-    if tensors and all(isinstance(v, torch.Tensor) and v.ndim in (1, 2) for v in tensors.values()):
-        groups: dict[str, list[tuple[int, torch.Tensor]]] = {}
-        for k, v in tensors.items():
-            m = re.fullmatch(r"(.+)_v(\d+)", k)
-            base, idx = (m.group(1), int(m.group(2))) if m else (k, 0)
-            groups.setdefault(base, []).append((idx, v.reshape(-1, v.shape[-1])))
-        if len(groups) == 1:
-            token, parts = next(iter(groups.items()))
-            vec = torch.cat([v for _, v in sorted(parts, key=lambda p: p[0])], dim=0)
-            return _ti_concept({SD_KEY: vec}, token if token.startswith("<") else f"<{token}>", str(path))
-    return None
-
-
-def _export_diffusers(concept: Concept, out) -> object:
-    """diffusers ``learned_embeds.safetensors``: ``{token: (n, d)}`` (SDXL: a folder-less pair is
-    not a diffusers convention, so SDXL exports the A1111 ``clip_l``/``clip_g`` file)."""
-    from safetensors.torch import save_file
-
-    from studio.atomic import atomic_path
-
-    tensors = ({concept.trigger: concept.tensors[SD_KEY]} if SD_KEY in concept.tensors
-               else {k: concept.tensors[k] for k in SDXL_KEYS})
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    return out
-
-
-def _export_a1111(concept: Concept, out) -> object:
-    """A1111 / ComfyUI safetensors: the tensors alone (``emb_params`` or ``clip_l``/``clip_g``)."""
-    from safetensors.torch import save_file
-
-    from studio.atomic import atomic_path
-
-    with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in concept.tensors.items()}, str(tmp),
-                  metadata={"modelspec.trigger_phrase": concept.trigger})
-    return out
-
-
-def _register_io() -> None:
-    from studio.interop import register_exporter, register_importer
-
-    register_importer(_import_ti)
-    register_exporter(TextualInversion.name, "diffusers")(_export_diffusers)
-    register_exporter(TextualInversion.name, "a1111")(_export_a1111)
-
-
-_register_io()

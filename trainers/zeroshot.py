@@ -34,23 +34,22 @@ from torch import nn
 from studio.concept import Concept
 from studio.errors import TrainingError
 from studio.methods.attention import add_hook, remove_hook
-from studio.methods.ip_adapter import (
+from studio.methods.runtime import text_encoders
+from studio.methods.zeroshot.adapter import (
     WEIGHT_NAME,
-    IPAdapterHook,
     LoadedAdapter,
     build_adapter,
-    check_encoder,
-    load_image_encoder,
     new_adapter,
     published_state,
     read_adapter_state,
     resolve_adapter,
     save_adapter_file,
 )
-from studio.methods.runtime import text_encoders
-from trainers import TrainerEntry, register_trainer
+from studio.methods.zeroshot.encoder import check_encoder, load_image_encoder
+from studio.methods.zeroshot.hook import IPAdapterHook
 from trainers.conditioning import encode_prompts
 from trainers.data import Example
+from trainers.entry import TrainerEntry
 from trainers.loop import CommonTrainConfig, _f
 
 STUDIO_JSON = "studio_adapter.json"
@@ -256,9 +255,9 @@ class AdapterTrainer:
         self.adapter.to_eval()
 
 
-ENTRY = register_trainer(TrainerEntry(
+ENTRY = TrainerEntry(
     cli_name="adapter", method=RECORD_METHOD,
     help="fine-tune an IP-Adapter (projection + decoupled K/V) on your images; writes an adapter folder (--out DIR)",
     config_cls=AdapterTrainConfig, make_trainer=AdapterTrainer, presets=PRESETS, default_preset="finetune",
     min_images=1,
-))
+)
