@@ -30,7 +30,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from studio.errors import StudioError  # noqa: E402
-from studio.service import BaseSettings, Studio  # noqa: E402
+from studio.models import BaseSettings  # noqa: E402
+from studio.service import Studio  # noqa: E402
 from studio.ui.space import gpu, on_space, run_jobs_for, zero_gpu  # noqa: E402
 
 DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # offline: the demo world, with a banner

@@ -50,7 +50,7 @@ def run(base_name: str, mode: str, images: Path, steps: int, resolution: int) ->
 
     from trainers import get_trainer
     from trainers.loop import TrainCallbacks
-    from trainers.runner import make_config, train
+    from trainers.runner import train
 
     class Clock(TrainCallbacks):
         def __init__(self) -> None:
@@ -64,7 +64,7 @@ def run(base_name: str, mode: str, images: Path, steps: int, resolution: int) ->
     entry = get_trainer("dreambooth")
     with tempfile.TemporaryDirectory() as tmp:
         out = f"{tmp}/model" if mode == "full" else f"{tmp}/c.safetensors"
-        cfg = make_config(entry, images=str(images), out=out, class_word="dog", steps=steps, resolution=resolution,
+        cfg = entry.resolve(images=str(images), out=out, class_word="dog", steps=steps, resolution=resolution,
                           full=mode == "full", class_images=str(images), log_every=0)
         clock = Clock()
         t0 = time.perf_counter()

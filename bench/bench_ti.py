@@ -35,7 +35,7 @@ def _base(name: str):
 def run_studio(base_name: str, images: Path, steps: int, resolution: int) -> dict:
     from trainers import get_trainer
     from trainers.loop import TrainCallbacks
-    from trainers.runner import make_config, train
+    from trainers.runner import train
 
     class Clock(TrainCallbacks):
         times: list[float] = []
@@ -46,10 +46,10 @@ def run_studio(base_name: str, images: Path, steps: int, resolution: int) -> dic
     base = _base(base_name)
     entry = get_trainer("textual-inversion")
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = make_config(entry, images=str(images), out=f"{tmp}/c.safetensors", class_word="cat", steps=1,
+        cfg = entry.resolve(images=str(images), out=f"{tmp}/c.safetensors", class_word="cat", steps=1,
                           batch_size=1, resolution=resolution, log_every=0)
         train(entry, cfg, base)  # warm-up (first-call allocations)
-        cfg = make_config(entry, images=str(images), out=f"{tmp}/c.safetensors", class_word="cat", steps=steps,
+        cfg = entry.resolve(images=str(images), out=f"{tmp}/c.safetensors", class_word="cat", steps=steps,
                           batch_size=1, resolution=resolution, log_every=0)
         clock = Clock()
         t0 = time.perf_counter()

@@ -125,7 +125,6 @@ def ti_init(seeds: Sequence[int], steps: int, every: int) -> None:
     from tests.learning.test_textual_inversion_learns import SETTINGS, TOKEN, _base
     from trainers import get_trainer
     from trainers.loop import TrainCallbacks, run_training
-    from trainers.runner import make_config
 
     refs = references()
     entry = get_trainer("textual-inversion")
@@ -147,7 +146,7 @@ def ti_init(seeds: Sequence[int], steps: int, every: int) -> None:
                         self.into.append((step, copy.deepcopy(concept)))
 
                 settings = dict(SETTINGS, init=init, steps=steps)
-                cfg = make_config(entry, images=str(images), class_word=CONCEPT.class_word, token=TOKEN, seed=seed,
+                cfg = entry.resolve(images=str(images), class_word=CONCEPT.class_word, token=TOKEN, seed=seed,
                                   log_every=0, eval_every=every, **settings)
                 t0 = time.perf_counter()
                 run_training(base, entry.make_trainer(base, cfg, TOKEN), cfg, method=entry.method, save=False,

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from studio.world.oracle import Oracle, to_tensor  # noqa: E402
+from studio.world.oracle import Oracle  # noqa: E402
 from studio.world.render import (  # noqa: E402
     VOCABULARY,
     Attributes,

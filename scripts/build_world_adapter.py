@@ -171,11 +171,11 @@ def write_adapter_folder(s: Settings, folder: Path, rng: random.Random) -> None:
 def train_adapter(s: Settings, base_dir: Path, images: Path, encoder_dir: Path, out: Path):
     from studio.models import load_base
     from trainers import get_trainer
-    from trainers.runner import PrintCallbacks, make_config, train
+    from trainers.runner import PrintCallbacks, train
 
     base = load_base(str(base_dir), device="cpu")
     entry = get_trainer("adapter")
-    cfg = make_config(entry, images=str(images), adapter="new", image_encoder=str(encoder_dir), out=str(out),
+    cfg = entry.resolve(images=str(images), adapter="new", image_encoder=str(encoder_dir), out=str(out),
                       steps=s.adapter_steps, batch_size=s.adapter_batch, lr=s.adapter_lr, seed=s.seed,
                       num_tokens=s.num_tokens, save_image_encoder=True, log_every=max(1, s.adapter_steps // 10))
     result = train(entry, cfg, base, callbacks=PrintCallbacks())

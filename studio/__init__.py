@@ -2,7 +2,8 @@
 
 Import what you need from the submodules, e.g.::
 
-    from studio.service import Studio, BaseSettings
+    from studio.models import BaseSettings
+    from studio.service import Studio
     from studio.generation import GenerateConfig
 """
 

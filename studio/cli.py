@@ -11,27 +11,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from studio.configs import add_arguments, from_namespace
 from studio.errors import StudioError
 from studio.library import DEFAULT_LIBRARY
 
 
-def _base_flags(p: argparse.ArgumentParser, default_base: str | None = "demo") -> None:
-    g = p.add_argument_group("base model")
-    g.add_argument("--base", default=default_base, required=default_base is None,
-                   help="hub id, diffusers folder, .safetensors checkpoint, demo, tiny, tiny-v or tiny-sdxl")
-    g.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
-    g.add_argument("--dtype", default=None, choices=["fp32", "fp16", "bf16"], help="default: fp16 on GPU, fp32 on CPU")
-    g.add_argument("--attention", default="sdpa", choices=["sdpa", "xformers"])
-    g.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction"],
-                   help="override for single-file SD 2 checkpoints that do not say")
-    g.add_argument("--offload", action="store_true", help="CUDA: offload idle components to the CPU")
+def _base_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of :class:`~studio.models.BaseSettings` (``--base``, ``--device`` …)."""
+    from studio.models import BaseSettings
+
+    add_arguments(p, BaseSettings)
 
 
 def _settings(ns: argparse.Namespace) -> Any:
-    from studio.service import BaseSettings
+    from studio.models import BaseSettings
 
-    return BaseSettings(base=ns.base, device=ns.device, dtype=ns.dtype, attention=ns.attention,
-                        prediction_type=ns.prediction_type, offload=ns.offload)
+    return from_namespace(BaseSettings, ns)
 
 
 def _library_flag(p: argparse.ArgumentParser) -> None:
@@ -45,31 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="render images, optionally with concepts")
     _base_flags(g)
     _library_flag(g)
-    g.add_argument("--prompt", required=True, help="prompt; trigger tokens as <tok> or <tok:0.8>")
-    g.add_argument("--negative-prompt", default="")
+    from studio.generation import GenerateConfig
+
+    add_arguments(g, GenerateConfig)
     g.add_argument("--concept", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="a concept file or library name, optionally with a default strength (repeatable)")
-    g.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    g.add_argument("--steps", type=int, default=30)
-    g.add_argument("--guidance", type=float, default=7.5)
-    g.add_argument("--width", type=int, default=None, help="default: the base's native size")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--scheduler", default="default", help="default, ddim, euler, euler_a, dpmpp_2m, unipc, heun, pndm")
-    g.add_argument("--num-images", type=int, default=1)
-    r = g.add_argument_group("image prompt (IP-Adapter, zero-shot)")
-    r.add_argument("--reference-image", action="append", default=[], metavar="IMG",
-                   help="reference image (or folder) whose subject/style the images take on (repeatable)")
-    r.add_argument("--reference-scale", type=float, default=1.0, help="adapter scale: 0 = off, 1 = full")
-    r.add_argument("--adapter", default=None, help="IP-Adapter: preset (sd15, sd15-plus, sd15-plus-face, sdxl, "
-                   "sdxl-plus …), adapter file or folder, or hub path (default: the base's usual one)")
-    r.add_argument("--image-encoder", default=None, help="CLIP image-encoder folder, when not beside the adapter")
-    r.add_argument("--reference-mask", default=None, metavar="IMG", help="mask image: white where the reference acts")
-    pf = g.add_argument_group("Perfusion concepts")
-    pf.add_argument("--perfusion-locking", choices=("local", "global"), default=None,
-                    help="key locking: local (the concept's keys) or global (the whole prompt's keys locked to "
-                         "the class word; paper β 0.4–0.6); default: each concept's own")
-    pf.add_argument("--perfusion-orthogonal", choices=("approx", "exact"), default="approx",
-                    help="several Perfusion concepts: approx (sum of each concept's term) or exact (Appendix B)")
     g.add_argument("--out", required=True, help="output PNG; with several images NAME-0.png, NAME-1.png …")
 
     c = sub.add_parser("concepts", help="the concept library")
@@ -142,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _evaluate_parser(sub: Any) -> None:
+    from studio.configs import add_arguments
+    from studio.evaluation.config import EvaluateConfig
+
     e = sub.add_parser("evaluate", help="generate and score concepts: CLIP-T/CLIP-I/DINO (CP-CLIP for several), "
                        "or the demo world's oracle; optionally sweep the strength")
     _base_flags(e)
@@ -151,33 +129,7 @@ def _evaluate_parser(sub: Any) -> None:
     e.add_argument("--images", action="append", default=[], metavar="REFDIR",
                    help="reference photos of each --concept, in the same order (default: the embeddings stored in "
                         "the concept)")
-    e.add_argument("--store-refs", action="store_true",
-                   help="store the --images embeddings in the concept, to re-score it later without the photos")
-    src = e.add_mutually_exclusive_group()
-    src.add_argument("--prompts", metavar="FILE", help="one prompt per line, {} where the concept goes")
-    src.add_argument("--protocol", choices=["dreambench", "dreambench-object", "dreambench-live", "world"],
-                     help="named prompt list (default: world on --base demo, else dreambench: live for cat/dog "
-                          "concepts, object otherwise)")
-    e.add_argument("--seeds", type=int, default=None, help="images per prompt (default: the protocol's, 4)")
-    e.add_argument("--seed", type=int, default=0, help="image i of each prompt uses seed + i")
-    e.add_argument("--steps", type=int, default=None, help="sampler steps (default 30; 20 on --base demo)")
-    e.add_argument("--guidance", type=float, default=None, help="CFG scale (default 7.5; 4 on --base demo)")
-    e.add_argument("--batch-size", type=int, default=8, help="images per pipeline call")
-    e.add_argument("--scorer", choices=["clip", "oracle"], default="clip",
-                   help="clip: CLIP/DINO metrics; oracle: the demo world's oracle (fidelity, editability)")
-    e.add_argument("--clip-model", default="openai/clip-vit-base-patch32", help="CLIP hub id or folder")
-    e.add_argument("--dino-model", default=None, help="add DINO (e.g. facebook/dino-vits16): hub id or folder")
-    e.add_argument("--detector-model", default=None,
-                   help="CP-CLIP detector for several concepts: OWL-ViT hub id or folder (default "
-                        "google/owlvit-base-patch32), or haar (offline; faces of people and cats)")
-    e.add_argument("--clip-t-text", choices=["class_noun", "remove", "keep"], default="class_noun",
-                   help="text CLIP-T scores: the trigger replaced by the class noun (default), removed, or kept")
-    e.add_argument("--fidelity", choices=["clip_i", "dino"], default=None, help="fidelity score of --sweep")
-    e.add_argument("--sweep", default=None, metavar="S1,S2,...",
-                   help="score these strengths (e.g. 0,0.25,0.5,0.75,1,1.25) and store the recommended one")
-    e.add_argument("--no-write", action="store_true", help="do not write the scores into the concept file")
-    e.add_argument("--no-save-images", action="store_true", help="do not write the generated images")
-    e.add_argument("--out", required=True, help="output folder (report.json, contact_sheet.png, scatter.png …)")
+    add_arguments(e, EvaluateConfig)  # --prompts, --protocol, --seeds … --out: one flag per EvaluateConfig field
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
@@ -185,13 +137,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from studio.prompts import split_concept_spec
     from studio.service import Studio
 
-    cfg = GenerateConfig(prompt=ns.prompt, negative_prompt=ns.negative_prompt, seed=ns.seed, steps=ns.steps,
-                         guidance=ns.guidance, width=ns.width, height=ns.height, scheduler=ns.scheduler,
-                         num_images=ns.num_images,
-                         concepts=[ConceptUse(*split_concept_spec(s)) for s in ns.concept],
-                         reference_images=ns.reference_image, reference_scale=ns.reference_scale, adapter=ns.adapter,
-                         image_encoder=ns.image_encoder, reference_mask=ns.reference_mask,
-                         perfusion_locking=ns.perfusion_locking, perfusion_orthogonal=ns.perfusion_orthogonal)
+    cfg = from_namespace(GenerateConfig, ns, concepts=[ConceptUse(*split_concept_spec(s)) for s in ns.concept])
     out = Path(ns.out)
     if out.suffix.lower() != ".png":
         raise StudioError(f"--out {out} must end in .png (the parameters are stored in PNG text chunks).")
@@ -270,43 +216,38 @@ def cmd_train(ns: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(ns: argparse.Namespace) -> int:
-    from studio.evaluation import format_summary
+    from studio.configs import from_namespace
+    from studio.evaluation import EvaluateConfig, format_summary
     from studio.generation import ConceptUse
     from studio.prompts import split_concept_spec
     from studio.service import Studio
 
-    if ns.batch_size < 1:
-        raise StudioError(f"--batch-size must be at least 1, got {ns.batch_size}.")
+    cfg = from_namespace(EvaluateConfig, ns)
+    if not cfg.out_dir:
+        raise StudioError("--out DIR is required: the folder for report.json, contact_sheet.png and the images.")
     if ns.images and len(ns.images) != len(ns.concept):
         raise StudioError(f"Got {len(ns.images)} --images folders for {len(ns.concept)} --concept; give one per "
                           "concept, in the same order, or none (stored embeddings).")
+    uses = [ConceptUse(*split_concept_spec(s)) for s in ns.concept]
+    strengths = cfg.strengths()
+    if strengths is not None and (len(uses) != 1 or cfg.store_refs):
+        raise StudioError("--sweep scores one --concept (without --store-refs).")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" bars of the scoring models
     studio = Studio(_settings(ns), library=ns.library)
-    options: dict[str, Any] = dict(
-        prompts=ns.prompts, protocol=ns.protocol, seeds=ns.seeds, seed=ns.seed, references=ns.images or None,
-        scorer=ns.scorer, clip_model=ns.clip_model, dino_model=ns.dino_model, detector=ns.detector_model,
-        steps=ns.steps, guidance=ns.guidance, batch_size=ns.batch_size, text_mode=ns.clip_t_text,
-        fidelity=ns.fidelity, out_dir=ns.out, save_images=not ns.no_save_images, write_back=not ns.no_write)
-    uses = [ConceptUse(*split_concept_spec(s)) for s in ns.concept]
-    if ns.sweep is None:
-        report = studio.evaluate(uses, store_refs=ns.store_refs, **options)
+    references = ns.images or None
+    if strengths is None:
+        report = studio.evaluate(uses, cfg, references=references)
         print(format_summary(report))
-        print(Path(ns.out) / "report.json")
+        print(Path(cfg.out_dir) / "report.json")
         return 0
-    try:
-        strengths = [float(s) for s in ns.sweep.split(",") if s.strip()]
-    except ValueError:
-        raise StudioError(f"--sweep takes comma-separated strengths such as 0,0.5,1; got {ns.sweep!r}.") from None
-    if len(uses) != 1 or ns.store_refs:
-        raise StudioError("--sweep scores one --concept (without --store-refs).")
-    result = studio.sweep(uses[0], strengths, **options)
+    result = studio.sweep(uses[0], strengths, cfg, references=references)
     for point in result.points:
         print(f"strength {point.value:<5g} {result.fidelity} {point.fidelity:.4f}  {result.editability} "
               f"{point.editability:.4f}")
     print(f"recommended strength {result.choice.value:g} ({result.choice.rule})")
-    print(result.paths.get("sweep", Path(ns.out) / "sweep.json"))
+    print(result.paths.get("sweep", Path(cfg.out_dir) / "sweep.json"))
     return 0
 
 

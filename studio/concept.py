@@ -31,19 +31,25 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from studio import safetensors_io as sio
 from studio.atomic import atomic_path
 from studio.errors import ConceptFormatError, IncompatibleConceptError
 
 FORMAT_VERSION = 1
 REF_PREFIX = "ref."
-_MAX_HEADER = 100 * 1024 * 1024
+# A reader that does not know the concept's method (the methods layer passes each method's own).
+DEFAULT_LIMITS = sio.Limits(dtypes=sio.FLOATS, max_bytes=4 * sio.GIB)
+# ref.<role>: (N, D) float32 image embeddings (CLIP / DINO features: |x| of a few units, normalised or
+# not); 1e4 leaves two orders of magnitude and still refuses garbage.
+REF_MAX_ABS = 1e4
 
 
 @dataclass
@@ -109,93 +115,114 @@ def write_concept(concept: Concept, path: str | os.PathLike[str]) -> Path:
     final = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in method_tensors.items()}
     tensors.update({REF_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in refs.items()})
+    metadata = concept.metadata()
+    sio.check_strings(metadata | {k: "" for k in tensors}, sio.label(final))  # no lone surrogates reach the file
     with atomic_path(final) as tmp:
-        save_file(tensors, str(tmp), metadata=concept.metadata())
+        save_file(tensors, str(tmp), metadata=metadata)
     return final
 
 
 def read_header(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Parse and validate a safetensors header without loading tensors.
+    """Parse and validate a safetensors header without loading tensors
+    (:func:`studio.safetensors_io.read_header`: structure, offsets, metadata types).
 
     Returns ``(entries, metadata)`` where ``entries[name] = {"dtype", "shape", "data_offsets"}``.
-    Raises :class:`ConceptFormatError` for anything that is not a complete safetensors file.
+    Raises :class:`ConceptFormatError` for anything that is not a complete, well-formed safetensors file.
     """
-    p = Path(path)
-    if not p.is_file():
-        raise ConceptFormatError(f"No concept file at {p}.")
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ConceptFormatError(f"{p} is empty or truncated (not a safetensors file).")
-        (n,) = struct.unpack("<Q", head)
-        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
-            hint = " (a pickled .pt/.bin file? import it with `concepts import`)" if head[:2] == b"PK" or head[:1] == b"\x80" else ""
-            raise ConceptFormatError(f"{p} is corrupt or truncated: its safetensors header is unreadable{hint}.")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ConceptFormatError(f"{p} is corrupt: its safetensors header is not valid JSON.") from None
-    if not isinstance(header, dict):
-        raise ConceptFormatError(f"{p} is corrupt: its safetensors header is not a JSON object.")
-    metadata = header.pop("__metadata__", None) or {}
-    end = 0
-    for name, info in header.items():
-        try:
-            start, stop = info["data_offsets"]
-            end = max(end, int(stop))
-        except (KeyError, TypeError, ValueError):
-            raise ConceptFormatError(f"{p} is corrupt: tensor {name!r} has no valid data offsets.") from None
-    if 8 + n + end > size:
-        raise ConceptFormatError(f"{p} is truncated: it holds {size} bytes but its tensors need {8 + n + end}.")
-    return header, {str(k): str(v) for k, v in metadata.items()}
+    header = sio.read_header(path)
+    entries = {e.name: {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [e.start, e.end]}
+               for e in header.entries.values()}
+    return entries, header.metadata
 
 
-def read_concept(path: str | os.PathLike[str]) -> Concept:
-    """Read a studio concept file and check its format (header, metadata types, finite tensors).
+@dataclass
+class ConceptFields:
+    """The ``studio.*`` metadata of a concept file, parsed and type-checked (see :func:`concept_fields`)."""
 
-    The format alone: :func:`studio.methods.load_concept` also validates the tensors against the
-    concept's method, and is what every caller outside the methods uses."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    version: int
+    method: str
+    name: str
+    tokens: list[str]
+    class_word: str
+    base: dict[str, Any]
+    train: dict[str, Any]
+    metrics: dict[str, Any]
+    strength: float | None
+    ref_models: dict[str, str]
 
-    p = Path(path)
-    _, md = read_header(p)
+
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")  # ASCII digits only: "-1", "0", "01", "١" (Arabic-Indic one) are refused
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def concept_fields(md: dict[str, str], path: str | os.PathLike[str]) -> ConceptFields:
+    """Check a concept file's metadata against the schema of its format version and parse it.
+
+    Version 1 (every value a string, JSON where structured): ``studio.format`` a plain integer in
+    ASCII digits, 1 … :data:`FORMAT_VERSION`; ``studio.method`` non-empty; ``studio.tokens`` a JSON
+    list of non-empty strings; ``studio.base`` / ``studio.train`` / ``studio.metrics`` JSON objects;
+    ``studio.ref_model`` a JSON object of strings; ``studio.strength`` empty or a finite decimal
+    number. JSON is parsed depth-limited (:func:`studio.safetensors_io.loads_json`)."""
+    where = sio.label(path)
     if "studio.format" not in md:
-        raise ConceptFormatError(f"{p} is a safetensors file but not a studio concept; bring A1111, diffusers "
+        raise ConceptFormatError(f"{where} is a safetensors file but not a studio concept; bring A1111, diffusers "
                                  "or kohya files in with `python -m studio concepts import`.")
-    try:
-        version = int(md["studio.format"])
-    except ValueError:
-        raise ConceptFormatError(f"{p} has an invalid format version {md['studio.format']!r}.") from None
+    raw = md["studio.format"]
+    if not _VERSION.fullmatch(raw):
+        raise ConceptFormatError(f"{where} has an invalid format version {sio.q(raw)} (metadata studio.format: a "
+                                 f"whole number from 1 to {FORMAT_VERSION}).")
+    version = int(raw)
     if version > FORMAT_VERSION:
-        raise ConceptFormatError(f"{p} uses concept format {version}, newer than this studio's {FORMAT_VERSION}; "
+        raise ConceptFormatError(f"{where} uses concept format {version}, newer than this studio's {FORMAT_VERSION}; "
                                  "upgrade the studio to read it.")
-    try:
-        tensors = load_file(str(p), device="cpu")
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ConceptFormatError(f"{p} is corrupt: {err}.") from None
-    for k, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise ConceptFormatError(f"{p} is corrupt: tensor {k!r} holds NaN or infinite values.")
-    tensors, refs = split_refs(tensors)
+    method = md.get("studio.method", "")
+    if not method:
+        raise ConceptFormatError(f"{where} is corrupt: metadata studio.method is missing or empty.")
+    tokens = _json(md, "studio.tokens", where, list)
+    if not all(isinstance(t, str) and t for t in tokens):
+        raise ConceptFormatError(f"{where} is corrupt: metadata studio.tokens must be a JSON list of non-empty strings.")
+    ref_models = _json(md, "studio.ref_model", where, dict)
+    if not all(isinstance(v, str) for v in ref_models.values()):
+        raise ConceptFormatError(f"{where} is corrupt: metadata studio.ref_model must map roles to scorer names.")
+    return ConceptFields(
+        version=version, method=method, name=md.get("studio.name", ""), tokens=tokens,
+        class_word=md.get("studio.class_word", ""), base=_json(md, "studio.base", where, dict),
+        train=_json(md, "studio.train", where, dict), metrics=_json(md, "studio.metrics", where, dict),
+        strength=_strength(md.get("studio.strength", ""), where), ref_models=ref_models)
+
+
+def read_concept(path: str | os.PathLike[str], *,
+                 limits: sio.Limits | Callable[[str], sio.Limits] | None = None) -> Concept:
+    """Read a studio concept file and check its format: the header (:mod:`studio.safetensors_io`),
+    the metadata schema (:func:`concept_fields`), dtypes and total size against ``limits`` before
+    any tensor is allocated, finite values, reference embeddings.
+
+    ``limits``: fixed, or a function of the method name (what :func:`studio.methods.load_concept`
+    passes: each method's ``file_limits``); default :data:`DEFAULT_LIMITS`. The format alone:
+    :func:`studio.methods.load_concept` also validates the tensors against the concept's method, and
+    is what every caller outside the methods uses."""
+    p = Path(path)
+    header = sio.read_header(p)
+    fields = concept_fields(header.metadata, p)
+    lim = limits(fields.method) if callable(limits) else (limits or DEFAULT_LIMITS)
+    sio.check_limits(header, lim, sio.label(p))
+    tensors, refs = split_refs(sio.read_tensors(header, p))
     _check_refs(refs, p)
-    concept = Concept(
-        method=md.get("studio.method", ""),
-        tokens=_json(md, "studio.tokens", p, list),
+    md = header.metadata
+    return Concept(
+        method=fields.method,
+        tokens=fields.tokens,
         tensors=tensors,
-        class_word=md.get("studio.class_word", ""),
-        name=md.get("studio.name", "") or p.stem,
-        base=_json(md, "studio.base", p, dict),
-        train=_json(md, "studio.train", p, dict),
-        metrics=_json(md, "studio.metrics", p, dict),
-        strength=_strength(md.get("studio.strength", ""), p),
+        class_word=fields.class_word,
+        name=fields.name or p.stem,
+        base=fields.base,
+        train=fields.train,
+        metrics=fields.metrics,
+        strength=fields.strength,
         meta={k: v for k, v in md.items() if not k.startswith("studio.")},
         refs=refs,
-        ref_models=_json(md, "studio.ref_model", p, dict),
+        ref_models=fields.ref_models,
     )
-    return concept
 
 
 def split_refs(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -207,9 +234,11 @@ def split_refs(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
 
 def _check_refs(refs: dict[str, torch.Tensor], path: Path) -> None:
     for role, t in refs.items():
-        if not role or t.ndim != 2 or t.shape[0] < 1 or not t.is_floating_point():
-            raise ConceptFormatError(f"{path}: reference embeddings ref.{role} must be a float (N, D) tensor, "
-                                     f"got {t.dtype} {tuple(t.shape)}.")
+        if not role or t.ndim != 2 or min(t.shape) < 1 or not t.is_floating_point():
+            raise ConceptFormatError(f"{sio.label(path)}: reference embeddings ref.{sio.q(role)} must be a float (N, D) "
+                                     f"tensor, got {t.dtype} {tuple(t.shape)}.")
+    sio.check_values({REF_PREFIX + k: v for k, v in refs.items()}, sio.label(path), dtypes=sio.FLOATS,
+                     max_abs=REF_MAX_ABS)
 
 
 def check_compatible(concept: Concept, base: Any, *, source: str = "") -> str | None:
@@ -222,6 +251,8 @@ def check_compatible(concept: Concept, base: Any, *, source: str = "") -> str | 
     want = concept.base.get("compat")
     if not want:
         return None
+    if not isinstance(want, dict):
+        raise ConceptFormatError(f"Concept {label} is corrupt: its studio.base compat entry should be an object.")
     have = base.compat
     if want != have:
         why = []
@@ -239,26 +270,23 @@ def check_compatible(concept: Concept, base: Any, *, source: str = "") -> str | 
     return None
 
 
-def _json(md: dict[str, str], key: str, path: Path, kind: type) -> Any:
+def _json(md: dict[str, str], key: str, where: str, kind: type) -> Any:
     raw = md.get(key, "")
     if not raw:
         return kind()
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        raise ConceptFormatError(f"{path} is corrupt: metadata {key} is not valid JSON.") from None
+    value = sio.loads_json(raw, where=f"{where}: metadata {key}")
     if not isinstance(value, kind):
-        raise ConceptFormatError(f"{path} is corrupt: metadata {key} should be a {kind.__name__}.")
+        raise ConceptFormatError(f"{where} is corrupt: metadata {key} should be a JSON "
+                                 f"{'object' if kind is dict else 'list'}, not {type(value).__name__}.")
     return value
 
 
-def _strength(raw: str, path: Path) -> float | None:
+def _strength(raw: str, where: str) -> float | None:
     if not raw:
         return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConceptFormatError(f"{path} has an invalid recommended strength {raw!r}.") from None
+    if not _FLOAT.fullmatch(raw):
+        raise ConceptFormatError(f"{where} has an invalid recommended strength {sio.q(raw)} (metadata studio.strength).")
+    value = float(raw)
     if not math.isfinite(value):
-        raise ConceptFormatError(f"{path} has a non-finite recommended strength.")
+        raise ConceptFormatError(f"{where} has a non-finite recommended strength (metadata studio.strength).")
     return value

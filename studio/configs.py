@@ -28,6 +28,15 @@ class FieldSpec:
     group: str
 
 
+def option(default: Any = None, help: str = "", **meta: Any) -> Any:
+    """A dataclass field that is a user-facing option: ``help`` (and optional ``choices``, ``group``,
+    ``flag``, ``hidden``) become the CLI flag's and the UI field's text. A list default is copied per
+    instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 def field_specs(cls: type) -> list[FieldSpec]:
     hints = get_type_hints(cls)
     specs = []
@@ -72,7 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
             continue
         group = groups.setdefault(spec.group, parser.add_argument_group(spec.group))
         required = spec.default is dataclasses.MISSING and not suppress_defaults
-        default_txt = "" if required else f" (default: {spec.default})"
+        quiet = required or spec.default is None or spec.default in ("", []) or "default" in spec.help
+        default_txt = "" if quiet else f" (default: {spec.default})"
         kwargs: dict[str, Any] = {"dest": spec.name, "help": spec.help + default_txt}
         if spec.type is bool:
             group.add_argument(spec.flag, action=argparse.BooleanOptionalAction,
@@ -88,13 +98,15 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str
         group.add_argument(spec.flag, required=required, **kwargs)
 
 
-def from_namespace(cls: type, ns: argparse.Namespace, base: dict[str, Any] | None = None) -> Any:
-    """Build ``cls`` from ``base`` values (e.g. a preset) overridden by the parsed flags."""
-    values = dict(base or {})
-    for spec in field_specs(cls):
-        if hasattr(ns, spec.name) and getattr(ns, spec.name) is not None:
-            values[spec.name] = getattr(ns, spec.name)
-    return cls(**values)
+def namespace_values(cls: type, ns: argparse.Namespace) -> dict[str, Any]:
+    """The fields of ``cls`` that the parsed flags set (absent or None flags are left out)."""
+    return {spec.name: getattr(ns, spec.name) for spec in field_specs(cls)
+            if getattr(ns, spec.name, None) is not None}
+
+
+def from_namespace(cls: type, ns: argparse.Namespace, base: dict[str, Any] | None = None, **extra: Any) -> Any:
+    """Build ``cls`` from ``base`` values (e.g. a preset) overridden by the parsed flags, then ``extra``."""
+    return cls(**(dict(base or {}) | namespace_values(cls, ns) | extra))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -18,6 +19,7 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from studio.concept import Concept, check_compatible
+from studio.configs import option
 from studio.errors import StudioError
 from studio.methods import get_method
 from studio.prompts import MAX_STRENGTH, check_strength, find_triggers, rewrite
@@ -47,35 +49,54 @@ class ConceptUse:
 
 @dataclass
 class GenerateConfig:
-    """One generation request (shared by the CLI, the UI and the Python API)."""
+    """One generation request — the one source of generation settings: the CLI flags
+    (``python -m studio generate``), the UI's defaults and the Python API all derive from these fields.
 
-    prompt: str  # may hold trigger tokens: "a photo of <hrt:0.8> on a beach"
-    negative_prompt: str = ""
-    seed: int = 0  # image i uses seed + i
-    steps: int = 30
-    guidance: float = 7.5  # classifier-free guidance scale; ≤ 1 disables CFG
-    width: int | None = None  # None → the base's native size
-    height: int | None = None
-    scheduler: str = "default"  # "default" keeps the base's; else a key of SCHEDULERS
-    num_images: int = 1
-    concepts: list[ConceptUse] = field(default_factory=list)
+    ``steps`` and ``guidance`` left at None take the loaded base's (:attr:`BaseModel.profile`):
+    30 / 7.5 for Stable Diffusion bases, the demo world's own 20 / 4.0 there."""
+
+    prompt: str = field(metadata={"help": "prompt; trigger tokens as <tok> or <tok:0.8>", "group": "prompt"})
+    negative_prompt: str = option("", "negative prompt", group="prompt")
+    seed: int = option(0, "random seed; image i uses seed + i", group="sampling")
+    steps: int | None = option(None, "sampler steps (default: the base's, 30 for Stable Diffusion)", group="sampling")
+    guidance: float | None = option(None, "classifier-free guidance scale, ≤ 1 disables it (default: the base's, "
+                                    "7.5 for Stable Diffusion)", group="sampling")
+    width: int | None = option(None, "image width (default: the base's native size)", group="sampling")
+    height: int | None = option(None, "image height (default: the base's native size)", group="sampling")
+    scheduler: str = option("default", "sampler: default keeps the base's", choices=["default", *SCHEDULERS],
+                            group="sampling")
+    num_images: int = option(1, "images to render", group="sampling")
+    concepts: list[ConceptUse] = field(default_factory=list, metadata={"hidden": True})  # the CLI's --concept
     # Zero-shot image prompt (IP-Adapter): reference image files (or folders); encoded for this call.
-    reference_images: list[str] = field(default_factory=list)
-    reference_scale: float = 1.0  # the adapter scale: 0 = off (exactly the plain pipeline)
-    adapter: str | None = None  # preset (sd15, sd15-plus, sdxl …), file/folder or hub path; None = the base's default
-    image_encoder: str | None = None  # CLIP image-encoder folder, when not beside the adapter
-    reference_mask: str | None = None  # mask image: white where the reference acts (regional image prompt)
+    reference_images: list[str] = option([], "reference image (or folder) whose subject/style the images take on "
+                                         "(repeatable)", flag="--reference-image", group="image prompt")
+    reference_scale: float = option(1.0, "adapter scale: 0 = off (exactly the plain pipeline), 1 = full",
+                                    group="image prompt")
+    adapter: str | None = option(None, "IP-Adapter: preset (sd15, sd15-plus, sdxl …), file, folder or hub path "
+                                 "(default: the base's usual one)", group="image prompt")
+    image_encoder: str | None = option(None, "CLIP image-encoder folder, when not beside the adapter",
+                                       group="image prompt")
+    reference_mask: str | None = option(None, "mask image: white where the reference acts (regional image prompt)",
+                                        group="image prompt")
     # Perfusion concepts: key locking ("local", "global"; None = each concept's own default) and,
     # with several Perfusion concepts, the orthogonal term ("approx" = the sum, "exact" = Appendix B).
-    perfusion_locking: str | None = None
-    perfusion_orthogonal: str = "approx"
+    perfusion_locking: str | None = option(None, "Perfusion key locking: local (the concept's keys) or global (the "
+                                           "whole prompt's keys locked to the class word); default: each concept's "
+                                           "own", choices=["local", "global"], group="Perfusion concepts")
+    perfusion_orthogonal: str = option("approx", "several Perfusion concepts: approx (sum of each concept's term) or "
+                                       "exact (Appendix B)", choices=["approx", "exact"], group="Perfusion concepts")
+
+    def resolved(self, profile: Any) -> GenerateConfig:
+        """This request with the settings left to the base filled from ``profile`` (a :class:`BaseProfile`)."""
+        return replace(self, steps=profile.steps if self.steps is None else self.steps,
+                       guidance=profile.guidance if self.guidance is None else self.guidance)
 
     def __post_init__(self) -> None:
         if not self.prompt.strip():
             raise StudioError("The prompt is empty; describe the image to generate.")
-        if not 1 <= self.steps <= 1000:
+        if self.steps is not None and not 1 <= self.steps <= 1000:
             raise StudioError(f"steps must be between 1 and 1000, got {self.steps}.")
-        if not 0 <= self.guidance <= 50:
+        if self.guidance is not None and not 0 <= self.guidance <= 50:
             raise StudioError(f"guidance must be between 0 and 50, got {self.guidance}.")
         if not 1 <= self.num_images <= MAX_IMAGES:
             raise StudioError(f"num_images must be between 1 and {MAX_IMAGES}, got {self.num_images}.")
@@ -140,18 +161,50 @@ def applied(base: Any, resolved: Sequence[ResolvedConcept], notes: list[str] | N
     """Apply every concept, yield ``{trigger: prompt text}``, and remove them all afterwards
     (also on errors), leaving the base bit-identical. ``options``: extra ``apply`` keywords per
     method name (see :func:`method_options`)."""
-    handles = []
+    handles: list[Any] = []
     try:
         for r in resolved:
-            note = check_compatible(r.concept, base, source=r.source)
-            if note and notes is not None:
-                notes.append(note)
-            extra = dict((options or {}).get(r.concept.method, {}))
-            handles.append(get_method(r.concept.method).apply(base, r.concept, strength=r.strength, **extra))
+            handles.append(_apply(base, r, notes, dict((options or {}).get(r.concept.method, {}))))
         yield {h.concept.trigger: h.prompt_text() for h in handles}
-    finally:
-        for h in reversed(handles):
+    except BaseException:
+        # Transactional: a concept that fails to apply (or a failed generation) takes every concept
+        # applied before it off again, so the next call sees the plain base.
+        _remove_all(handles, quiet=True)
+        raise
+    _remove_all(handles)
+
+
+def _apply(base: Any, r: ResolvedConcept, notes: list[str] | None, extra: dict[str, Any]) -> Any:
+    """Apply one concept; a failure that is not already a :class:`StudioError` (a damaged file the
+    reader let through, a tensor that does not fit the base) becomes one naming the concept. Each
+    method's ``apply`` leaves nothing behind when it raises."""
+    try:
+        note = check_compatible(r.concept, base, source=r.source)
+        if note and notes is not None:
+            notes.append(note)
+        return get_method(r.concept.method).apply(base, r.concept, strength=r.strength, **extra)
+    except (StudioError, MemoryError, torch.cuda.OutOfMemoryError):
+        raise  # the studio's own sentence; running out of memory is not the file's fault
+    except Exception as err:  # noqa: BLE001 - reported as one user-facing sentence, chained
+        detail = (str(err).splitlines() or [""])[0][:300]
+        raise StudioError(f"Concept {r.source} cannot be applied to base {getattr(base, 'name', '?')} "
+                          f"({type(err).__name__}: {detail}); the file may be damaged or made for another base.") from err
+
+
+def _remove_all(handles: Sequence[Any], *, quiet: bool = False) -> None:
+    """Remove applied concepts, last first; one failing removal does not stop the others. The first
+    failure is raised afterwards (a warning instead when ``quiet``: another error is on its way)."""
+    first: BaseException | None = None
+    for h in reversed(handles):
+        try:
             h.remove()
+        except Exception as err:  # noqa: BLE001 - keep removing the others
+            first = first or err
+    if first is not None:
+        if quiet:
+            warnings.warn(f"removing a concept failed: {type(first).__name__}: {first}", RuntimeWarning, stacklevel=3)
+        else:
+            raise first
 
 
 def parameters_text(cfg: GenerateConfig, *, seed: int, base: Any, width: int, height: int,
@@ -212,6 +265,7 @@ def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, f
     (``(concept, default strength, source)`` triples, already loaded — see ``Studio.generate`` for
     resolving files and library names). Returns ``num_images`` PIL images whose ``info`` holds
     the ``parameters`` text and a ``studio`` JSON of the request."""
+    cfg = cfg.resolved(base.profile)
     width, height = _native(base, cfg)
     if cfg.reference_images:  # an in-memory zero-shot concept, applied like any other
         from studio.methods.zeroshot import reference_concept

@@ -6,7 +6,6 @@ overwritten without ``force``.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,15 +15,16 @@ from typing import Any
 
 from PIL import Image
 
-from studio.atomic import atomic_path
-from studio.concept import Concept, read_header
-from studio.errors import ConceptFormatError, StudioError
+from studio.atomic import atomic_path, remove_stale_temporaries
+from studio.concept import Concept, concept_fields, read_header
+from studio.errors import StudioError
 from studio.methods import load_concept, save_concept
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\- ]{0,79}$")
 SUFFIX = ".safetensors"
 PREVIEW = ".preview.png"
 DEFAULT_LIBRARY = "concepts"
+MODELS = "models"  # whole fine-tuned models (diffusers folders) trained from the UI
 
 
 @dataclass
@@ -41,24 +41,57 @@ class ConceptInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     size: int = 0
     preview: Path | None = None
-    error: str = ""  # set when the file is unreadable; listing never fails because of one file
+    # One line saying why the file cannot be used (unreadable, corrupt, unknown method, tensors its
+    # method refuses …); listing never fails because of one file, and broken concepts are not applied.
+    error: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return not self.error
 
     def row(self) -> dict[str, Any]:
-        return {"name": self.name, "method": self.method, "trigger": " ".join(self.tokens),
-                "class_word": self.class_word, "base": self.base.get("name", ""),
-                "family": self.base.get("family", ""), "strength": self.strength,
+        return {"name": self.name, "method": self.method, "trigger": " ".join(str(t) for t in self.tokens),
+                "class_word": self.class_word, "base": _text(self.base.get("name")),
+                "family": _text(self.base.get("family")), "strength": self.strength,
                 "size_kb": round(self.size / 1024, 1), "error": self.error}
 
 
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if isinstance(err, StudioError) else f"{type(err).__name__}: {text}"
+
+
+# Names Windows reserves for devices, with or without an extension (``CON``, ``nul.txt``, ``COM1``, ``LPT1.x``).
+_RESERVED = frozenset({"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))})
+
+
 def check_name(name: str) -> str:
-    """A safe concept name (letters, digits, space, ``_ - .``; no path separators, no leading dot)."""
+    """A safe concept name (letters, digits, space, ``_ - .``; no path separators, no leading dot).
+
+    A name never ends in ``.safetensors``: every such suffix is dropped (``x.safetensors.safetensors``
+    → ``x``), so the name shown is always the file's name minus one suffix, and it leads back to that file."""
     name = name.strip()
-    if name.endswith(SUFFIX):
-        name = name[: -len(SUFFIX)]
+    while name.endswith(SUFFIX):
+        name = name[: -len(SUFFIX)].strip()
     if not _NAME.match(name) or ".." in name:
         raise StudioError(f"Concept name {name!r} is not allowed; use letters, digits, spaces, '_', '-' or '.' "
                           "(at most 80 characters, no slashes).")
+    if name.split(".")[0].rstrip(" ").upper() in _RESERVED:
+        raise StudioError(f"Concept name {name!r} is not allowed: {name.split('.')[0].rstrip(' ').upper()} is a "
+                          "device name on Windows (CON, PRN, AUX, NUL, COM0–9, LPT0–9, with or without an "
+                          "extension); choose another name.")
     return name
+
+
+def _valid(name: str) -> bool:
+    try:
+        return check_name(name) == name
+    except StudioError:
+        return False
 
 
 class Library:
@@ -66,6 +99,14 @@ class Library:
 
     def __init__(self, folder: str | os.PathLike[str] = DEFAULT_LIBRARY):
         self.folder = Path(folder).expanduser()
+        # path -> ((size, mtime_ns), error or ""): a file is fully validated once per version
+        self._checked: dict[Path, tuple[tuple[int, int], str]] = {}
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete temporary files that writers killed mid-save left (:func:`studio.atomic.remove_stale_temporaries`:
+        never one of a live process); done when the library is opened and listed."""
+        return [*remove_stale_temporaries(self.folder), *remove_stale_temporaries(self.folder / MODELS)]
 
     # -- paths -------------------------------------------------------------------------------
     def path(self, name: str) -> Path:
@@ -79,31 +120,62 @@ class Library:
 
     # -- reading -----------------------------------------------------------------------------
     def names(self) -> list[str]:
+        """The concepts' names: files ``NAME.safetensors`` whose NAME is a valid name (:func:`check_name`;
+        a file copied in under another name, e.g. ``x.safetensors.safetensors``, is left out: import it)."""
         if not self.folder.is_dir():
             return []
-        return sorted(p.name[: -len(SUFFIX)] for p in self.folder.glob(f"*{SUFFIX}") if not p.name.startswith("."))
+        self.remove_stale_temporaries()
+        return sorted(n for n in (p.name[: -len(SUFFIX)] for p in self.folder.glob(f"*{SUFFIX}")
+                                  if not p.name.startswith(".")) if _valid(n))
 
     def list(self) -> list[ConceptInfo]:
-        return [self.info(n) for n in self.names()]
+        """Every concept file, broken ones included (with :attr:`ConceptInfo.error` set): one bad
+        file never stops the listing."""
+        out = []
+        for n in self.names():
+            try:
+                out.append(self.info(n))
+            except Exception as err:  # noqa: BLE001 - a name the library refuses, a file gone meanwhile …
+                out.append(ConceptInfo(name=n, path=self.folder / f"{n}{SUFFIX}", error=_one_line(err)))
+        return out
+
+    def usable_names(self) -> list[str]:
+        """Names of the concepts that can be applied (what generation offers; broken files are left out)."""
+        return [i.name for i in self.list() if i.usable]
 
     def info(self, name: str) -> ConceptInfo:
+        """What the header says about ``name``, and in ``error`` why it cannot be used, if it cannot:
+        the header's metadata is type-checked, and the whole file is validated as :meth:`load`
+        would (once per file version; the result is cached)."""
         path = self._existing(name)
         preview = self.preview_path(name)
-        info = ConceptInfo(name=name, path=path, size=path.stat().st_size,
-                           preview=preview if preview.is_file() else None)
+        stat = path.stat()
+        info = ConceptInfo(name=name, path=path, size=stat.st_size, preview=preview if preview.is_file() else None)
         try:
             _, md = read_header(path)
-            info.method = md.get("studio.method", "")
-            info.tokens = json.loads(md.get("studio.tokens") or "[]")
-            info.class_word = md.get("studio.class_word", "")
-            info.base = json.loads(md.get("studio.base") or "{}")
-            info.metrics = json.loads(md.get("studio.metrics") or "{}")
-            info.strength = float(md["studio.strength"]) if md.get("studio.strength") else None
             if "studio.format" not in md:
                 info.error = "not a studio concept (import it)"
-        except (ConceptFormatError, ValueError, json.JSONDecodeError) as err:
-            info.error = str(err)
+                return info
+            fields = concept_fields(md, path)  # the metadata schema, type-checked
+            info.method, info.tokens, info.class_word = fields.method, fields.tokens, fields.class_word
+            info.base, info.metrics, info.strength = fields.base, fields.metrics, fields.strength
+            info.error = self._validate(path, (stat.st_size, stat.st_mtime_ns))
+        except Exception as err:  # noqa: BLE001 - the listing reports any unreadable file, never raises
+            info.error = _one_line(err)
         return info
+
+    def _validate(self, path: Path, version: tuple[int, int]) -> str:
+        """``""`` when :func:`~studio.methods.load_concept` accepts the file, else its one-line reason."""
+        cached = self._checked.get(path)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        try:
+            load_concept(path)
+            error = ""
+        except Exception as err:  # noqa: BLE001 - reported, not raised
+            error = _one_line(err)
+        self._checked[path] = (version, error)
+        return error
 
     def load(self, name: str) -> Concept:
         return load_concept(self._existing(name))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,19 +15,7 @@ from studio.generation import GenerateConfig, generate
 from studio.jobs import JobQueue
 from studio.library import DEFAULT_LIBRARY, Library
 from studio.methods import load_concept
-from studio.models import BaseModel, load_base
-
-
-@dataclass
-class BaseSettings:
-    """How to load the base (shared by the CLI flags and the UI)."""
-
-    base: str = "demo"
-    device: str | None = None  # auto: cuda → mps → cpu
-    dtype: str | None = None  # auto: fp16 on GPU, fp32 on CPU
-    attention: str = "sdpa"
-    prediction_type: str | None = None
-    offload: bool = False
+from studio.models import BaseModel, BaseSettings
 
 
 class Studio:
@@ -51,9 +38,7 @@ class Studio:
     def base(self) -> BaseModel:
         with self._lock:
             if self._base is None:
-                s = self.settings
-                self._base = load_base(s.base, device=s.device, dtype=s.dtype, attention=s.attention,
-                                       prediction_type=s.prediction_type, offload=s.offload)
+                self._base = self.settings.load()
             return self._base
 
     @property
@@ -117,21 +102,23 @@ class Studio:
             return save_concept(concept, target)
         return self.library.add(concept, name, force=force)
 
-    def evaluate(self, concepts: list[Any], **options: Any) -> Any:
+    def evaluate(self, concepts: list[Any], config: Any = None, **options: Any) -> Any:
         """Generate, score and report concepts (files, library names or ``ConceptUse``); the summary is
-        written into each concept file. Options and result: :func:`studio.evaluation.evaluate_concepts`."""
+        written into each concept file. ``config``: an :class:`~studio.evaluation.EvaluateConfig` (default:
+        its defaults, ``None`` fields following this base), ``options``: its fields as keywords (and
+        ``references``, ``judges``). Result: :func:`studio.evaluation.evaluate_concepts`."""
         from studio.evaluation import evaluate_concepts
 
         with self._lock:
-            return evaluate_concepts(self, concepts, **options)
+            return evaluate_concepts(self, concepts, config, **options)
 
-    def sweep(self, concept: Any, strengths: list[float], **options: Any) -> Any:
-        """Score one concept across strengths and store its recommended strength
-        (:func:`studio.evaluation.sweep_strength`)."""
+    def sweep(self, concept: Any, strengths: list[float] | None = None, config: Any = None, **options: Any) -> Any:
+        """Score one concept across strengths (default: ``config.sweep``) and store its recommended strength
+        (:func:`studio.evaluation.sweep_strength`; ``config`` and ``options`` as :meth:`evaluate`)."""
         from studio.evaluation import sweep_strength
 
         with self._lock:
-            return sweep_strength(self, concept, strengths, **options)
+            return sweep_strength(self, concept, strengths, config, **options)
 
     # -- training from uploads (the UI; the CLI passes folders) ----------------------------------
     def training_methods(self) -> dict[str, TrainingMethod]:
@@ -191,9 +178,14 @@ class Studio:
                                        f"(images: {', '.join(sorted(stems))}).")
                 (out / f"{stem}.txt").write_text(text.strip() + "\n", encoding="utf-8")
             load_image_folder(out, 64, min_images=min_images, max_images=MAX_UPLOAD_FILES)
-        except BaseException:
+        except BaseException as err:
             if folder is None:
                 shutil.rmtree(out, ignore_errors=True)
+            if isinstance(err, StudioError):  # name the files as uploaded, never a server path
+                raise hide_upload_paths(err, files, {} if folder else {out: "the uploaded images"}) from None
+            if isinstance(err, OSError):
+                raise DatasetError(f"Could not store the uploaded images ({err.strerror or err}); free some space "
+                                   "and upload them again.") from None
             raise
         return out
 
@@ -222,9 +214,11 @@ class Studio:
         if managed:
             raise StudioError(f"{', '.join(managed)} cannot be set here: the job keeps its images, checkpoints and "
                               "output in its own folder.")
+        if preset is None:
+            preset = method.preset_name(self.settings.profile())
         config = method.preset_values(preset) | dict(values)
         probe = method.config_cls(**{**config, "images": ""})  # validate the settings before copying anything
-        if getattr(probe, "writes_folder", lambda: False)():
+        if probe.writes_folder():
             default = f"{config.get('class_word') or 'model'}-{_time.strftime('%Y%m%d-%H%M%S')}"
             stem = check_name(config.get("name") or default)
             config["out"] = str(self.library.folder / "models" / stem)
@@ -248,30 +242,23 @@ class Studio:
                       class_word: str | None = None) -> Path:
         """Import an uploaded concept file (studio, A1111 ``.pt``, diffusers, kohya) into the library."""
         src = check_uploads([path], suffixes=CONCEPT_SUFFIXES, max_bytes=MAX_CONCEPT_BYTES)[0]
-        return self.library.import_file(src, name or None, token=token or None, class_word=class_word or None)
+        try:
+            return self.library.import_file(src, name or None, token=token or None, class_word=class_word or None)
+        except StudioError as err:  # the file as uploaded, never its server path
+            raise hide_upload_paths(err, [src]) from None
 
     def capabilities(self) -> dict[str, bool]:
-        """Which optional parts this install has (the UI shows a note for the missing ones)."""
-        import dataclasses
+        """The optional extras and assets this install has (the UI notes the missing ones):
+        the demo world's committed weights, xformers, open-clip, bitsandbytes."""
         import importlib.util
 
-        def has(module: str) -> bool:
-            try:
-                return importlib.util.find_spec(module) is not None
-            except ImportError:
-                return False
+        from studio.world import DEMO_BASE_DIR, ORACLE_PATH
 
-        fields = {f.name for f in dataclasses.fields(GenerateConfig)}
-        world = False
-        if has("studio.world"):
-            try:
-                from studio.world import DEMO_BASE_DIR, ORACLE_PATH
-
-                world = (Path(DEMO_BASE_DIR) / "model_index.json").is_file() and Path(ORACLE_PATH).is_file()
-            except ImportError:
-                world = False
-        return {"evaluation": has("studio.evaluation"), "zeroshot": has("studio.methods.zeroshot"),
-                "reference_images": any("reference" in f for f in fields), "demo_world": world}
+        world = (Path(DEMO_BASE_DIR) / "model_index.json").is_file() and Path(ORACLE_PATH).is_file()
+        extras = {name: importlib.util.find_spec(module) is not None
+                  for name, module in (("xformers", "xformers"), ("open_clip", "open_clip"),
+                                       ("bitsandbytes", "bitsandbytes"))}
+        return {"demo_world": world, **extras}
 
 
 # -- uploads ----------------------------------------------------------------------------------------
@@ -290,6 +277,24 @@ def safe_filename(name: str) -> str:
     base = re.split(r"[\\/]", name)[-1]
     clean = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .") or "file"
     return clean[:120]
+
+
+def hide_upload_paths(err: StudioError, uploads: list[Path], folders: dict[Path, str] | None = None) -> StudioError:
+    """``err`` with every server path of an upload replaced by the file's own name (and each of
+    ``folders`` by its text): what a user sees names what they uploaded, not ``/tmp/gradio/…``."""
+    names: dict[str, str] = {}
+    for p in uploads:
+        for form in {str(p), str(Path(p).resolve())}:
+            names[form] = Path(p).name
+            names[str(Path(form).parent)] = "the upload folder"
+    for folder, text in (folders or {}).items():
+        names[str(folder)] = names[str(Path(folder).resolve())] = text
+    message = str(err)
+    for path in sorted(names, key=len, reverse=True):  # a file before its folder
+        if len(path) > 1:
+            message = message.replace(path, names[path])
+    message = message.replace("the upload folder/", "").replace("the uploaded images/", "")
+    return err if message == str(err) else type(err)(message)
 
 
 def check_uploads(paths: list[str | Path], *, suffixes: Any, max_files: int = MAX_UPLOAD_FILES,
@@ -315,9 +320,7 @@ def check_uploads(paths: list[str | Path], *, suffixes: Any, max_files: int = MA
 
 
 def _settings_dict(settings: BaseSettings) -> dict[str, Any]:
-    import dataclasses
-
-    return dataclasses.asdict(settings)
+    return settings.to_dict()
 
 
 class TrainingMethod:
@@ -339,15 +342,16 @@ class TrainingMethod:
 
         return [f for f in field_specs(self.config_cls) if f.name not in JOB_MANAGED and not f.name.endswith("_dir")]
 
+    def preset_name(self, profile: Any = None) -> str | None:
+        """The preset the form opens with on a base of ``profile`` (:meth:`trainers.entry.TrainerEntry.preset_name`)."""
+        return self.entry.preset_name(None, profile)
+
     def preset_values(self, preset: str | None = None) -> dict[str, Any]:
-        """Preset ``preset`` (default: the method's; ``""``: none) over the dataclass defaults, for the shown options."""
+        """Preset ``preset`` (default: the method's; ``""``: none) over the dataclass defaults, for the shown
+        options — what :meth:`trainers.entry.TrainerEntry.resolve` would build, before validation."""
         import dataclasses
 
-        name = self.default_preset if preset is None else preset
-        if name and name not in self.presets:
-            raise StudioError(f"Unknown preset {name!r} for {self.name}; presets: {', '.join(self.presets) or 'none'}.")
         values = {f.name: f.default for f in self.fields() if f.default is not dataclasses.MISSING}
         shown = set(values) | {f.name for f in self.fields()}
-        values.update({k: v for k, v in (self.presets.get(name, {}) if name else {}).items() if k in shown})
+        values.update({k: v for k, v in self.entry.preset_values(preset).items() if k in shown})
         return values
-

@@ -17,6 +17,17 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+def pytest_collection_modifyitems(config, items):
+    """``slow`` tests are opt-in: deselected (not skipped) unless the ``-m`` expression names them
+    (``pytest -m slow tests/…``)."""
+    if "slow" in (config.getoption("markexpr") or ""):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 @pytest.fixture(scope="session")
 def tiny_bases():
     """Lazily built tiny bases, one per name, shared by the session (tests must leave them clean)."""

@@ -34,7 +34,7 @@ from trainers.lora import (
     class_image_folder,
     ensure_class_images,
 )
-from trainers.runner import make_config, train
+from trainers.runner import train
 
 ENTRY = get_trainer("dreambooth")
 
@@ -68,7 +68,7 @@ def _cfg(images, out, cache, **kw):
     values = dict(images=str(images), out=str(out), class_word="dog", steps=3, lr=3e-2, log_every=0, seed=0,
                   num_class_images=2, class_steps=1, class_batch_size=2, class_cache_dir=str(cache))
     values.update(kw)
-    return make_config(ENTRY, **values)
+    return ENTRY.resolve(**values)
 
 
 def _state(pipe):

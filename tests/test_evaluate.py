@@ -27,13 +27,13 @@ from studio.evaluation import (
     score_images,
     sweep_strength,
 )
+from studio.evaluation.metrics import ClipScorer, EvalConcept
 from studio.methods import load_concept, save_concept
-from studio.metrics import ClipScorer, EvalConcept
 from studio.service import BaseSettings, Studio
 from tests.method_cases import make_ti
 from trainers import get_trainer
 from trainers.loop import TrainCallbacks
-from trainers.runner import make_config, train
+from trainers.runner import train
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "studio" / "assets" / "clip_tokenizer"
 REF = [1.0, 0.0, 0.0]  # every reference photo
@@ -332,7 +332,7 @@ class Recorder(TrainCallbacks):
 @pytest.mark.parametrize("keep_best", [True, False])
 def test_training_curve_and_best_checkpoint(tiny, tmp_path, photos, keep_best):
     out = tmp_path / "c.safetensors"
-    cfg = make_config(get_trainer("textual-inversion"), images=str(photos), out=str(out), class_word="cat", steps=3,
+    cfg = get_trainer("textual-inversion").resolve(images=str(photos), out=str(out), class_word="cat", steps=3,
                       batch_size=1, lr=5e-2, log_every=0, seed=0, eval_every=1, eval_images=1, eval_steps=1,
                       eval_prompts=str(_prompt_file(tmp_path)), keep_best=keep_best)
     recorder = Recorder()
@@ -355,7 +355,7 @@ def test_training_curve_and_best_checkpoint(tiny, tmp_path, photos, keep_best):
 
 def test_keep_best_needs_eval_every(photos):
     with pytest.raises(StudioError, match="--keep-best needs --eval-every"):
-        make_config(get_trainer("textual-inversion"), images=str(photos), class_word="cat", keep_best=True)
+        get_trainer("textual-inversion").resolve(images=str(photos), class_word="cat", keep_best=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""studio.metrics: known answers for every formula, parity with transformers' CLIPModel on a tiny
+"""studio.evaluation.metrics: known answers for every formula, parity with transformers' CLIPModel on a tiny
 model built from config, real photos from scikit-image as plumbing, the Haar detector driving
 CP-CLIP, sweep / checkpoint selection, the embedding cache, and the report files."""
 
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from studio.errors import StudioError
-from studio.metrics import (
+from studio.evaluation.metrics import (
     CachedScorer,
     ClipScorer,
     Detections,
@@ -46,7 +46,7 @@ from studio.metrics import (
     ti_clip,
     write_report,
 )
-from studio.metrics.detectors import padded_box
+from studio.evaluation.metrics.detectors import padded_box
 
 TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "studio" / "assets" / "clip_tokenizer"
 
@@ -347,7 +347,7 @@ def test_owlvit_detector_plumbing_on_a_tiny_model(tmp_path, photos, clip_scorer)
     from transformers import CLIPTokenizer, OwlViTConfig, OwlViTForObjectDetection
     from transformers.models.owlvit.image_processing_pil_owlvit import OwlViTImageProcessorPil
 
-    from studio.metrics import OwlVitDetector
+    from studio.evaluation.metrics import OwlVitDetector
 
     tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
     tokenizer.model_max_length = 16
@@ -648,7 +648,7 @@ def test_a_cached_hub_id_loads_without_the_network(monkeypatch, tmp_path, tiny_c
 
 
 def test_open_clip_backend_says_when_it_is_missing(monkeypatch):
-    from studio.metrics import OpenClipScorer
+    from studio.evaluation.metrics import OpenClipScorer
 
     monkeypatch.setitem(sys.modules, "open_clip", None)  # import open_clip -> ImportError
     with pytest.raises(StudioError, match="open_clip_torch"):

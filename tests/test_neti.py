@@ -297,12 +297,11 @@ def test_composes_with_textual_inversion_lora_and_perfusion(tiny):
 # -- training ---------------------------------------------------------------------------------------
 def _cfg(images, out, **kw):
     from trainers import get_trainer
-    from trainers.runner import make_config
 
     values = dict(images=str(images), out=str(out), class_word="cat", steps=2, batch_size=2, grad_accum=1,
                   log_every=0, seed=0)
     values.update(kw)
-    return make_config(get_trainer("neti"), **values)
+    return get_trainer("neti").resolve(**values)
 
 
 def _state(pipe):

@@ -15,7 +15,7 @@ from studio.methods import load_concept
 from studio.service import Studio
 from trainers import get_trainer
 from trainers.loop import TrainControl, TrainingStopped
-from trainers.runner import make_config, train
+from trainers.runner import train
 from trainers.textual_inversion import initial_vectors
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def _cfg(images, out, **kw):
     values = dict(images=str(images), out=str(out), class_word="cat", steps=4, batch_size=2, lr=5e-2,
                   log_every=0, seed=0)
     values.update(kw)
-    return make_config(get_trainer("textual-inversion"), **values)
+    return get_trainer("textual-inversion").resolve(**values)
 
 
 def _state(pipe):

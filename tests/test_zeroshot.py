@@ -257,7 +257,7 @@ def test_errors_are_clear(tiny_bases, tmp_path):
 
 def test_train_adapter_writes_a_folder_diffusers_loads(tiny, fresh_tiny, tmp_path):
     from trainers import get_trainer
-    from trainers.runner import make_config, train
+    from trainers.runner import train
 
     images = tmp_path / "imgs"
     images.mkdir()
@@ -266,7 +266,7 @@ def test_train_adapter_writes_a_folder_diffusers_loads(tiny, fresh_tiny, tmp_pat
     (images / "0.txt").write_text("a photo of a cat")
     entry = get_trainer("adapter")
     start = tiny_adapter_folder(tiny)
-    cfg = make_config(entry, images=str(images), adapter=str(start), out=str(tmp_path / "out"), steps=3, lr=1e-2,
+    cfg = entry.resolve(images=str(images), adapter=str(start), out=str(tmp_path / "out"), steps=3, lr=1e-2,
                       batch_size=2)
     result = train(entry, cfg, tiny)
     assert result.path == tmp_path / "out" and store_of(tiny.pipe.unet) is None

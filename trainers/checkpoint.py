@@ -5,6 +5,14 @@ optimizer state (``optim.*``; its hyper-parameters as JSON metadata) and the tra
 generator's state (``rng``); metadata also records the step and a hash of the training config so a
 resume with a different config is refused. Folders are written under a temporary name and renamed,
 so a crash never leaves a half-written checkpoint; the newest ``keep`` are kept.
+
+**Integrity.** Metadata ``checksum`` is ``sha256:<hex>`` of every tensor (name, dtype, shape, bytes,
+in name order) and every other metadata entry, so one flipped byte anywhere in the file is caught.
+Reading goes through the studio's validating safetensors reader (:mod:`studio.safetensors_io`:
+header, offsets, dtypes before allocation) and refuses non-finite values; a checkpoint with NaN/inf
+is never written either. ``resume latest`` takes the newest checkpoint that passes all of this and
+says which newer ones it skipped and why; :func:`last_good_checkpoint` is what a stopped run names.
+Checkpoints without a checksum (written before it existed) are refused: they cannot be verified.
 """
 
 from __future__ import annotations
@@ -12,15 +20,26 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from studio import safetensors_io as sio
 from studio.errors import TrainingError
 
 STATE = "state.safetensors"
+CHECKSUM = "checksum"
+# Any dtype an optimizer keeps (8-bit Adam: uint8 states; generator state: uint8), no fp8 / complex;
+# the byte cap only guards against a header that claims more than a real fine-tune's checkpoint
+# (SDXL UNet + AdamW in fp32: ~31 GB) — offsets must lie within the file anyway.
+LIMITS = sio.Limits(dtypes=frozenset({"F16", "BF16", "F32", "F64", "U8", "I8", "I16", "I32", "I64"}),
+                    max_bytes=256 * sio.GIB)
+_STEP_DIR = re.compile(r"step-([0-9]+)")
 
 
 def data_digest(examples: list[Any]) -> str:
@@ -45,15 +64,25 @@ def config_hash(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """``sha256:<hex>`` of the tensors (name, dtype, shape and bytes, in name order) and of every
+    metadata entry but the checksum itself."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    h.update(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM}, sort_keys=True).encode())
+    return "sha256:" + h.hexdigest()
+
+
 def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     rng: torch.Generator, meta: dict[str, Any], keep: int = 3) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"step-{step:06d}"
-    tmp = folder / f".tmp-step-{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     tensors = {f"param.{k}": v.detach().to("cpu").contiguous() for k, v in params.items()}
     opt = optimizer.state_dict()
     for idx, state in opt["state"].items():
@@ -61,7 +90,14 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], op
             t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
             tensors[f"optim.{idx}.{key}"] = t.detach().to("cpu").contiguous()
     tensors["rng"] = rng.get_state()
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:  # never leave a checkpoint a resume would refuse (or that a stopped run would name as good)
+        raise TrainingError(f"Not writing checkpoint {target}: {', '.join(bad[:3])} hold NaN or infinite values.")
     md = {"step": str(step), "param_groups": json.dumps(opt["param_groups"]), "meta": json.dumps(meta, default=str)}
+    md[CHECKSUM] = checksum(tensors, md)
+    tmp = folder / f".tmp-step-{step:06d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         save_file(tensors, str(tmp / STATE), metadata=md)
         with open(tmp / STATE, "rb") as f:
@@ -78,17 +114,162 @@ def save_checkpoint(folder: Path, step: int, params: dict[str, torch.Tensor], op
     return target
 
 
+def _step_of(path: Path) -> int:
+    m = _STEP_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m else -1
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoint folders (``step-NNNNNN`` holding a state file), oldest first (by step number)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("step-*") if (p / STATE).is_file())
+    return sorted((p for p in folder.glob("step-*") if _step_of(p) >= 0 and (p / STATE).is_file()),
+                  key=lambda p: (_step_of(p), p.name))
 
 
-def resolve_resume(spec: str, folder: Path) -> Path | None:
-    """``latest`` → the newest checkpoint in ``folder`` (None if there is none); else a path."""
+@dataclass
+class Checkpoint:
+    """A checkpoint read and verified by :func:`read_checkpoint` (nothing applied yet)."""
+
+    path: Path
+    step: int
+    params: dict[str, torch.Tensor]  # without the "param." prefix
+    optim_state: dict[int, dict[str, torch.Tensor]]
+    param_groups: list[dict[str, Any]]
+    rng: torch.Tensor
+    meta: dict[str, Any]
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read ``path/state.safetensors`` through the validating reader, verify its checksum, finite
+    values and structure. Raises :class:`TrainingError` (one line: the file and what is wrong)."""
+    file = Path(path) / STATE
+    where = sio.label(file)
+    header = sio.read_header(file, error=TrainingError, limits=LIMITS)
+    md = header.metadata
+    missing = [k for k in ("step", "param_groups", CHECKSUM) if k not in md]
+    if "rng" not in header.entries:
+        missing.append("the rng tensor")
+    if missing:
+        hint = " (written before checkpoints carried a checksum?)" if missing == [CHECKSUM] else ""
+        raise TrainingError(f"Checkpoint {where} is incomplete: it lacks {', '.join(missing)}{hint}; resume from "
+                            "another checkpoint or start over without --resume.")
+    tensors = sio.read_tensors(header, file, error=TrainingError)  # refuses NaN / inf
+    if checksum(tensors, md) != md[CHECKSUM]:
+        raise TrainingError(f"Checkpoint {where} is corrupt: its checksum does not match its contents.")
+    # The checksum matched, so what follows checks what save_checkpoint wrote, not random bytes.
+    if not re.fullmatch(r"[0-9]{1,12}", md["step"]) or (_step_of(Path(path)) >= 0 and
+                                                       int(md["step"]) != _step_of(Path(path))):
+        raise TrainingError(f"Checkpoint {where}: metadata step {sio.q(md['step'])} does not match its folder.")
+    groups = sio.loads_json(md["param_groups"], where=f"Checkpoint {where}: metadata param_groups", error=TrainingError)
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        raise TrainingError(f"Checkpoint {where}: metadata param_groups is not a list of optimizer groups.")
+    meta = sio.loads_json(md.get("meta") or "{}", where=f"Checkpoint {where}: metadata meta", error=TrainingError)
+    if not isinstance(meta, dict):
+        raise TrainingError(f"Checkpoint {where}: metadata meta is not a JSON object.")
+    rng = tensors.pop("rng")
+    if rng.dtype != torch.uint8 or rng.ndim != 1:
+        raise TrainingError(f"Checkpoint {where}: the rng state is {rng.dtype} {tuple(rng.shape)}, not a uint8 vector.")
+    params: dict[str, torch.Tensor] = {}
+    optim: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        m = re.fullmatch(r"optim\.([0-9]{1,9})\.(.+)", k, re.DOTALL)
+        if k.startswith("param."):
+            params[k[len("param."):]] = v
+        elif m:
+            optim.setdefault(int(m.group(1)), {})[m.group(2)] = v
+        else:
+            raise TrainingError(f"Checkpoint {where} holds an unexpected tensor {sio.q(k)}.")
+    return Checkpoint(Path(path), int(md["step"]), params, optim, groups, rng, meta)
+
+
+def apply_checkpoint(ckpt: Checkpoint, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                     rng: torch.Generator) -> tuple[int, dict[str, Any]]:
+    """Restore ``params`` in place, the optimizer and the generator from a verified checkpoint;
+    return (step, meta). Nothing is changed unless everything fits."""
+    where = sio.label(ckpt.path)
+    missing = [k for k in params if k not in ckpt.params]
+    if missing:
+        raise TrainingError(f"Checkpoint {where} does not match this training (missing {missing}).")
+    wrong = [k for k, p in params.items() if tuple(ckpt.params[k].shape) != tuple(p.shape)]
+    if wrong:
+        raise TrainingError(f"Checkpoint {where} does not match this training (shapes of {wrong} differ).")
+    saved_opt = optimizer.state_dict()
+    saved_rng = rng.get_state()
+    try:
+        optimizer.load_state_dict({"state": ckpt.optim_state, "param_groups": ckpt.param_groups})
+        rng.set_state(ckpt.rng)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
+        optimizer.load_state_dict(saved_opt)
+        rng.set_state(saved_rng)
+        detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise TrainingError(f"Checkpoint {where} does not fit this training's optimizer or generator "
+                            f"({sio.one_line(detail)}).") from None
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(ckpt.params[k].to(p.device, p.dtype))
+    return ckpt.step, ckpt.meta
+
+
+# One verified checkpoint handed from resolve_resume to the load_checkpoint that follows it, so a
+# resume reads the file once (keyed by the file's identity: any change means a fresh read).
+_VERIFIED: dict[tuple[str, int, int, int], Checkpoint] = {}
+
+
+def _identity(path: Path) -> tuple[str, int, int, int] | None:
+    try:
+        st = (Path(path) / STATE).stat()
+    except OSError:
+        return None
+    return (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _verify(path: Path) -> Checkpoint:
+    ckpt = read_checkpoint(path)
+    key = _identity(path)
+    _VERIFIED.clear()
+    if key is not None:
+        _VERIFIED[key] = ckpt
+    return ckpt
+
+
+def last_good_checkpoint(folder: Path | None, log: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint in ``folder`` that reads back intact and finite (None if none);
+    ``log`` receives one line per newer checkpoint skipped, saying why."""
+    if folder is None:
+        return None
+    for path in reversed(list_checkpoints(folder)):
+        try:
+            read_checkpoint(path)
+        except TrainingError as err:
+            if log:
+                log(f"skipping checkpoint {path.name}: {err}")
+            continue
+        return path
+    return None
+
+
+def resolve_resume(spec: str, folder: Path | None, log: Callable[[str], None] | None = None) -> Path | None:
+    """``latest`` → the newest *good* checkpoint in ``folder`` (None if there is none at all);
+    newer ones that fail verification are skipped and reported through ``log`` ("falling back …").
+    If every checkpoint there is bad, :class:`TrainingError` lists why. Else ``spec`` is a path."""
     if spec == "latest":
-        found = list_checkpoints(folder)
-        return found[-1] if found else None
+        found = list_checkpoints(folder) if folder is not None else []
+        problems = []
+        for path in reversed(found):
+            try:
+                _verify(path)
+            except TrainingError as err:
+                problems.append(f"{path.name}: {err}")
+                continue
+            if problems and log:
+                log(f"checkpoint(s) refused — {' | '.join(problems)}; falling back to the previous good one, {path}")
+            return path
+        if found:
+            raise TrainingError(f"No usable checkpoint in {sio.label(folder)} ({' | '.join(problems)}); remove that "
+                                "folder to start over, or resume from another copy.")
+        return None
     path = Path(spec).expanduser()
     if path.is_dir() and (path / STATE).is_file():
         return path
@@ -101,23 +282,12 @@ def resolve_resume(spec: str, folder: Path) -> Path | None:
 
 def load_checkpoint(path: Path, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     rng: torch.Generator) -> tuple[int, dict[str, Any]]:
-    """Restore ``params`` in place, the optimizer and the generator; return (step, meta)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path / STATE), framework="pt") as f:
-        md = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    missing = [k for k in params if f"param.{k}" not in tensors]
-    if missing:
-        raise TrainingError(f"Checkpoint {path} does not match this training (missing {missing}).")
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[f"param.{k}"].to(p.device, p.dtype))
-    state: dict[int, dict[str, Any]] = {}
-    for k, v in tensors.items():
-        if k.startswith("optim."):
-            _, idx, key = k.split(".", 2)
-            state.setdefault(int(idx), {})[key] = v
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(md["param_groups"])})
-    rng.set_state(tensors["rng"])
-    return int(md["step"]), json.loads(md.get("meta", "{}"))
+    """Verify the checkpoint at ``path`` (:func:`read_checkpoint`), then restore ``params`` in place,
+    the optimizer and the generator; return (step, meta). A corrupt, incomplete or non-finite
+    checkpoint raises :class:`TrainingError` and changes nothing."""
+    key = _identity(path)
+    ckpt = _VERIFIED.pop(key, None) if key is not None else None
+    _VERIFIED.clear()
+    if ckpt is None:
+        ckpt = read_checkpoint(path)
+    return apply_checkpoint(ckpt, params, optimizer, rng)

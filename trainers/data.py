@@ -1,6 +1,8 @@
 """The dataset every trainer reads: an image folder, validated up front.
 
-* formats: PNG, JPEG, WebP, BMP, TIFF; EXIF orientation applied;
+* formats: PNG, JPEG, WebP, BMP, TIFF; opened with :func:`studio.images.open_image` (EXIF
+  orientation applied, first frame of an animation, at most 8192×8192 pixels — checked from the
+  header, so a decompression bomb is refused before it is decoded);
 * RGBA alpha → the subject mask; ``name.mask.png`` sidecar → the mask (white = subject);
 * ``name.txt`` sidecar → the caption of that image;
 * resized (shorter side) and centre-cropped to the training resolution;
@@ -16,14 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from studio.errors import DatasetError
+from studio.images import MAX_PIXELS, open_image  # noqa: F401  (MAX_PIXELS: the limit, re-exported)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 SIDECAR_SUFFIXES = {".txt", ".json", ".md"}
 MIN_SIDE = 16  # pixels; smaller files are almost certainly thumbnails or icons
-MAX_PIXELS = 64 * 1024 * 1024
 
 
 @dataclass
@@ -64,18 +66,9 @@ def load_image_folder(folder: str | os.PathLike[str], resolution: int, *, min_im
 
 
 def _open(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as probe:
-            probe.verify()  # structure check; the image must be reopened afterwards
-        img = Image.open(path)
-        if img.width * img.height > MAX_PIXELS:
-            raise DatasetError(f"{path.name} is {img.width}×{img.height}, too large; resize it below 64 megapixels.")
-        img.load()
-    except DatasetError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DatasetError(f"{path.name} is corrupt or not an image ({err}); replace or remove it.") from None
-    return ImageOps.exif_transpose(img)
+    """Decoded, upright, in mode RGB/RGBA/L; too large (:data:`MAX_PIXELS`, checked from the header
+    before decoding), corrupt or not an image → a :class:`DatasetError` naming the file."""
+    return open_image(path)
 
 
 def _load_example(path: Path, resolution: int) -> Example:
@@ -86,7 +79,7 @@ def _load_example(path: Path, resolution: int) -> Example:
     mask_img: Image.Image | None = None
     sidecar = path.with_name(path.stem + ".mask.png")
     if sidecar.is_file():
-        mask_img = ImageOps.exif_transpose(_open(sidecar)).convert("L")
+        mask_img = _open(sidecar).convert("L")
         if mask_img.size != img.size:
             raise DatasetError(f"{sidecar.name} is {mask_img.size} but {path.name} is {img.size}; a mask must "
                                "have the size of its image.")

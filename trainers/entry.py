@@ -35,6 +35,15 @@ class TrainerEntry:
                               f"presets: {', '.join(self.presets) or 'none'}.")
         return dict(self.presets.get(name, {})) if name else {}
 
-    def resolve(self, preset: str | None = None, **overrides: Any) -> Any:
-        """``config_cls`` from the dataclass defaults, then preset ``preset``, then ``overrides``."""
-        return self.config_cls(**(self.preset_values(preset) | overrides))
+    def preset_name(self, preset: str | None = None, profile: Any = None) -> str | None:
+        """The preset a run uses: ``preset`` when given (``""``: none), else the one the base's profile
+        names for this trainer (the demo world's measured presets), else :attr:`default_preset`."""
+        if preset is not None:
+            return preset
+        chosen = profile.preset_for(self.cli_name, self.presets) if profile is not None else None
+        return chosen or self.default_preset
+
+    def resolve(self, preset: str | None = None, *, profile: Any = None, **overrides: Any) -> Any:
+        """The one way to make a config: the dataclass defaults, then the preset (:meth:`preset_name`),
+        then ``overrides``. ``profile`` is the base's :class:`~studio.models.BaseProfile`, if known."""
+        return self.config_cls(**(self.preset_values(self.preset_name(preset, profile)) | overrides))

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 from studio.concept import Concept
+from studio.configs import option
 from studio.errors import TrainingError
 from trainers.checkpoint import (
     config_hash,
     data_digest,
-    list_checkpoints,
+    last_good_checkpoint,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -47,54 +48,48 @@ from trainers.conditioning import Conditioning
 from trainers.data import Example, load_image_folder
 
 
-def _f(default: Any = None, help: str = "", **meta: Any) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **meta})
-    return field(default=default, metadata={"help": help, **meta})
-
-
 @dataclass
 class CommonTrainConfig:
     """Settings every trainer shares. The CLI flags and the UI form are derived from these fields."""
 
-    images: str = _f("", "folder of training images (+ optional name.txt captions, name.mask.png masks)", group="data")
-    out: str | None = _f(None, "output concept file (default: the library, under --name)", group="output")
-    name: str | None = _f(None, "concept name in the library (default: the token)", group="output")
-    token: str | None = _f(None, "trigger token, e.g. <my-dog> (default: chosen for you)", group="concept")
-    class_word: str | None = _f(None, "what the subject is, e.g. dog", group="concept")
-    templates: str = _f("object", "prompt templates", choices=["object", "style"], group="concept")
-    steps: int = _f(500, "optimizer steps", group="training")
-    lr: float = _f(1e-4, "learning rate given to the optimizer as is (never scaled by batch size)", group="training")
-    batch_size: int = _f(1, "images per step per process", group="training")
-    grad_accum: int = _f(1, "gradient accumulation steps", group="training")
-    resolution: int | None = _f(None, "training resolution (default: the base's native size)", group="training")
-    seed: int = _f(0, "random seed (data order, noise, timesteps)", group="training")
-    flip: bool = _f(True, "also train on mirrored images", group="data")
-    weight_decay: float = _f(0.0, "AdamW weight decay", group="training")
-    max_grad_norm: float = _f(0.0, "clip gradients to this norm (0 = off)", group="training")
-    snr_gamma: float = _f(0.0, "Min-SNR loss weighting gamma (0 = off; 5 is usual)", group="training")
-    noise_offset: float = _f(0.0, "offset noise: add this × a per-channel constant to the noise (0 = off; 0.05–0.1 "
+    images: str = option("", "folder of training images (+ optional name.txt captions, name.mask.png masks)", group="data")
+    out: str | None = option(None, "output concept file (default: the library, under --name)", group="output")
+    name: str | None = option(None, "concept name in the library (default: the token)", group="output")
+    token: str | None = option(None, "trigger token, e.g. <my-dog> (default: chosen for you)", group="concept")
+    class_word: str | None = option(None, "what the subject is, e.g. dog", group="concept")
+    templates: str = option("object", "prompt templates", choices=["object", "style"], group="concept")
+    steps: int = option(500, "optimizer steps", group="training")
+    lr: float = option(1e-4, "learning rate given to the optimizer as is (never scaled by batch size)", group="training")
+    batch_size: int = option(1, "images per step per process", group="training")
+    grad_accum: int = option(1, "gradient accumulation steps", group="training")
+    resolution: int | None = option(None, "training resolution (default: the base's native size)", group="training")
+    seed: int = option(0, "random seed (data order, noise, timesteps)", group="training")
+    flip: bool = option(True, "also train on mirrored images", group="data")
+    weight_decay: float = option(0.0, "AdamW weight decay", group="training")
+    max_grad_norm: float = option(0.0, "clip gradients to this norm (0 = off)", group="training")
+    snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (0 = off; 5 is usual)", group="training")
+    noise_offset: float = option(0.0, "offset noise: add this × a per-channel constant to the noise (0 = off; 0.05–0.1 "
                              "helps very dark/bright images)", group="training")
-    optimizer: str = _f("adamw", "adamw, or adamw8bit (bitsandbytes, CUDA: a quarter of the optimizer memory)",
+    optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes, CUDA: a quarter of the optimizer memory)",
                         choices=["adamw", "adamw8bit"], group="memory")
-    mixed_precision: str = _f("no", "autocast precision", choices=["no", "fp16", "bf16"], group="memory")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory", group="memory")
-    checkpoint_every: int = _f(0, "save a resumable checkpoint every N steps (0 = off)", group="checkpoints")
-    checkpoint_dir: str | None = _f(None, "where checkpoints go (default: OUT.checkpoints/)", group="checkpoints")
-    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep", group="checkpoints")
-    resume: str | None = _f(None, "'latest' or a checkpoint folder to continue from", group="checkpoints")
-    preview_every: int = _f(0, "render a preview every N steps (0 = off)", group="previews")
-    preview_prompt: str | None = _f(None, "preview prompt (default: 'a photo of {}')", group="previews")
-    log_every: int = _f(10, "report the loss every N steps", group="previews")
-    eval_every: int = _f(0, "score the concept every N steps (and at the end) on held-out prompts; the curve goes "
+    mixed_precision: str = option("no", "autocast precision", choices=["no", "fp16", "bf16"], group="memory")
+    gradient_checkpointing: bool = option(False, "trade compute for memory", group="memory")
+    checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = off)", group="checkpoints")
+    checkpoint_dir: str | None = option(None, "where checkpoints go (default: OUT.checkpoints/)", group="checkpoints")
+    keep_checkpoints: int = option(3, "how many recent checkpoints to keep", group="checkpoints")
+    resume: str | None = option(None, "'latest' or a checkpoint folder to continue from", group="checkpoints")
+    preview_every: int = option(0, "render a preview every N steps (0 = off)", group="previews")
+    preview_prompt: str | None = option(None, "preview prompt (default: 'a photo of {}')", group="previews")
+    log_every: int = option(10, "report the loss every N steps", group="previews")
+    eval_every: int = option(0, "score the concept every N steps (and at the end) on held-out prompts; the curve goes "
                          "into its metadata (0 = off)", group="evaluation")
-    eval_model: str | None = _f(None, "CLIP hub id or folder scoring --eval-every, or 'oracle' (the demo world's; "
+    eval_model: str | None = option(None, "CLIP hub id or folder scoring --eval-every, or 'oracle' (the demo world's; "
                                 "the default on --base demo; else openai/clip-vit-base-patch32)", group="evaluation")
-    eval_prompts: str | None = _f(None, "file of held-out prompts, {} = the concept (default: 4 DreamBench prompts; "
+    eval_prompts: str | None = option(None, "file of held-out prompts, {} = the concept (default: 4 DreamBench prompts; "
                                   "the world's on --base demo)", group="evaluation")
-    eval_images: int = _f(2, "images per held-out prompt", group="evaluation")
-    eval_steps: int = _f(20, "sampler steps of the evaluation images", group="evaluation")
-    keep_best: bool = _f(False, "export the best evaluated step (fidelity × editability), not the last",
+    eval_images: int = option(2, "images per held-out prompt", group="evaluation")
+    eval_steps: int = option(20, "sampler steps of the evaluation images", group="evaluation")
+    keep_best: bool = option(False, "export the best evaluated step (fidelity × editability), not the last",
                          group="evaluation")
 
     def __post_init__(self) -> None:
@@ -277,6 +272,13 @@ def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, m
         trainer.teardown()
 
 
+def checkpoint_folder(checkpoint_dir: str | None, out: str | None) -> Path | None:
+    """Where a run's checkpoints go: ``checkpoint_dir``, else ``OUT.checkpoints/`` beside the output."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir).expanduser()
+    return Path(out).expanduser().with_suffix(".checkpoints") if out else None
+
+
 def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: str, examples: list[Example] | None,
          callbacks: TrainCallbacks | None, control: TrainControl | None, accelerator: Any, save: bool) -> TrainResult:
     from accelerate import Accelerator
@@ -289,8 +291,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     device = base.device
     resolution = cfg.resolution or base.native_size
     out_path = Path(cfg.out).expanduser() if cfg.out else None
-    ckpt_dir = Path(cfg.checkpoint_dir).expanduser() if cfg.checkpoint_dir else (
-        out_path.with_suffix(".checkpoints") if out_path else None)
+    ckpt_dir = checkpoint_folder(cfg.checkpoint_dir, cfg.out)
     if (cfg.checkpoint_every or cfg.resume) and ckpt_dir is None:
         raise TrainingError("Checkpoints need --checkpoint-dir or --out to know where to go.")
 
@@ -315,13 +316,16 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
 
     start = 0
     if cfg.resume:
-        found = resolve_resume(cfg.resume, ckpt_dir) if ckpt_dir or cfg.resume != "latest" else None
+        # latest: the newest checkpoint that verifies (checksum, finite); skipped ones are reported
+        found = resolve_resume(cfg.resume, ckpt_dir, log=cb.on_log) if ckpt_dir or cfg.resume != "latest" else None
         if found is not None:
             start, saved = load_checkpoint(found, trainable, optimizer, rng)
             if any(saved.get(k) != meta[k] for k in ("config_hash", "method", "data")):
                 raise TrainingError(f"Checkpoint {found} was made with other settings; resume with the same "
                                     "settings (only --steps and output/logging options may change).")
             cb.on_log(f"resumed from {found} at step {start}")
+        else:  # `resume latest` on a first run (a queued job always asks for it): say so, never silently
+            cb.on_log(f"no checkpoint found under {ckpt_dir}; starting from step 0")
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     templates = _templates(cfg.templates)
@@ -329,7 +333,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     cb.on_start(total, start)
     t0 = time.monotonic()
     losses: list[float] = []
-    last_ckpt: Path | None = list_checkpoints(ckpt_dir)[-1] if ckpt_dir and list_checkpoints(ckpt_dir) else None
+    last_ckpt: Path | None = None  # the newest checkpoint this run wrote
     try:
         for step in range(start, total):
             step_loss = 0.0
@@ -385,7 +389,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                 extra = trainer.extra_loss()
                 total_loss = loss + extra if extra is not None else loss
                 if not torch.isfinite(total_loss.detach()):
-                    where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                    where = _last_good(ckpt_dir)
                     raise TrainingError(f"The loss became {float(total_loss.detach())} at step {step + 1} (learning rate too "
                                         f"high?); training stopped before the bad update{where}. Lower --lr and "
                                         "resume.")
@@ -400,7 +404,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if not all(torch.isfinite(p).all() for p in trainable.values()):
-                where = f"; the last good checkpoint is {last_ckpt}" if last_ckpt else ""
+                where = _last_good(ckpt_dir)
                 raise TrainingError(f"The weights became NaN/inf at step {step + 1} (learning rate too high?){where}.")
             trainer.after_step()
             done = step + 1
@@ -448,6 +452,12 @@ def _checkpoint(acc: Any, folder: Path, step: int, trainable: dict[str, torch.Te
         path = save_checkpoint(folder, step, trainable, optimizer, rng, meta, keep)
     acc.wait_for_everyone()
     return path
+
+
+def _last_good(folder: Path | None) -> str:
+    """"; the last good checkpoint is …" naming the newest checkpoint that verifies (intact, finite), or ""."""
+    good = last_good_checkpoint(folder)
+    return f"; the last good checkpoint is {good}" if good else ""
 
 
 def _templates(kind: str) -> list[str]:

@@ -34,6 +34,7 @@ from torch import nn
 
 from studio.atomic import atomic_path
 from studio.concept import Concept
+from studio.configs import option
 from studio.errors import TrainingError
 from studio.methods.base import plain_prompt_text
 from studio.methods.lora import LoRA, quiet_loading
@@ -50,7 +51,8 @@ from studio.methods.runtime import text_encoders, token_table
 from trainers.conditioning import Conditioning, encode_prompts
 from trainers.data import Example, load_image_folder
 from trainers.entry import TrainerEntry
-from trainers.loop import CommonTrainConfig, PriorSet, _f
+from trainers.freezing import freeze_pipeline, unfreeze
+from trainers.loop import CommonTrainConfig, PriorSet
 from trainers.templates import fill_templates
 
 # Rare identifiers that the CLIP BPE vocabulary holds as one or two tokens (the paper picks rare
@@ -68,32 +70,32 @@ def _split(items: list[str]) -> list[str]:
 
 @dataclass
 class DreamBoothConfig(CommonTrainConfig):
-    steps: int | None = _f(None, "optimizer steps (default: 500 LoRA, 800 full)", group="training")
-    lr: float | None = _f(None, "learning rate (default: 1e-4 LoRA; 5e-6 full, 2e-6 full with --train-text-encoder)",
+    steps: int | None = option(None, "optimizer steps (default: 500 LoRA, 800 full)", group="training")
+    lr: float | None = option(None, "learning rate (default: 1e-4 LoRA; 5e-6 full, 2e-6 full with --train-text-encoder)",
                           group="training")
-    full: bool = _f(False, "fine-tune every UNet weight and write a diffusers folder (--out DIR) instead of a LoRA",
+    full: bool = option(False, "fine-tune every UNet weight and write a diffusers folder (--out DIR) instead of a LoRA",
                     group="method")
-    rank: int = _f(4, "LoRA rank r", group="lora")
-    alpha: float | None = _f(None, "LoRA alpha (default: the rank, so the update scale α/r is 1)", group="lora")
-    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA "
+    rank: int = option(4, "LoRA rank r", group="lora")
+    alpha: float | None = option(None, "LoRA alpha (default: the rank, so the update scale α/r is 1)", group="lora")
+    target_modules: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA "
                                    "(repeat or comma-separate)", group="lora")
-    train_text_encoder: bool = _f(False, "also train the text encoder(s): LoRA on --text-encoder-targets, or with "
+    train_text_encoder: bool = option(False, "also train the text encoder(s): LoRA on --text-encoder-targets, or with "
                                   "--full every weight", group="lora")
-    text_encoder_targets: list[str] = _f(["q_proj", "k_proj", "v_proj", "out_proj"],
+    text_encoder_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "out_proj"],
                                          "text-encoder modules that get a LoRA", group="lora")
-    text_encoder_lr: float | None = _f(None, "text-encoder learning rate (default: --lr)", group="lora")
-    instance_prompt: str = _f("a photo of a {}", "instance prompt; {} = identifier + class word", group="concept")
-    use_templates: bool = _f(False, "vary the instance prompt with --templates instead", group="concept")
-    prior_preservation: bool = _f(True, "train on class images too (keeps the class word's meaning)", group="prior")
-    prior_weight: float = _f(1.0, "w_prior: weight of the class-image loss", group="prior")
-    class_prompt: str | None = _f(None, "class prompt (default: 'a photo of a CLASS_WORD')", group="prior")
-    num_class_images: int = _f(100, "class images to generate with the base (cached per base)", group="prior")
-    class_images: str | None = _f(None, "a folder of your own class images instead of generated ones", group="prior")
-    class_cache_dir: str | None = _f(None, "class-image cache (default: ~/.cache/studio/class_images)", group="prior")
-    class_steps: int = _f(30, "sampling steps per generated class image", group="prior")
-    class_guidance: float = _f(7.5, "guidance scale of generated class images", group="prior")
-    class_batch_size: int = _f(4, "class images generated per pipeline call", group="prior")
-    cache_text_embeddings: bool = _f(True, "encode each prompt once when the text encoder is frozen", group="memory")
+    text_encoder_lr: float | None = option(None, "text-encoder learning rate (default: --lr)", group="lora")
+    instance_prompt: str = option("a photo of a {}", "instance prompt; {} = identifier + class word", group="concept")
+    use_templates: bool = option(False, "vary the instance prompt with --templates instead", group="concept")
+    prior_preservation: bool = option(True, "train on class images too (keeps the class word's meaning)", group="prior")
+    prior_weight: float = option(1.0, "w_prior: weight of the class-image loss", group="prior")
+    class_prompt: str | None = option(None, "class prompt (default: 'a photo of a CLASS_WORD')", group="prior")
+    num_class_images: int = option(100, "class images to generate with the base (cached per base)", group="prior")
+    class_images: str | None = option(None, "a folder of your own class images instead of generated ones", group="prior")
+    class_cache_dir: str | None = option(None, "class-image cache (default: ~/.cache/studio/class_images)", group="prior")
+    class_steps: int = option(30, "sampling steps per generated class image", group="prior")
+    class_guidance: float = option(7.5, "guidance scale of generated class images", group="prior")
+    class_batch_size: int = option(4, "class images generated per pipeline call", group="prior")
+    cache_text_embeddings: bool = option(True, "encode each prompt once when the text encoder is frozen", group="memory")
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -212,10 +214,7 @@ class _DreamBoothTrainer:
         self._prior = class_prior(base, cfg, self.resolution)
         # 2. freeze everything; subclasses unfreeze what trains.
         self.encoders = [te for _, te in text_encoders(pipe)]
-        mods = [pipe.unet, pipe.vae, *self.encoders]
-        self._flags = [(p, p.requires_grad) for m in mods for p in m.parameters()]
-        for p, _ in self._flags:
-            p.requires_grad_(False)
+        self._flags = freeze_pipeline(pipe)
         self._text_cache: dict[str, Conditioning] = {}
         self._te_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
         if self._te_checkpointing:
@@ -259,8 +258,7 @@ class _DreamBoothTrainer:
             for te in self.encoders:
                 te.gradient_checkpointing_disable()
             self._te_checkpointing = False
-        for p, flag in self._flags:
-            p.requires_grad_(flag)
+        unfreeze(self._flags)
         self._flags = []
 
 
@@ -385,7 +383,9 @@ class DreamBoothFullTrainer(_DreamBoothTrainer):
         """Write the fine-tuned pipeline as a diffusers folder (atomically: a temporary folder renamed),
         with ``studio.json`` saying how to prompt it."""
         path = Path(path).expanduser()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        from studio.atomic import temp_path
+
+        tmp = temp_path(path)  # a killed writer's is recognised and removed (studio.atomic)
         shutil.rmtree(tmp, ignore_errors=True)
         with quiet_loading():  # no per-shard progress bars
             self.base.pipe.save_pretrained(str(tmp), safe_serialization=True)

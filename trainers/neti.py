@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from studio.concept import Concept
+from studio.configs import option
 from studio.errors import TrainingError
 from studio.methods.neti import METHOD, concept_from_mapper, mapper_config_for
 from studio.methods.neti.encoder import clip_hidden_states, pooled_text_embeds, text_states
@@ -37,27 +37,28 @@ from studio.methods.runtime import text_encoders, token_table
 from trainers.conditioning import Conditioning, tokenize
 from trainers.data import Example
 from trainers.entry import TrainerEntry
-from trainers.loop import CommonTrainConfig, _f
+from trainers.freezing import freeze_pipeline, unfreeze
+from trainers.loop import CommonTrainConfig
 from trainers.templates import fill_templates
 
 
 @dataclass
 class NetiTrainConfig(CommonTrainConfig):
     # The paper's optimisation defaults replace the shared ones (presets may override them again).
-    steps: int = _f(1000, "optimizer steps", group="training")
-    lr: float = _f(8e-3, "learning rate given to the optimizer as is (the paper's 1e-3 × 8, already scaled)",
+    steps: int = option(1000, "optimizer steps", group="training")
+    lr: float = option(8e-3, "learning rate given to the optimizer as is (the paper's 1e-3 × 8, already scaled)",
                    group="training")
-    batch_size: int = _f(2, "images per step per process", group="training")
-    grad_accum: int = _f(4, "gradient accumulation steps", group="training")
-    hidden_dim: int = _f(128, "mapper hidden width H (what nested dropout and the strength slider act on)",
+    batch_size: int = option(2, "images per step per process", group="training")
+    grad_accum: int = option(4, "gradient accumulation steps", group="training")
+    hidden_dim: int = option(128, "mapper hidden width H (what nested dropout and the strength slider act on)",
                          group="concept")
-    time_anchors: int = _f(10, "time anchors of the first layer (× the UNet's cross-attention layers)", group="concept")
-    sigma_t: float = _f(0.03, "std of the Fourier frequencies for the timestep", group="concept")
-    sigma_l: float = _f(2.0, "std of the Fourier frequencies for the layer index", group="concept")
-    nested_dropout: float = _f(0.5, "probability per batch of truncating the hidden vector at a random index "
+    time_anchors: int = option(10, "time anchors of the first layer (× the UNet's cross-attention layers)", group="concept")
+    sigma_t: float = option(0.03, "std of the Fourier frequencies for the timestep", group="concept")
+    sigma_l: float = option(2.0, "std of the Fourier frequencies for the layer index", group="concept")
+    nested_dropout: float = option(0.5, "probability per batch of truncating the hidden vector at a random index "
                                "(0 = off; needed for the fidelity/editability slider)", group="concept")
-    bypass: bool = _f(True, "textual bypass: a second output added to the encoder states of the values", group="concept")
-    bypass_scale: float = _f(0.2, "weight of the textual bypass (× the state's norm)", group="concept")
+    bypass: bool = option(True, "textual bypass: a second output added to the encoder states of the values", group="concept")
+    bypass_scale: float = option(0.2, "weight of the textual bypass (× the state's norm)", group="concept")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -96,7 +97,7 @@ class NetiTrainer:
             raise TrainingError("Remove applied concepts from the pipeline before training.")
         self.mapper = self._init_mapper()
         self.rng_state = torch.Generator().manual_seed(cfg.seed + 1).get_state()  # nested dropout
-        self._frozen = self._freeze(pipe)
+        self._frozen = freeze_pipeline(pipe)
         self.key = f"train:{token}"
         self._refresh_token_row()
         self.hook = self._init_hook()
@@ -109,14 +110,6 @@ class NetiTrainer:
                                  nested_dropout=cfg.nested_dropout, bypass=cfg.bypass, bypass_scale=cfg.bypass_scale)
         mapper = NetiMapper(mcfg, generator=torch.Generator().manual_seed(cfg.seed))
         return mapper.to(self.base.device).train()
-
-    @staticmethod
-    def _freeze(pipe: Any) -> list[tuple[nn.Parameter, bool]]:
-        mods = [pipe.unet, pipe.vae] + [te for _, te in text_encoders(pipe)]
-        saved = [(p, p.requires_grad) for m in mods for p in m.parameters()]
-        for p, _ in saved:
-            p.requires_grad_(False)
-        return saved
 
     def _refresh_token_row(self) -> None:
         """The trigger's fixed input row (the mean token; see :meth:`NetiMapper.static_tokens`)."""
@@ -196,8 +189,7 @@ class NetiTrainer:
         if hook is not None and self.token in hook.entries:
             hook.drop(self.token)
         self.table.drop(self.key)
-        for p, flag in self._frozen:
-            p.requires_grad_(flag)
+        unfreeze(self._frozen)
         self._frozen = []
 
 

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from studio.concept import Concept
+from studio.configs import option
 from studio.errors import TrainingError
 from studio.methods.attention import unet_layers
 from studio.methods.perfusion import (
@@ -56,24 +57,25 @@ from studio.methods.textual_inversion import class_embedding
 from trainers.conditioning import Conditioning, encode_prompts, tokenize
 from trainers.data import Example
 from trainers.entry import TrainerEntry
-from trainers.loop import CommonTrainConfig, _f
+from trainers.freezing import freeze_pipeline, unfreeze
+from trainers.loop import CommonTrainConfig
 from trainers.templates import fill_templates
 
 
 @dataclass
 class PerfusionConfig(CommonTrainConfig):
-    steps: int = _f(400, "optimizer steps", group="training")
-    lr: float = _f(0.006, "learning rate of the token's input embedding", group="training")
-    batch_size: int = _f(16, "images per step per process", group="training")
-    lr_v: float = _f(0.03, "learning rate of the value targets o*_V", group="training")
-    beta: float = _f(TRAIN_BETA, "training gate threshold β in σ((sim/energy − β)/τ)", group="perfusion")
-    tau: float = _f(TRAIN_TAU, "training gate temperature τ", group="perfusion")
-    ema: float = _f(0.99, "EMA decay of i* (the concept's encoding)", group="perfusion")
-    infer_beta: float = _f(BETA, "β stored as the concept's inference default (local locking; paper 0.6–0.75)",
+    steps: int = option(400, "optimizer steps", group="training")
+    lr: float = option(0.006, "learning rate of the token's input embedding", group="training")
+    batch_size: int = option(16, "images per step per process", group="training")
+    lr_v: float = option(0.03, "learning rate of the value targets o*_V", group="training")
+    beta: float = option(TRAIN_BETA, "training gate threshold β in σ((sim/energy − β)/τ)", group="perfusion")
+    tau: float = option(TRAIN_TAU, "training gate temperature τ", group="perfusion")
+    ema: float = option(0.99, "EMA decay of i* (the concept's encoding)", group="perfusion")
+    infer_beta: float = option(BETA, "β stored as the concept's inference default (local locking; paper 0.6–0.75)",
                            group="perfusion")
-    infer_tau: float = _f(TAU, "τ stored as the concept's inference default", group="perfusion")
-    infer_beta_global: float = _f(BETA_GLOBAL, "β stored for global locking (paper 0.4–0.6)", group="perfusion")
-    corpus: str | None = _f(None, "caption corpus for C⁻¹ (one caption per line; default: the generated corpus)",
+    infer_tau: float = option(TAU, "τ stored as the concept's inference default", group="perfusion")
+    infer_beta_global: float = option(BETA_GLOBAL, "β stored for global locking (paper 0.4–0.6)", group="perfusion")
+    corpus: str | None = option(None, "caption corpus for C⁻¹ (one caption per line; default: the generated corpus)",
                             group="perfusion")
 
     def __post_init__(self) -> None:
@@ -120,7 +122,7 @@ class PerfusionTrainer:
         self.i_super = word_encoding(pipe, class_word, prompts).to(device)
         self.i_star = self.i_super.clone()  # a state tensor (no gradient), updated by the EMA
         self.key = f"train-perfusion:{token}"
-        self._frozen = self._freeze(pipe)
+        self._frozen = freeze_pipeline(pipe)
         try:
             self._install(class_word)
         except BaseException:
@@ -155,14 +157,6 @@ class PerfusionTrainer:
                                       beta=self.cfg.beta, tau=self.cfg.tau, c_inv=self.c_inv)
         self.hook = ensure_hook(unet)
         self.hook.add(self.key, self.target)
-
-    @staticmethod
-    def _freeze(pipe: Any) -> list[tuple[nn.Parameter, bool]]:
-        mods = [pipe.unet, pipe.vae] + [te for _, te in text_encoders(pipe)]
-        saved = [(p, p.requires_grad) for m in mods for p in m.parameters()]
-        for p, _ in saved:
-            p.requires_grad_(False)
-        return saved
 
     def trainable(self) -> dict[str, torch.Tensor]:
         """The parameters by their concept names, plus ``i*`` (a state tensor without gradient,
@@ -220,8 +214,7 @@ class PerfusionTrainer:
         """Idempotent: the hook and the token leave, the modules get their gradients flags back."""
         release_hook(self.base.pipe.unet, self.key)
         self.table.drop(self.key)
-        for p, flag in self._frozen:
-            p.requires_grad_(flag)
+        unfreeze(self._frozen)
         self._frozen = []
 
 

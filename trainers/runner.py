@@ -11,23 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from studio.configs import add_arguments, from_namespace
+from studio.configs import add_arguments, namespace_values
 from studio.errors import StudioError
 from studio.library import Library, check_name
 from studio.prompts import normalize_token
 from trainers import TrainerEntry
 from trainers.data import load_image_folder
 from trainers.loop import CommonTrainConfig, TrainCallbacks, TrainControl, TrainResult, run_training
-
-
-def make_config(entry: TrainerEntry, preset: str | None = None, **values: Any) -> CommonTrainConfig:
-    """``entry.config_cls`` from a preset (default: the method's) overridden by ``values``."""
-    name = preset or entry.default_preset
-    base = dict(entry.presets.get(name, {})) if name else {}
-    if name and name not in entry.presets:
-        raise StudioError(f"Unknown preset {name!r} for {entry.cli_name}; presets: {', '.join(entry.presets) or 'none'}.")
-    base.update(values)
-    return entry.config_cls(**base)
 
 
 def choose_token(cfg: CommonTrainConfig, library: Library | None) -> str:
@@ -110,7 +100,7 @@ class TrainingEvaluator(TrainCallbacks):
     (:class:`studio.evaluation.CurveTracker`: CLIP-I vs the training photos and CLIP-T, or the demo
     world's oracle). :meth:`finish` writes the curve into the concept (``studio.metrics["curve"]``)
     with the training photos' CLIP embeddings (``ref.clip``), and with ``--keep-best`` exports the
-    best evaluated step (:func:`studio.metrics.best_checkpoint`) instead of the last."""
+    best evaluated step (:func:`studio.evaluation.metrics.best_checkpoint`) instead of the last."""
 
     def __init__(self, base: Any, cfg: CommonTrainConfig, token: str, *, scorer: Any = None,
                  callbacks: TrainCallbacks | None = None, method: str = "") -> None:
@@ -124,7 +114,7 @@ class TrainingEvaluator(TrainCallbacks):
             training_judges,
             training_prompts,
         )
-        from studio.metrics import EvalConcept
+        from studio.evaluation.metrics import EvalConcept
 
         if cfg.keep_best and cfg.writes_folder():
             raise StudioError("--keep-best keeps a concept file; a full fine-tune writes one model folder (use "
@@ -140,11 +130,7 @@ class TrainingEvaluator(TrainCallbacks):
         self.tracker = CurveTracker(self.judges, EvalConcept(token, self.class_word or token.strip("<>"),
                                                              self.references, cfg.name or None),
                                     prompts=self.prompts, images_per_prompt=cfg.eval_images, steps=cfg.eval_steps)
-        self.guidance = 7.5
-        if getattr(base, "spec", "") == "demo":
-            from studio.world.score import GUIDANCE_SCALE  # the world's own sampling setting
-
-            self.guidance = GUIDANCE_SCALE
+        self.guidance = base.profile.guidance  # the base's sampling setting (the world's own on the demo world)
         self.trainer: Any = None
         self.log = callbacks.on_log if callbacks is not None else (lambda message: None)
         self.seconds = 0.0
@@ -174,8 +160,8 @@ class TrainingEvaluator(TrainCallbacks):
         """Store the curve (and the best step's concept with ``--keep-best``) in the saved concept."""
         from dataclasses import replace
 
+        from studio.evaluation.metrics import CachedScorer
         from studio.methods import save_concept
-        from studio.metrics import CachedScorer
 
         if not self.tracker.points:  # not the main process
             return result
@@ -229,22 +215,49 @@ class PrintCallbacks(TrainCallbacks):
 
 
 def add_cli_arguments(entry: TrainerEntry, parser: argparse.ArgumentParser) -> None:
+    """``--preset`` and one flag per field of the trainer's config (unset flags stay unset, so the
+    preset fills them: see :meth:`TrainerEntry.resolve`)."""
     if entry.presets:
         parser.add_argument("--preset", choices=sorted(entry.presets), default=None,
-                            help=f"settings preset (default: {entry.default_preset})")
+                            help=f"settings preset (default: {entry.default_preset}; the demo world's bases open "
+                                 "on demo-world)")
     add_arguments(parser, entry.config_cls, suppress_defaults=True)
 
 
-def run_cli(entry: TrainerEntry, ns: argparse.Namespace, settings: Any) -> int:
-    from studio.models import load_base
+def config_from_cli(entry: TrainerEntry, ns: argparse.Namespace, settings: Any) -> CommonTrainConfig:
+    """The config of ``train METHOD …`` / ``jobs submit METHOD …``: :meth:`TrainerEntry.resolve` with the
+    preset flag, the profile of the base the settings name, and the flags the user passed."""
+    return entry.resolve(getattr(ns, "preset", None), profile=settings.profile(),
+                         **namespace_values(entry.config_cls, ns))
 
-    preset = getattr(ns, "preset", None) or entry.default_preset
-    cfg = from_namespace(entry.config_cls, ns, base=dict(entry.presets.get(preset, {})) if preset else {})
+
+def check_resumable(cfg: CommonTrainConfig, library: Library | None) -> Path:
+    """An explicit ``--resume latest`` needs a checkpoint to continue from (a typo in ``--out`` must
+    not quietly train from scratch); returns the checkpoint folder. A queued job, which always asks
+    for ``latest``, starts from step 0 with a note instead (:func:`trainers.loop.run_training`)."""
+    from trainers.checkpoint import list_checkpoints
+    from trainers.loop import checkpoint_folder
+
+    out = cfg.out
+    if not out and library is not None and not cfg.writes_folder():
+        out = str(library.path(check_name(cfg.name or choose_token(cfg, library).strip("<>"))))
+    folder = checkpoint_folder(cfg.checkpoint_dir, out)
+    if folder is None or not list_checkpoints(folder):
+        raise StudioError(f"--resume latest: there is no checkpoint under {folder or '--checkpoint-dir'} to continue "
+                          "from; drop --resume to start from step 0, or pass the --out / --checkpoint-dir of the run "
+                          "to continue.")
+    return folder
+
+
+def run_cli(entry: TrainerEntry, ns: argparse.Namespace, settings: Any) -> int:
+    cfg = config_from_cli(entry, ns, settings)
     if not cfg.images:
         raise StudioError("--images DIR is required: the folder of training images.")
-    base = load_base(settings.base, device=settings.device, dtype=settings.dtype, attention=settings.attention,
-                     prediction_type=settings.prediction_type)
-    result = train(entry, cfg, base, library=Library(ns.library), callbacks=PrintCallbacks())
+    library = Library(ns.library)
+    if cfg.resume == "latest":
+        check_resumable(cfg, library)
+    base = settings.load()
+    result = train(entry, cfg, base, library=library, callbacks=PrintCallbacks())
     print(result.path)
     print(f"trained {result.steps} steps in {result.seconds:.1f}s", file=sys.stderr)
     return 0

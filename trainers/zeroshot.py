@@ -32,9 +32,9 @@ import torch
 from torch import nn
 
 from studio.concept import Concept
+from studio.configs import option
 from studio.errors import TrainingError
 from studio.methods.attention import add_hook, remove_hook
-from studio.methods.runtime import text_encoders
 from studio.methods.zeroshot.adapter import (
     WEIGHT_NAME,
     LoadedAdapter,
@@ -50,7 +50,8 @@ from studio.methods.zeroshot.hook import IPAdapterHook
 from trainers.conditioning import encode_prompts
 from trainers.data import Example
 from trainers.entry import TrainerEntry
-from trainers.loop import CommonTrainConfig, _f
+from trainers.freezing import freeze_pipeline, unfreeze
+from trainers.loop import CommonTrainConfig
 
 STUDIO_JSON = "studio_adapter.json"
 RECORD_METHOD = "ip_adapter"  # the trainer's record (never saved as a concept: the result is a folder)
@@ -59,25 +60,26 @@ HOOK_KEY = "train:ip-adapter"
 
 @dataclass
 class AdapterTrainConfig(CommonTrainConfig):
-    out: str | None = _f(None, "output folder (new or empty): ip_adapter.safetensors + image_encoder/", group="output")
-    adapter: str = _f("", "adapter to fine-tune: preset (sd15, sd15-plus, sdxl …), file, folder or hub path; 'new' "
+    out: str | None = option(None, "output folder (new or empty): ip_adapter.safetensors + image_encoder/", group="output")
+    adapter: str = option("", "adapter to fine-tune: preset (sd15, sd15-plus, sdxl …), file, folder or hub path; 'new' "
                       "starts a base-kind adapter from scratch", group="adapter")
-    image_encoder: str | None = _f(None, "CLIP image-encoder folder (default: beside the adapter; needed with "
+    image_encoder: str | None = option(None, "CLIP image-encoder folder (default: beside the adapter; needed with "
                                    "--adapter new)", group="adapter")
-    num_tokens: int = _f(4, "image tokens of a new adapter", group="adapter")
-    train_projection: bool = _f(True, "train the image projection", group="adapter")
-    train_kv: bool = _f(True, "train every layer's to_k_ip / to_v_ip", group="adapter")
-    image_drop: float = _f(0.05, "probability a sample trains without its image (the unconditional image branch)",
+    num_tokens: int = option(4, "image tokens of a new adapter", group="adapter")
+    train_projection: bool = option(True, "train the image projection", group="adapter")
+    train_kv: bool = option(True, "train every layer's to_k_ip / to_v_ip", group="adapter")
+    image_drop: float = option(0.05, "probability a sample trains without its image (the unconditional image branch)",
                            group="adapter")
-    text_drop: float = _f(0.05, "probability a sample trains without its caption", group="adapter")
-    both_drop: float = _f(0.05, "probability a sample trains without either", group="adapter")
-    save_image_encoder: bool = _f(True, "copy the image encoder into OUT/image_encoder (a self-contained folder)",
+    text_drop: float = option(0.05, "probability a sample trains without its caption", group="adapter")
+    both_drop: float = option(0.05, "probability a sample trains without either", group="adapter")
+    save_image_encoder: bool = option(True, "copy the image encoder into OUT/image_encoder (a self-contained folder)",
                                   group="output")
-    flip: bool = _f(False, "also train on mirrored images (off: the reference image and the target would differ)",
+    flip: bool = option(False, "also train on mirrored images (off: the reference image and the target would differ)",
                     group="data")
-    steps: int = _f(1000, "optimizer steps", group="training")
-    lr: float = _f(1e-4, "learning rate (the paper: 1e-4, AdamW)", group="training")
-    weight_decay: float = _f(0.01, "AdamW weight decay (the paper: 0.01)", group="training")
+    steps: int = option(1000, "optimizer steps", group="training")
+    lr: float = option(1e-4, "learning rate (the paper: 1e-4, AdamW)", group="training")
+    batch_size: int = option(4, "images per step per process", group="training")
+    weight_decay: float = option(0.01, "AdamW weight decay (the paper: 0.01)", group="training")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,10 +132,7 @@ class AdapterTrainer:
         for m in (self.adapter.projection, self.adapter.to_k_ip, self.adapter.to_v_ip):
             m.to(base.device, torch.float32)
         # 2. freeze the pipeline; train what the config asks for.
-        self._frozen = [(p, p.requires_grad) for m in [unet, pipe.vae] + [te for _, te in text_encoders(pipe)]
-                        for p in m.parameters()]
-        for p, _ in self._frozen:
-            p.requires_grad_(False)
+        self._frozen = freeze_pipeline(pipe)
         self.params: dict[str, nn.Parameter] = {}
         if cfg.train_projection:
             self.adapter.projection.train()
@@ -213,7 +212,9 @@ class AdapterTrainer:
     def save_model(self, path: Path, record: Concept) -> Path:
         """Write the adapter folder atomically (a temporary folder renamed into place)."""
         path = Path(path).expanduser()
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        from studio.atomic import temp_path
+
+        tmp = temp_path(path)  # a killed writer's is recognised and removed (studio.atomic)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         unet = self.base.pipe.unet
@@ -249,8 +250,7 @@ class AdapterTrainer:
             self.hook.detach()
             remove_hook(self.base.pipe.unet, HOOK_KEY)
             self.hook = None  # type: ignore[assignment]
-        for p, flag in self._frozen:
-            p.requires_grad_(flag)
+        unfreeze(self._frozen)
         self._frozen = []
         self.adapter.to_eval()
 

@@ -60,11 +60,10 @@ def add_parser(sub: Any, *, base_flags: Flags, library_flag: Flags) -> None:
 
 def submit(entry: Any, ns: argparse.Namespace, settings: Any) -> int:
     """``jobs submit METHOD …`` and ``train METHOD … --queue``: print the new job's id."""
-    from studio.configs import from_namespace
     from studio.jobs.queue import JobQueue
+    from trainers.runner import config_from_cli
 
-    preset = getattr(ns, "preset", None) or entry.default_preset
-    cfg = from_namespace(entry.config_cls, ns, base=dict(entry.presets.get(preset, {})) if preset else {})
+    cfg = config_from_cli(entry, ns, settings)
     queue = JobQueue(ns.library)
     job = queue.submit(entry.cli_name, cfg, settings, priority=getattr(ns, "priority", 0) or 0)
     print(job.id)

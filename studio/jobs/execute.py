@@ -174,7 +174,7 @@ def job_config(entry: Any, job: Job, warn: Callable[[str], None]) -> Any:
 
 def whole_model(cfg: Any) -> bool:
     """Whether the config trains a whole model written as a folder (``cfg.writes_folder()``)."""
-    return bool(getattr(cfg, "writes_folder", lambda: False)())
+    return bool(cfg.writes_folder())
 
 
 def finished_output(job: Job) -> Path | None:
@@ -188,8 +188,10 @@ def finished_output(job: Job) -> Path | None:
 
 
 def clean_temporaries(folder: Path) -> None:
-    """Remove what an interrupted write left in a job folder (never a complete file or folder)."""
-    leftovers = [*folder.glob(".*.tmp*"), *(folder / PREVIEWS).glob(".*.tmp"), *(folder / CHECKPOINTS).glob(".tmp-step-*")]
+    """Remove what an interrupted write left in a job folder (never a complete file or folder); called
+    by the worker that holds the job, so no other writer is at work there."""
+    leftovers = [*folder.glob(".*.tmp*"), *(folder / PREVIEWS).glob(".*.tmp*"),
+                 *(folder / CHECKPOINTS).glob(".tmp-step-*")]
     for p in leftovers:
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
@@ -226,7 +228,7 @@ def train_job(queue: JobQueue, job: Job, *, base_for: Callable[[dict[str, Any]],
 
 def publish(job: Job, finished: Path) -> Path:
     """Step 3: copy the finished concept to ``job.destination`` exactly once (see the module docstring)."""
-    from studio.atomic import _fsync_dir, atomic_path
+    from studio.atomic import _fsync_dir, atomic_path, temp_path
 
     dest = Path(job.destination)
     if finished.is_dir():
@@ -241,7 +243,7 @@ def publish(job: Job, finished: Path) -> Path:
     if preview is not None:  # the sidecar first, so the concept never appears without its card image
         with atomic_path(dest.with_name(dest.name[: -len(dest.suffix)] + PREVIEW_SUFFIX)) as tmp:
             shutil.copyfile(preview, tmp)
-    tmp = dest.with_name(f".{dest.name}.job-{job.id}.tmp")
+    tmp = temp_path(dest, f"job-{job.id}")  # a dead worker's is recognised and removed (studio.atomic)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)
@@ -289,9 +291,10 @@ def _publish_folder(job: Job, finished: Path, dest: Path) -> Path:
         raise StudioError(f"{dest} appeared while job {job.id} ran and holds something else; the finished model is "
                           f"kept in {finished}. Move the other folder away, then "
                           f"`python -m studio jobs resume {job.id}` (it will not train again).")
-    tmp = dest.with_name(f".{dest.name}.job-{job.id}.tmp")
+    from studio.atomic import temp_path
+
+    tmp = temp_path(dest, f"job-{job.id}")
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(finished, tmp)
         if dest.is_dir():
             dest.rmdir()  # an empty folder the user made for it

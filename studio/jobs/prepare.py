@@ -85,14 +85,10 @@ class PreparedJob:
 def base_settings(base: Any) -> dict[str, Any]:
     """``BaseSettings`` / dict / spec string → the settings dict stored with a job (local paths made absolute)."""
     from studio.jobs.records import as_dict
-    from studio.service import BaseSettings
+    from studio.models import BaseSettings
 
     values = {} if base is None else {"base": base} if isinstance(base, str) else as_dict(base)
-    try:
-        settings = dataclasses.asdict(BaseSettings(**values))
-    except TypeError as err:
-        known = ", ".join(f.name for f in dataclasses.fields(BaseSettings))
-        raise StudioError(f"Unknown base setting in {sorted(values)} ({err}); known: {known}.") from None
+    settings = BaseSettings.from_dict(values).to_dict()
     spec = Path(str(settings["base"])).expanduser()
     if spec.exists():
         settings["base"] = str(spec.resolve())
@@ -103,7 +99,6 @@ def prepare_job(trainer: str, config: Any, base: Any, *, preset: str | None = No
     """Validate a request (raising :class:`StudioError` with the actual values) and plan its copies."""
     from studio.jobs.records import as_dict
     from trainers import get_trainer
-    from trainers.runner import make_config
 
     entry = get_trainer(trainer)
     # 1. the full config: a dataclass as is, or a dict completed from the preset.
@@ -116,10 +111,13 @@ def prepare_job(trainer: str, config: Any, base: Any, *, preset: str | None = No
         if unknown:
             raise StudioError(f"{entry.cli_name} has no setting {', '.join(unknown)}; see "
                               f"`python -m studio train {entry.cli_name} --help`.")
-        cfg = make_config(entry, preset, **values)
+        from studio.models import BaseSettings
+
+        profile = BaseSettings.from_dict(base_settings(base)).profile()
+        cfg = entry.resolve(preset, profile=profile, **values)
     values = dataclasses.asdict(cfg)
-    whole_model = bool(getattr(cfg, "writes_folder", lambda: False)())
-    candidates = list(getattr(cfg, "token_candidates", lambda: [])())
+    whole_model = cfg.writes_folder()
+    candidates = list(cfg.token_candidates())
     # 2. settings a job owns.
     if values.get("resume") not in (None, "", "latest"):
         raise StudioError("A job always resumes from its own checkpoints; drop --resume (or train in the "

@@ -22,8 +22,9 @@ Cross-process rules, enforced by the database itself:
 * a running job carries its worker's id, pid, host and a heartbeat (a lease). A job whose
   heartbeat is older than the lease, or whose worker process is gone (same host), is recovered
   by the next claim or listing: back to ``queued`` (it resumes from its last checkpoint), or to
-  ``failed`` once its worker died ``max_attempts`` times (a job that kills its worker — out of
-  memory — must not loop forever);
+  ``failed`` once its worker died ``max_attempts`` times in a row without progress — no checkpoint
+  beyond the ones it had when it was claimed (a job that kills its worker at the same step — out of
+  memory — must not loop forever; one that checkpoints between deaths keeps going);
 * a worker only writes a job it still holds (``… AND worker = ?``); when that matches nothing it
   has lost the lease and stops.
 
@@ -138,6 +139,19 @@ class JobQueue:
             with contextlib.suppress(OSError):
                 if staging.stat().st_mtime < time.time() - 3600:
                     shutil.rmtree(staging, ignore_errors=True)
+        self.remove_stale_temporaries()
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Delete temporary files that killed writers left in the job folders (never one of a live
+        process: :func:`studio.atomic.remove_stale_temporaries`); done when the queue is opened."""
+        from studio.atomic import remove_stale_temporaries
+        from studio.jobs.prepare import CHECKPOINTS, PREVIEWS
+
+        removed = []
+        for folder in self.root.glob("job-*"):
+            for sub in (folder, folder / PREVIEWS, folder / CHECKPOINTS):
+                removed += remove_stale_temporaries(sub)
+        return removed
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[sqlite3.Connection]:
@@ -447,26 +461,55 @@ class JobQueue:
             why = self._abandoned(job, now)
             if why is None:
                 continue
-            error = None
+            error, attempts = None, None
             if job.request == "cancel":
                 state, message = "cancelled", f"{why}; cancelled as requested"
             elif job.request == "pause":
                 state, message = "paused", f"{why}; paused as requested, at its last checkpoint"
+            elif (progress := self._checkpointed_since_claim(tx, job.id)) is not None:
+                state, message = "queued", (f"{why}; it had checkpointed step {progress} since it was claimed, "
+                                            "so it is queued again and resumes from there")
+                attempts = 0  # deaths in a row without progress: none
             elif job.attempts >= self.max_attempts:
                 state = "failed"
-                error = message = (f"The worker stopped unexpectedly {job.attempts} times while running this job "
-                                   f"(last: {why}); it may run out of memory — lower the batch size or resolution, "
+                error = message = (f"The worker stopped unexpectedly {job.attempts} times in a row without progress "
+                                   f"(no new checkpoint since step {self._last_checkpoint(tx, job.id)}; last: {why}); "
+                                   "it may run out of memory — lower the batch size or resolution, "
                                    f"then `python -m studio jobs resume {job.id}`.")
             else:
                 state, message = "queued", f"{why}; queued again, it resumes from its last checkpoint"
             tx.execute("UPDATE jobs SET state = ?, request = NULL, error = ?, worker = NULL, worker_pid = NULL, "
                        "worker_host = NULL, run_device = NULL, heartbeat = NULL, eta = NULL, updated = ?, "
+                       "attempts = COALESCE(?, attempts), "
                        "finished = CASE WHEN ? IN ('failed', 'cancelled') THEN ? ELSE NULL END "
                        "WHERE id = ? AND state = 'running' AND worker IS ?",
-                       (state, error, now, state, now, job.id, job.worker))
+                       (state, error, now, attempts, state, now, job.id, job.worker))
             tx.event(job.id, "state", {"state": state, "message": message} | ({"error": error} if error else {}))
             recovered.append(job.id)
         return recovered
+
+    @staticmethod
+    def _checkpoints(tx: _Tx, job_id: int) -> list[tuple[int, int]]:
+        """``(seq, step)`` of the job's checkpoint events, oldest first."""
+        return [(r["seq"], int(json.loads(r["data"]).get("step", 0))) for r in tx.execute(
+            "SELECT seq, data FROM events WHERE job = ? AND kind = 'checkpoint' ORDER BY seq", (job_id,))]
+
+    def _last_checkpoint(self, tx: _Tx, job_id: int) -> int:
+        return max((step for _, step in self._checkpoints(tx, job_id)), default=0)
+
+    def _checkpointed_since_claim(self, tx: _Tx, job_id: int) -> int | None:
+        """The step of a checkpoint written since the job's latest claim and beyond every checkpoint
+        before it (progress a resume keeps), or None when it made none."""
+        claim = 0
+        for r in tx.execute("SELECT seq, data FROM events WHERE job = ? AND kind = 'state' ORDER BY seq DESC",
+                            (job_id,)):
+            if json.loads(r["data"]).get("state") == "running":
+                claim = int(r["seq"])
+                break
+        checkpoints = self._checkpoints(tx, job_id)
+        before = max((step for seq, step in checkpoints if seq < claim), default=0)
+        after = max((step for seq, step in checkpoints if seq > claim), default=0)
+        return after if after > before else None
 
     def request(self, job_id: int) -> str | None:
         """What the user asked of a running job: ``"pause"``, ``"cancel"`` or None."""

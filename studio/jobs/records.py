@@ -1,16 +1,14 @@
 """The job queue's data model: states, the SQLite schema, :class:`Job` and :class:`JobEvent`,
-and the host/process helpers a lease is judged with. No torch, no I/O beyond ``os``."""
+and the host/process helpers a lease is judged with (from :mod:`studio.atomic`). No torch, no I/O."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from studio.atomic import host_id, pid_alive  # noqa: F401  (the lease is judged with them)
 from studio.errors import StudioError
 
 JobState = Literal["queued", "running", "paused", "done", "failed", "cancelled"]
@@ -45,7 +43,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     worker_host TEXT,
     run_device  TEXT,                          -- the device it runs on (while running)
     heartbeat   REAL,                          -- unix time of the worker's last sign of life
-    attempts    INTEGER NOT NULL DEFAULT 0,    -- claims since the job last stopped cleanly (crash counter)
+    attempts    INTEGER NOT NULL DEFAULT 0,    -- claims since it last stopped cleanly or died after a new checkpoint
     step        INTEGER NOT NULL DEFAULT 0,
     total       INTEGER NOT NULL,
     loss        REAL,
@@ -81,31 +79,6 @@ def device_key(device: str | None) -> str | None:
     if d.split(":")[0] in ("cpu", "mps"):
         return d.split(":")[0]
     return d
-
-
-def host_id() -> str:
-    """This machine (and pid namespace, so containers sharing a volume never judge each other's pids)."""
-    host = socket.gethostname()
-    with contextlib.suppress(OSError):
-        return f"{host}#pidns:{os.stat('/proc/self/ns/pid').st_ino}"
-    return host
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` of this host still runs (a zombie counts as gone)."""
-    if os.name == "nt":  # os.kill would terminate it; rely on the heartbeat there
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # exists, owned by someone else
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return True
 
 
 @dataclass(frozen=True)

@@ -38,11 +38,9 @@ BaseLoader = Callable[[dict[str, Any], str], Any]  # (base settings, device) -> 
 
 def load_job_base(settings: dict[str, Any], device: str) -> Any:
     """The default :data:`BaseLoader`: :func:`studio.models.load_base` with the job's settings on ``device``."""
-    from studio.models import load_base
+    from studio.models import BaseSettings
 
-    return load_base(settings["base"], device=device, dtype=settings.get("dtype"),
-                     attention=settings.get("attention") or "sdpa", prediction_type=settings.get("prediction_type"),
-                     offload=bool(settings.get("offload")))
+    return BaseSettings.from_dict(settings).load(device)
 
 
 def resolve_device(requested: str | None) -> str:

@@ -39,9 +39,15 @@ class Method(Protocol):
     # tried in registry order by ``concepts import``; and writers by format name (``concepts export``).
     importers: ClassVar[tuple[Any, ...]]
     exporters: ClassVar[dict[str, Any]]
+    # What the method's files may hold (:class:`studio.safetensors_io.Limits`: dtype allow-list, total
+    # tensor bytes), checked from the header before anything is allocated; and the largest |value| a
+    # valid concept holds (``validate`` refuses more, and NaN/inf).
+    file_limits: ClassVar[Any]
+    max_abs: ClassVar[float]
 
     def validate(self, concept: Concept) -> None:
-        """Check the concept's tensors (names, ranks, finiteness); raise ConceptFormatError."""
+        """Check the concept's tensors (names, ranks, dtypes in ``file_limits``, finite, ``|x| ≤ max_abs``);
+        raise ConceptFormatError."""
         ...
 
     def check_base(self, concept: Concept, base: BaseModel) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from studio import safetensors_io as sio
 from studio.concept import Concept, read_concept, read_header, split_refs, write_concept
 from studio.errors import ConceptFormatError, StudioError
 from studio.methods.registry import METHODS, get_method
@@ -30,12 +31,43 @@ from studio.prompts import normalize_token
 Importer = Callable[[dict[str, torch.Tensor], dict[str, str], Path], "Concept | None"]
 Exporter = Callable[[Concept, Path], Path]
 
+# Other tools' files: float weights only (their fp8 / integer variants are refused, not converted),
+# at most 4 GiB of tensors (checked from the header or the file size, before loading).
+FOREIGN_LIMITS = sio.Limits(dtypes=sio.FLOATS, max_bytes=4 * sio.GIB)
+
+
+def _method_limits(method: str) -> sio.Limits:
+    return get_method(method).file_limits
+
+
+def _validate(concept: Concept) -> None:
+    """The method's own checks (names, ranks, dtypes, finite and bounded values) and its byte cap."""
+    method = get_method(concept.method)
+    method.validate(concept)
+    total = sum(t.numel() * t.element_size() for t in concept.tensors.values())
+    if total > method.file_limits.max_bytes:  # what load_concept refuses, import does not let in
+        raise ConceptFormatError(f"{concept.method} concept holds {total:,} bytes of tensors, more than the "
+                                 f"{method.file_limits.max_bytes:,} allowed.")
+
+
+def _named(err: StudioError, path: str | os.PathLike[str]) -> StudioError:
+    """``err`` as one line that names the file (the method checks do not know it)."""
+    text = sio.one_line(str(err))
+    if sio.label(path) not in text and sio.label(Path(path).name) not in text:
+        text = f"{sio.label(path)}: {text}"
+    return type(err)(text)
+
 
 def load_concept(path: str | os.PathLike[str]) -> Concept:
-    """Read a studio concept file (:func:`studio.concept.read_concept`) and validate its tensors
-    against its method. No compatibility check with a base (see :func:`studio.concept.check_compatible`)."""
-    concept = read_concept(path)
-    get_method(concept.method).validate(concept)
+    """Read a studio concept file (:func:`studio.concept.read_concept`, with the dtype allow-list and
+    byte cap of the method the file names) and validate its tensors against its method. No
+    compatibility check with a base (see :func:`studio.concept.check_compatible`). Every problem is
+    a :class:`ConceptFormatError` of one line naming the file."""
+    try:
+        concept = read_concept(path, limits=_method_limits)
+        _validate(concept)
+    except ConceptFormatError as err:
+        raise _named(err, path) from None
     return concept
 
 
@@ -54,43 +86,61 @@ def export_formats(method: str) -> list[str]:
 def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     """Tensors and metadata of a ``.safetensors`` file, or of a pickle loaded weights-only."""
     if not path.is_file():
-        raise StudioError(f"No file at {path}.")
+        raise StudioError(f"No file at {sio.label(path)}.")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        _, md = read_header(path)
-        try:
-            return load_file(str(path), device="cpu"), md
-        except Exception as err:  # noqa: BLE001 - safetensors raises several types for corrupt data
-            raise ConceptFormatError(f"{path} is corrupt: {err}.") from None
+        return sio.read_file(path, FOREIGN_LIMITS)
     if path.suffix in (".pt", ".bin", ".ckpt", ".pth"):
+        if path.stat().st_size > FOREIGN_LIMITS.max_bytes:
+            raise ConceptFormatError(f"{sio.label(path)} is larger than the {FOREIGN_LIMITS.max_bytes:,} bytes a concept "
+                                     "file may hold.")
         try:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - unpickling errors vary; report one line
-            raise ConceptFormatError(f"{path} could not be read as a weights-only pickle ({str(err).splitlines()[0]}); "
-                                     "files holding code or arbitrary objects are refused.") from None
+            detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
+            raise ConceptFormatError(f"{sio.label(path)} could not be read as a weights-only pickle "
+                                     f"({sio.label(detail)}); files holding code or arbitrary objects are refused.") from None
         if not isinstance(obj, dict):
-            raise ConceptFormatError(f"{path} does not hold a dictionary of tensors.")
+            raise ConceptFormatError(f"{sio.label(path)} does not hold a dictionary of tensors.")
         return obj, {}
     raise StudioError(f"{path.name}: unsupported file type {path.suffix!r}; use .safetensors, or .pt/.bin.")
 
 
 def import_concept(path: Path, *, token: str | None = None, class_word: str | None = None) -> Concept:
     """Read any supported concept file; a studio concept is returned as is (token/class word
-    overridable)."""
+    overridable). What is returned passed its method's ``validate``; every problem is a
+    :class:`StudioError` of one line naming the file."""
+    try:
+        return _import(Path(path), token, class_word)
+    except StudioError as err:
+        raise _named(err, path) from None
+
+
+def _import(path: Path, token: str | None, class_word: str | None) -> Concept:
     if path.suffix == ".safetensors":
         _, md = read_header(path)
         if "studio.format" in md:
             concept = load_concept(path)
             return _override(concept, token, class_word)
     tensors, md = read_tensors(path)
-    for importer in (imp for m in METHODS.values() for imp in m.importers):
-        concept = importer(tensors, md, path)
+    for method, importer in ((m, imp) for m in METHODS.values() for imp in m.importers):
+        try:
+            concept = importer(tensors, md, path)
+        except StudioError:
+            raise
+        except (ArithmeticError, AttributeError, IndexError, KeyError, RuntimeError, TypeError, ValueError) as err:
+            # The file parsed, but its tensors do not have the shapes this format needs (a 0-d
+            # embedding, a ragged list …): refuse it in one line rather than with a traceback.
+            detail = (str(err).splitlines() or ["?"])[0][:200]
+            raise ConceptFormatError(f"{sio.label(path)} looks like a {method.name} file but its tensors do not fit "
+                                     f"that format ({type(err).__name__}: {sio.label(detail)}).") from None
         if concept is not None:
-            concept.meta.setdefault("studio.imported_from", path.name)
-            return _override(concept, token and normalize_token(token), class_word)
-    raise ConceptFormatError(f"{path.name} is not a concept format the studio knows (tensors: "
-                             f"{', '.join(list(tensors)[:5])}{'…' if len(tensors) > 5 else ''}).")
+            concept.meta.setdefault("studio.imported_from", path.name.encode("utf-8", "replace").decode())
+            concept = _override(concept, token and normalize_token(token), class_word)
+            _validate(concept)  # an imported concept is held to the same checks as a loaded one
+            return concept
+    names = [sio.q(k, 60) for k in list(tensors)[:5]]
+    raise ConceptFormatError(f"{sio.label(path.name)} is not a concept format the studio knows (tensors: "
+                             f"{', '.join(names)}{'…' if len(tensors) > 5 else ''}).")
 
 
 def _override(concept: Concept, token: str | None, class_word: str | None) -> Concept:

@@ -69,6 +69,17 @@ class _Entry:
     vectors: list[torch.Tensor]  # per encoder, (n, D_e)
 
 
+_TOKENIZERS = ("tokenizer", "tokenizer_2")  # the pipeline attribute of each encoder's tokenizer
+
+
+@dataclass(frozen=True)
+class TableState:
+    """What :meth:`TokenTable.snapshot` saw: the entries, and per encoder ``(tokenizer, input embedding)``."""
+
+    entries: dict[str, _Entry]
+    modules: list[tuple[Any, Any]]
+
+
 @dataclass
 class TokenTable:
     """Extra tokens of all active concepts, per encoder."""
@@ -77,43 +88,111 @@ class TokenTable:
     pristine_tokenizers: list[Any] = field(default_factory=list)
     original_embeddings: list[nn.Embedding] = field(default_factory=list)
     entries: dict[str, _Entry] = field(default_factory=dict)
+    # the pipeline's own tokenizer objects, put back (by identity) when the last extra token leaves
+    original_tokenizers: list[Any] = field(default_factory=list, repr=False)
+    _vocabs: list[frozenset[str]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for tok, te in text_encoders(self.pipe):
+            self.original_tokenizers.append(tok)
             self.pristine_tokenizers.append(copy.deepcopy(tok))
             self.original_embeddings.append(te.get_input_embeddings())
 
     def set(self, key: str, tokens: list[str], vectors: list[torch.Tensor]) -> None:
-        """Add or replace the tokens of ``key``; ``vectors[e]`` is ``(len(tokens), D_e)``."""
-        self.entries[key] = _Entry(list(tokens), [v.detach() for v in vectors])
-        self._rebuild()
+        """Add or replace the tokens of ``key``; ``vectors[e]`` is ``(len(tokens), D_e)``.
+
+        Transactional: tokens or vectors that do not fit (not strings, a clash with the vocabulary
+        or another entry's tokens, a wrong width, non-finite values) raise ``ValueError`` and leave
+        the table, the tokenizers and the input embeddings exactly as they were."""
+        tokens = list(tokens)
+        vectors = list(vectors)
+        self._check(key, tokens, vectors)
+        state = self.snapshot()
+        self.entries[key] = _Entry(tokens, [v.detach() for v in vectors])
+        self._commit(state, f"the tokens {tokens}")
 
     def drop(self, key: str) -> None:
+        state = self.snapshot()
         self.entries.pop(key, None)
-        self._rebuild()
+        self._commit(state, f"the tokens of {key}")
+
+    def snapshot(self) -> TableState:
+        """The entries and the installed tokenizers / input embeddings (by identity), for :meth:`restore`."""
+        return TableState(dict(self.entries),
+                          [(tok, te.get_input_embeddings()) for tok, te in text_encoders(self.pipe)])
+
+    def restore(self, state: TableState) -> None:
+        """Put back what :meth:`snapshot` saw: the same entries, tokenizer and embedding objects."""
+        self.entries.clear()
+        self.entries.update(state.entries)
+        for name, (tok, emb), (_, te) in zip(_TOKENIZERS, state.modules, text_encoders(self.pipe)):
+            setattr(self.pipe, name, tok)
+            te.set_input_embeddings(emb)
 
     def token_ids(self, token: str) -> list[int]:
         """Ids of ``token`` in each tokenizer (after a rebuild)."""
         return [tok.convert_tokens_to_ids(token) for tok, _ in text_encoders(self.pipe)]
 
+    def _commit(self, state: TableState, what: str) -> None:
+        try:
+            self._rebuild()
+        except BaseException as err:
+            self.restore(state)
+            if isinstance(err, ValueError) or not isinstance(err, Exception):
+                raise
+            raise ValueError(f"the text encoder cannot take {what} ({type(err).__name__}: {err})") from err
+
+    def _check(self, key: str, tokens: list[Any], vectors: list[Any]) -> None:
+        """Refuse (``ValueError``) an entry the rebuild could not take or that would misbehave later."""
+        if not tokens:
+            raise ValueError("no tokens given")
+        bad = [t for t in tokens if not isinstance(t, str) or not t.strip() or t != t.strip()]
+        if bad:
+            raise ValueError(f"tokens must be non-empty strings without surrounding spaces, got {bad!r}")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"the tokens {tokens} repeat one another")
+        taken = {t: k for k, e in self.entries.items() if k != key for t in e.tokens}
+        shared = sorted(t for t in tokens if t in taken)
+        if shared:
+            raise ValueError(f"tokens {shared} are already added by {taken[shared[0]]}")
+        for vocab in self._pristine_vocabs():
+            clash = [t for t in tokens if t in vocab]
+            if clash:
+                raise ValueError(f"tokens already in the vocabulary: {clash}")
+        if len(vectors) != len(self.original_embeddings):
+            raise ValueError(f"{len(vectors)} vector sets for {len(self.original_embeddings)} text encoder(s)")
+        for i, (v, original) in enumerate(zip(vectors, self.original_embeddings)):
+            width = int(getattr(original, "embedding_dim", 0) or original.weight.shape[-1])
+            if not isinstance(v, torch.Tensor) or not v.is_floating_point() or tuple(v.shape) != (len(tokens), width):
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"text encoder {i + 1} takes ({len(tokens)}, {width}) float vectors, got {got}")
+            if not bool(torch.isfinite(v.detach()).all()):
+                raise ValueError(f"the vectors for text encoder {i + 1} hold NaN or infinite values")
+
+    def _pristine_vocabs(self) -> list[frozenset[str]]:
+        if self._vocabs is None:  # the pristine tokenizers never change: read their vocabularies once
+            self._vocabs = [frozenset(tok.get_vocab()) for tok in self.pristine_tokenizers]
+        return self._vocabs
+
     def _rebuild(self) -> None:
+        """Make every encoder's tokenizer and spliced embedding first, then install them all."""
         all_tokens = [t for e in self.entries.values() for t in e.tokens]
-        names = ["tokenizer", "tokenizer_2"]
+        built = []
         for i, (pristine, original) in enumerate(zip(self.pristine_tokenizers, self.original_embeddings)):
-            te = text_encoders(self.pipe)[i][1]
             if not all_tokens:
-                setattr(self.pipe, names[i], pristine)
-                te.set_input_embeddings(original)
+                built.append((self.original_tokenizers[i], original))
                 continue
             tok = copy.deepcopy(pristine)
             added = tok.add_tokens(all_tokens, special_tokens=False)
             if added != len(all_tokens):
                 clash = [t for t in all_tokens if t in pristine.get_vocab()]
-                raise ValueError(f"tokens already in the vocabulary: {clash}")
+                raise ValueError(f"tokens already in the vocabulary: {clash or all_tokens}")
             vecs = torch.cat([e.vectors[i] for e in self.entries.values()], dim=0)
             vecs = vecs.to(original.weight.device, original.weight.dtype)
-            setattr(self.pipe, names[i], tok)
-            te.set_input_embeddings(SplicedEmbedding(original, vecs))
+            built.append((tok, SplicedEmbedding(original, vecs)))
+        for name, (tok, emb), (_, te) in zip(_TOKENIZERS, built, text_encoders(self.pipe)):
+            setattr(self.pipe, name, tok)
+            te.set_input_embeddings(emb)
 
 
 def token_table(pipe: Any) -> TokenTable:

@@ -16,6 +16,7 @@ import torch
 from studio.devices import pick_device, pick_dtype
 from studio.errors import BaseModelError, StudioError
 from studio.models.keys import compat_hash, compatibility_key, fingerprint_files
+from studio.models.profile import GENERIC, RANDOM, BaseProfile, profile_for_folder
 from studio.models.tiny import TINY_BUILD_VERSION, TINY_NAMES, build_tiny_pipeline
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -44,6 +45,7 @@ class BaseModel:
     dtype: torch.dtype
     label: str = ""  # shown to users: e.g. "random weights: draws noise"
     extra: dict[str, Any] = field(default_factory=dict)
+    profile: BaseProfile = GENERIC  # sampling/evaluation/training defaults for this base (set at load)
 
     @property
     def prediction_type(self) -> str:
@@ -91,20 +93,24 @@ def load_base(spec: str, *, device: str | torch.device | None = None, dtype: str
     dev = device if isinstance(device, torch.device) else pick_device(device)
     dt = pick_dtype(dev, dtype)
     label = ""
+    profile = GENERIC
     if spec in TINY_NAMES:
         pipe = build_tiny_pipeline(spec)
         name, identity = spec, f"builtin:{spec}:v{TINY_BUILD_VERSION}:seed0"
         label = "random weights: this base draws noise (for tests; use --base demo to see learning offline)"
+        profile = RANDOM
     elif spec == "demo":
         folder = _demo_dir()
         pipe = _load_folder(folder, dt)
         name, identity = "demo", f"folder:{fingerprint_files(folder)}"
         label = "the offline demo world (32-px toy scenes), not a photographic model"
+        profile = profile_for_folder(folder)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
             pipe = _load_folder(path, dt)
             name, identity = path.name, f"folder:{fingerprint_files(path)}"
+            profile = profile_for_folder(path)
         elif path.is_file():
             pipe = _load_single(path, dev, dt, prediction_type)
             name, identity = path.stem, f"file:{fingerprint_files(path)}"
@@ -129,17 +135,17 @@ def load_base(spec: str, *, device: str | torch.device | None = None, dtype: str
         if any(p.dtype != dt for p in pipe.unet.parameters()):
             pipe.to(dtype=dt)
         pipe.to(dev)
-    return describe(pipe, spec=spec, name=name, identity=identity, device=dev, dtype=dt, label=label)
+    return describe(pipe, spec=spec, name=name, identity=identity, device=dev, dtype=dt, label=label, profile=profile)
 
 
 def describe(pipe: Any, *, spec: str, name: str, identity: str, device: torch.device | None = None,
-             dtype: torch.dtype | None = None, label: str = "") -> BaseModel:
+             dtype: torch.dtype | None = None, label: str = "", profile: BaseProfile = GENERIC) -> BaseModel:
     """Wrap an already built pipeline (e.g. one made from config in a test or a benchmark)."""
     family = family_of_pipeline(pipe)
     native = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
     return BaseModel(pipe=pipe, spec=spec, name=name, family=family, compat=compatibility_key(pipe, family),
                      identity=identity, native_size=native, device=device or pipe.device,
-                     dtype=dtype or pipe.unet.dtype, label=label)
+                     dtype=dtype or pipe.unet.dtype, label=label, profile=profile)
 
 
 def _demo_dir() -> Path:

@@ -28,7 +28,7 @@ def base_banner(ctx: UIContext) -> str:
 def switch_base(ctx: UIContext, form: dict[str, Any]) -> str:
     """Load another base (a hub id, a local folder or file, ``demo`` or ``tiny``); the old one stays on failure."""
     from studio.errors import StudioError
-    from studio.service import BaseSettings
+    from studio.models import BaseSettings
 
     spec = str(form.get("base") or "").strip()
     if not spec:

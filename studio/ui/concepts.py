@@ -32,13 +32,19 @@ def cards(ctx: UIContext, query: str = "") -> list[dict[str, Any]]:
 
 
 def _scores(metrics: dict[str, Any]) -> dict[str, float]:
-    """The headline scores of a concept: its last evaluation's, else the last training-curve point's."""
-    ev = metrics.get("eval") or metrics.get("eval_multi") or {}
-    scores = dict(ev.get("scores") or {})
-    if not scores and metrics.get("curve", {}).get("points"):
-        point = metrics["curve"]["points"][-1]
+    """The headline scores of a concept: its last evaluation's, else the last training-curve point's.
+    Metrics come from the file: anything of an unexpected shape is left out, never raised."""
+    def obj(value: Any) -> dict[str, Any]:
+        return value if isinstance(value, dict) else {}
+
+    ev = obj(metrics.get("eval")) or obj(metrics.get("eval_multi"))
+    scores = obj(ev.get("scores"))
+    points = obj(metrics.get("curve")).get("points")
+    if not scores and isinstance(points, list) and points:
+        point = obj(points[-1])
         scores = {"fidelity": point.get("fidelity"), "editability": point.get("editability")}
-    return {k: round(float(v), 4) for k, v in scores.items() if isinstance(v, (int, float))}
+    return {str(k): round(float(v), 4) for k, v in scores.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def cards_html(rows: list[dict[str, Any]]) -> str:
@@ -52,7 +58,7 @@ def cards_html(rows: list[dict[str, Any]]) -> str:
                else "<div class='studio-noimg'>no preview</div>")
         scores = ", ".join(f"{html.escape(k)} {v:g}" for k, v in r["scores"].items()) or "not evaluated"
         strength = f"{r['strength']:g}" if r["strength"] is not None else "1 (default)"
-        err = f"<div class='studio-err'>{html.escape(r['error'])}</div>" if r["error"] else ""
+        err = f"<div class='studio-err'>broken: {html.escape(r['error'])}</div>" if r["error"] else ""
         parts.append(
             f"<div class='studio-card' data-name='{html.escape(r['name'], quote=True)}'>{img}"
             f"<div class='studio-card-body'><b>{html.escape(r['name'])}</b><br>"
@@ -69,15 +75,16 @@ def _thumb(path: str | None) -> str | None:
         return None
     from PIL import Image
 
+    from studio.images import open_image
+
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            scale = THUMB / max(im.size)
-            im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                           Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-    except OSError:
+        im = open_image(path).convert("RGB")  # the size is checked before decoding
+        scale = THUMB / max(im.size)
+        im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                       Image.Resampling.NEAREST if scale > 1 else Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+    except Exception:  # noqa: BLE001 - an unreadable preview (or a decompression bomb) shows no thumbnail
         return None
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -118,8 +125,11 @@ def export_formats(ctx: UIContext, name: str | None) -> list[str]:
 
     if not name:
         return ["studio"]
-    info = ctx.studio.library.info(name)
-    return formats(info.method) if info.method else ["studio"]
+    try:
+        info = ctx.studio.library.info(name)
+        return formats(info.method) if info.method and info.usable else ["studio"]
+    except StudioError:  # a broken file or refused name: it can still be copied out as it is
+        return ["studio"]
 
 
 def export(ctx: UIContext, form: dict[str, Any]) -> str:

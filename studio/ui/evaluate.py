@@ -1,6 +1,6 @@
 """The Evaluate tab: concepts + a protocol → report table, contact sheet, fidelity/editability plot;
-a strength sweep → the front and the recommended strength (stored in the concept)
-(:mod:`studio.evaluation`; a note when this install does not have it)."""
+a strength sweep → the front and the recommended strength (stored in the concept) (:mod:`studio.evaluation`).
+The form's defaults and choices are :class:`~studio.evaluation.EvaluateConfig`'s (:func:`defaults`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import StudioError
-from studio.ui.common import GPU_QUEUE, UIContext, note, on, upload_paths
+from studio.ui.common import GPU_QUEUE, UIContext, on, upload_paths
 
 CUSTOM = "prompts below"
 REPORT_COLUMNS = ["metric", "mean", "std", "images", "backbone"]
@@ -17,40 +17,80 @@ SWEEP_COLUMNS = ["strength", "fidelity", "editability", "on front"]
 
 
 # -- handlers -------------------------------------------------------------------------------------
-def protocols() -> list[str]:
-    from studio.evaluation import PROTOCOLS
+BASE_DEFAULT = "the base's"  # a protocol / judge choice: EvaluateConfig's None, decided by the loaded base's profile
+EXAMPLE_PROMPTS = "a photo of {}\n{} in the snow"  # the prompts box's text (used with CUSTOM only)
 
-    return [*PROTOCOLS, CUSTOM]
+
+def _choices(name: str) -> tuple[str, ...]:
+    from studio.configs import field_specs
+    from studio.evaluation import EvaluateConfig
+
+    return next(s.choices for s in field_specs(EvaluateConfig) if s.name == name) or ()
+
+
+def protocols() -> list[str]:
+    """The base's protocol (:class:`~studio.evaluation.EvaluateConfig`'s default), its choices, and own prompts."""
+    return [BASE_DEFAULT, *_choices("protocol"), CUSTOM]
 
 
 def scorers(ctx: UIContext) -> list[str]:
-    """``oracle`` (the demo world's judge) when the demo base is loaded and its world is built; ``clip`` always."""
-    demo = getattr(ctx.studio.settings, "base", "") == "demo" and ctx.studio.capabilities().get("demo_world")
-    return ["oracle", "clip"] if demo else ["clip"]
+    """The base's judge (the default), then :class:`~studio.evaluation.EvaluateConfig`'s choices (``oracle``
+    only where the demo world's oracle is built)."""
+    world = ctx.studio.capabilities().get("demo_world")
+    return [BASE_DEFAULT, *(c for c in _choices("scorer") if c != "oracle" or world)]
 
 
-def options(ctx: UIContext, form: dict[str, Any], out_dir: Path, references: Path | None) -> dict[str, Any]:
-    """The form → keyword options of :func:`studio.evaluation.evaluate_concepts`."""
-    opts: dict[str, Any] = {"seeds": int(form.get("seeds") or 1), "seed": int(form.get("seed") or 0),
-                            "scorer": str(form.get("scorer") or "clip"), "out_dir": str(out_dir)}
-    if opts["scorer"] == "clip" and str(form.get("clip_model") or "").strip():
-        opts["clip_model"] = str(form["clip_model"]).strip()
-    if form.get("steps"):
-        opts["steps"] = int(form["steps"])
+def defaults() -> dict[str, Any]:
+    """The widgets' values on an untouched form: :class:`~studio.evaluation.EvaluateConfig`'s defaults
+    (``None`` shown as :data:`BASE_DEFAULT`, ``0`` or an empty box); :func:`form_config` maps them back."""
+    from studio.evaluation import EvaluateConfig
+
+    cfg = EvaluateConfig()
+    return {"protocol": cfg.protocol or BASE_DEFAULT, "scorer": cfg.scorer or BASE_DEFAULT,
+            "clip_model": cfg.clip_model, "prompts": EXAMPLE_PROMPTS, "seeds": cfg.seeds or 0, "seed": cfg.seed,
+            "steps": cfg.steps or 0, "guidance": "" if cfg.guidance is None else f"{cfg.guidance:g}"}
+
+
+def form_config(form: dict[str, Any]) -> Any:
+    """The form → an :class:`~studio.evaluation.EvaluateConfig` (the fields the tab does not show keep
+    their defaults; an untouched form gives ``EvaluateConfig()``)."""
+    from studio.evaluation import EvaluateConfig
+
+    values: dict[str, Any] = {"seeds": int(form.get("seeds") or 0) or None, "seed": int(form.get("seed") or 0),
+                              "steps": int(form.get("steps") or 0) or None}
+    scorer = str(form.get("scorer") or BASE_DEFAULT)
+    values["scorer"] = None if scorer == BASE_DEFAULT else scorer
+    clip_model = str(form.get("clip_model") or "").strip()
+    if clip_model:
+        values["clip_model"] = clip_model
     guidance = str(form.get("guidance") if form.get("guidance") is not None else "").strip()
     if guidance:
         try:
-            opts["guidance"] = float(guidance)
+            values["guidance"] = float(guidance)
         except ValueError:
             raise StudioError(f"Guidance must be a number, got {guidance!r}.") from None
-    protocol = str(form.get("protocol") or "")
+    protocol = str(form.get("protocol") or BASE_DEFAULT)
     if protocol == CUSTOM:
         prompts = [p.strip() for p in str(form.get("prompts") or "").splitlines() if p.strip()]
         if not prompts:
             raise StudioError("Write the prompts to evaluate, one per line, with {} where the concept goes.")
-        opts["prompts"] = prompts
-    elif protocol:
-        opts["protocol"] = protocol
+        values["prompts"] = prompts
+    elif protocol != BASE_DEFAULT:
+        values["protocol"] = protocol
+    return EvaluateConfig(**values)
+
+
+def options(ctx: UIContext, form: dict[str, Any], out_dir: Path, references: Path | None) -> dict[str, Any]:
+    """The form → keyword options of :meth:`~studio.service.Studio.evaluate` / ``sweep``: the settings that
+    differ from :class:`~studio.evaluation.EvaluateConfig`'s defaults, the output folder and the photos."""
+    import dataclasses
+
+    from studio.evaluation import EvaluateConfig
+
+    cfg, default = form_config(form), EvaluateConfig()
+    opts = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(default, f.name)}
+    opts["out_dir"] = str(out_dir)
     if references is not None:
         opts["references"] = str(references)
     return opts
@@ -116,36 +156,29 @@ def _existing(path: Path) -> str | None:
 def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     import gradio as gr
 
-    caps = ctx.studio.capabilities()
     c: dict[str, Any] = {}
     with tab:
-        if not caps.get("evaluation"):
-            gr.Markdown(note("Evaluation (CLIP-T / CLIP-I / DINO scores, strength sweeps) is not part of this install "
-                             "yet."))
-            return c
-        from studio.metrics.scorers import DEFAULT_CLIP
-
-        names = ctx.studio.library.names()
-        score_choices = scorers(ctx)
+        start = defaults()
+        names = ctx.studio.library.usable_names()  # broken files are listed on the Concepts tab
         with gr.Row():
             with gr.Column(scale=4):
                 c["concepts"] = gr.Dropdown(choices=names, value=[], multiselect=True, label="Concepts",
                                             elem_id="eval-concepts")
                 with gr.Row():
-                    c["protocol"] = gr.Dropdown(choices=protocols(), value="world" if score_choices[0] == "oracle"
-                                                else "dreambench", label="Protocol", elem_id="eval-protocol")
-                    c["scorer"] = gr.Dropdown(choices=score_choices, value=score_choices[0], label="Judge")
-                    c["clip_model"] = gr.Textbox(label="CLIP model (hub id or folder)", value=DEFAULT_CLIP,
+                    c["protocol"] = gr.Dropdown(choices=protocols(), value=start["protocol"], label="Protocol",
+                                                elem_id="eval-protocol")
+                    c["scorer"] = gr.Dropdown(choices=scorers(ctx), value=start["scorer"], label="Judge")
+                    c["clip_model"] = gr.Textbox(label="CLIP model (hub id or folder)", value=start["clip_model"],
                                                  elem_id="eval-clip")
                 c["prompts"] = gr.Textbox(label="Prompts (with 'prompts below'; {} = the concept)", lines=3,
-                                          value="a photo of {}\n{} in the snow", elem_id="eval-prompts")
+                                          value=start["prompts"], elem_id="eval-prompts")
                 with gr.Row():
-                    c["seeds"] = gr.Number(label="Images per prompt", value=2, precision=0, minimum=1,
-                                           elem_id="eval-seeds")
-                    c["seed"] = gr.Number(label="First seed", value=0, precision=0, minimum=0)
-                    c["steps"] = gr.Number(label="Steps (0 = the protocol's)", value=0, precision=0, minimum=0,
-                                           elem_id="eval-steps")
-                    c["guidance"] = gr.Textbox(label="Guidance", value="", placeholder="default")
+                    c["seeds"] = gr.Number(label="Images per prompt (0 = the protocol's)", value=start["seeds"],
+                                           precision=0, minimum=0, elem_id="eval-seeds")
+                    c["seed"] = gr.Number(label="First seed", value=start["seed"], precision=0, minimum=0)
+                    c["steps"] = gr.Number(label="Steps (0 = the base's)", value=start["steps"], precision=0,
+                                           minimum=0, elem_id="eval-steps")
+                    c["guidance"] = gr.Textbox(label="Guidance", value=start["guidance"], placeholder="the base's")
                 c["references"] = gr.File(label="Reference photos (optional: else the embeddings stored in the concept)",
                                           file_count="multiple", file_types=["image"], elem_id="eval-refs")
                 with gr.Row():
@@ -171,6 +204,6 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
        concurrency_id=GPU_QUEUE, concurrency_limit=1)
     on(sweep_go.click, ctx, lambda ctx_, form: show(sweep(ctx_, form), SWEEP_COLUMNS), inputs, outputs,
        concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    on(tab.select, ctx, lambda ctx_, form: gr.update(choices=ctx_.studio.library.names()),
+    on(tab.select, ctx, lambda ctx_, form: gr.update(choices=ctx_.studio.library.usable_names()),
        {}, c["concepts"])
     return c

@@ -6,8 +6,9 @@
 
 A field added to a method's config dataclass appears in the Train form with no UI change: its type
 picks the widget (bool → checkbox, ``choices`` → dropdown, int/float → number, list → text split on
-commas, str → text), names ending ``_file`` become a file upload and ``_images`` a multi-file upload
-(the job copies both into its folder, :mod:`studio.jobs.prepare`).
+commas, str → text), and path fields — str (or list) fields named ``*_file`` — become a file upload,
+``*_images`` a multi-file upload (the job copies both into its folder, :mod:`studio.jobs.prepare`);
+an int field such as ``num_class_images`` or ``eval_images`` is a number.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ Widget = Literal["checkbox", "dropdown", "int", "float", "text", "list", "file",
 # Groups shown open; every other group starts collapsed (e.g. memory, checkpoints, previews).
 OPEN_GROUPS = ("concept", "output", "training", "method")
 GROUP_ORDER = ("concept", "output", "method", "training", "lora", "prior", "data", "previews", "evaluation", "memory",
-               "checkpoints", "output", "options")
+               "checkpoints", "options")
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,9 @@ def form_fields(specs: list[Any]) -> list[FormField]:
     """:class:`~studio.configs.FieldSpec` s → form fields, ordered by group (:data:`GROUP_ORDER`)."""
     out = []
     for s in specs:
-        if s.name.endswith("_file"):
+        if s.name.endswith("_file") and s.type is str:
             widget: Widget = "file"
-        elif s.name.endswith("_images"):
+        elif s.name.endswith("_images") and s.type in (str, list):  # a folder (or list) of paths, not a count
             widget = "files"
         elif s.type is bool:
             widget = "checkbox"

@@ -8,10 +8,9 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
-from studio.errors import StudioError
 from studio.generation import SCHEDULERS, ConceptUse, GenerateConfig
 from studio.grid import AXIS_KINDS, parse_axis, xy_grid
-from studio.ui.common import GPU_QUEUE, UIContext, image_name, note, on, save_png, upload_paths
+from studio.ui.common import GPU_QUEUE, UIContext, image_name, on, save_png, upload_paths
 
 SLOTS = 6  # concepts with their own strength slider (more can still be given strengths in the prompt)
 MAX_SEED = 2**31 - 1
@@ -19,7 +18,8 @@ MAX_SEED = 2**31 - 1
 
 # -- handlers (plain functions: tested without gradio) --------------------------------------------
 def concept_choices(ctx: UIContext) -> list[str]:
-    return ctx.studio.library.names()
+    """The library's usable concepts: a broken file is not offered (the Concepts tab lists it with its reason)."""
+    return ctx.studio.library.usable_names()
 
 
 def concept_defaults(ctx: UIContext, names: list[str]) -> list[dict[str, Any]]:
@@ -33,15 +33,10 @@ def concept_defaults(ctx: UIContext, names: list[str]) -> list[dict[str, Any]]:
 
 
 def sampling_defaults(ctx: UIContext) -> dict[str, Any]:
-    """Steps and guidance suited to the base (the demo world samples with its own settings)."""
-    if getattr(ctx.studio.settings, "base", "") == "demo":
-        try:
-            from studio.world.score import GUIDANCE_SCALE, NUM_STEPS
-
-            return {"steps": NUM_STEPS, "guidance": GUIDANCE_SCALE}
-        except ImportError:
-            pass
-    return {"steps": 20, "guidance": 7.5}
+    """Steps and guidance the form opens with: :class:`GenerateConfig`'s, resolved for the base's profile
+    (the demo world samples with its own settings)."""
+    cfg = GenerateConfig(prompt="-").resolved(ctx.studio.settings.profile())
+    return {"steps": cfg.steps, "guidance": cfg.guidance}
 
 
 def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
@@ -54,8 +49,8 @@ def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
     seed = secrets.randbelow(MAX_SEED) if form.get("random_seed") else int(form.get("seed") or 0)
     values: dict[str, Any] = dict(
         prompt=str(form.get("prompt") or ""), negative_prompt=str(form.get("negative") or ""), seed=seed,
-        steps=int(form.get("steps") or 20), guidance=float(form.get("guidance") if form.get("guidance") is not None
-                                                          else 7.5),
+        steps=int(form["steps"]) if form.get("steps") else None,
+        guidance=float(form["guidance"]) if form.get("guidance") is not None else None,
         width=int(form["width"]) if form.get("width") else None, height=int(form["height"]) if form.get("height") else None,
         scheduler=str(form.get("scheduler") or "default"), num_images=int(form.get("num_images") or 1), concepts=uses)
     locking = str(form.get("perfusion_locking") or "")
@@ -65,27 +60,14 @@ def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
         values["perfusion_orthogonal"] = str(form["perfusion_orthogonal"])
     refs = upload_paths(form.get("reference"))
     if refs:
-        field = reference_field()
-        if field is None:
-            raise StudioError("Zero-shot reference images are not available in this studio yet; remove the reference "
-                              "image to generate.")
         from studio.service import IMAGE_UPLOADS, check_uploads
 
-        values[field] = [str(p) for p in check_uploads(refs, suffixes=IMAGE_UPLOADS)]
-        names = {f.name for f in dataclasses.fields(GenerateConfig)}
-        if "reference_scale" in names and form.get("reference_scale") is not None:
+        values["reference_images"] = [str(p) for p in check_uploads(refs, suffixes=IMAGE_UPLOADS)]
+        if form.get("reference_scale") is not None:
             values["reference_scale"] = float(form["reference_scale"])
-        if "adapter" in names and str(form.get("adapter") or "").strip():
+        if str(form.get("adapter") or "").strip():
             values["adapter"] = str(form["adapter"]).strip()
-    return GenerateConfig(**values)
-
-
-def reference_field() -> str | None:
-    """The :class:`GenerateConfig` field that takes zero-shot reference images, when there is one."""
-    for f in dataclasses.fields(GenerateConfig):
-        if "reference" in f.name:
-            return f.name
-    return None
+    return GenerateConfig(**values).resolved(ctx.studio.settings.profile())
 
 
 def generate(ctx: UIContext, form: dict[str, Any]) -> Iterator[tuple[list[tuple[str, str]], list[str], str]]:
@@ -173,7 +155,6 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     """Build the tab's components inside ``tab`` and wire them; returns the components by name."""
     import gradio as gr
 
-    caps = ctx.studio.capabilities()
     d = sampling_defaults(ctx)
     c: dict[str, Any] = {}
     with tab:
@@ -204,17 +185,13 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                     c["height"] = gr.Number(label="Height (0 = the base's size)", value=0, precision=0, minimum=0)
                     c["scheduler"] = gr.Dropdown(choices=["default", *SCHEDULERS], value="default", label="Scheduler")
                 with gr.Accordion("Zero-shot reference image", open=False):
-                    if caps.get("reference_images"):
-                        with gr.Row():
-                            c["reference"] = gr.File(label="Reference image(s)", file_count="multiple",
-                                                     file_types=["image"], height=120, elem_id="gen-reference")
-                            with gr.Column():
-                                c["reference_scale"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Reference scale")
-                                c["adapter"] = gr.Textbox(label="IP-Adapter (empty = the base's default)",
-                                                          placeholder="sd15, sd15-plus, a folder or file")
-                    else:
-                        gr.Markdown(note("Zero-shot generation from reference images comes with the zero-shot method "
-                                         "(IP-Adapter); this install does not have it."))
+                    with gr.Row():
+                        c["reference"] = gr.File(label="Reference image(s)", file_count="multiple",
+                                                 file_types=["image"], height=120, elem_id="gen-reference")
+                        with gr.Column():
+                            c["reference_scale"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Reference scale")
+                            c["adapter"] = gr.Textbox(label="IP-Adapter (empty = the base's default)",
+                                                      placeholder="sd15, sd15-plus, a folder or file")
                 with gr.Accordion("Perfusion concepts", open=False):
                     with gr.Row():
                         c["perfusion_locking"] = gr.Dropdown(

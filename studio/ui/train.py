@@ -27,16 +27,10 @@ def preset_choices(ctx: UIContext, method: str) -> list[str]:
     return ([] if m.default_preset else [NO_PRESET]) + list(m.presets)
 
 
-DEMO_PRESET = "demo-world"  # the presets measured on the offline demo world (trainers' PRESETS)
-
-
 def default_preset(ctx: UIContext, method: str) -> str:
-    """The preset the form opens with: on the demo base, the method's ``demo-world`` preset (the
-    SD presets' learning rates are too small for its 64-wide encoder); else the method's default."""
-    m = ctx.studio.training_methods()[method]
-    if getattr(ctx.studio.settings, "base", None) == "demo" and DEMO_PRESET in m.presets:
-        return DEMO_PRESET
-    return m.default_preset or NO_PRESET
+    """The preset the form opens with: the one the base's profile names (on the demo world, the
+    ``demo-world`` presets measured there), else the method's default."""
+    return ctx.studio.training_methods()[method].preset_name(ctx.studio.settings.profile()) or NO_PRESET
 
 
 def preset_values(ctx: UIContext, method: str, preset: str | None) -> dict[str, Any]:

@@ -10,12 +10,8 @@ from typing import Any
 
 from studio.errors import StudioError
 from studio.generation import GenerateConfig
-from studio.ui.common import GPU_QUEUE, UIContext, image_name, note, on, save_png, upload_paths
-
-
-def available(ctx: UIContext) -> bool:
-    caps = ctx.studio.capabilities()
-    return bool(caps.get("zeroshot") and caps.get("reference_images") and hasattr(ctx.studio, "create_zeroshot"))
+from studio.ui.common import GPU_QUEUE, UIContext, image_name, on, save_png, upload_paths
+from studio.ui.generate import sampling_defaults
 
 
 def _references(form: dict[str, Any]) -> list[str]:
@@ -35,11 +31,11 @@ def generate(ctx: UIContext, form: dict[str, Any]) -> Iterator[tuple[list[tuple[
     """Reference images + prompt → PNG files (one per seed), yielded as they come."""
     refs = _references(form)
     cfg = GenerateConfig(prompt=str(form.get("prompt") or ""), negative_prompt=str(form.get("negative") or ""),
-                         seed=int(form.get("seed") or 0), steps=int(form.get("steps") or 20),
-                         guidance=float(form.get("guidance") if form.get("guidance") is not None else 7.5),
+                         seed=int(form.get("seed") or 0), steps=int(form["steps"]) if form.get("steps") else None,
+                         guidance=float(form["guidance"]) if form.get("guidance") is not None else None,
                          num_images=int(form.get("num_images") or 1), reference_images=refs,
                          reference_scale=float(form.get("scale") if form.get("scale") is not None else 1.0),
-                         adapter=_adapter(ctx, form))
+                         adapter=_adapter(ctx, form)).resolved(ctx.studio.settings.profile())
     folder = ctx.new_folder("zeroshot")
     gallery: list[tuple[str, str]] = []
     files: list[str] = []
@@ -74,11 +70,6 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
 
     c: dict[str, Any] = {}
     with tab:
-        if not available(ctx):
-            gr.Markdown(note("Zero-shot personalisation (reference images → images with IP-Adapter, saved as a "
-                             "zero-shot concept) comes with the zero-shot method, which this install does not have. "
-                             "Train a concept on the Train tab meanwhile."), elem_id="zeroshot-note")
-            return c
         gr.Markdown("Personalise without training: an IP-Adapter reads the reference images' CLIP embeddings. Save "
                     "them as a concept to reuse them (and mix them with trained concepts) on the Generate tab.")
         with gr.Row():
@@ -93,8 +84,9 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                                               placeholder="sd15, sd15-plus, a folder or file")
                 with gr.Row():
                     c["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=0)
-                    c["steps"] = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="zs-steps")
-                    c["guidance"] = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance")
+                    d = sampling_defaults(ctx)
+                    c["steps"] = gr.Slider(1, 150, value=d["steps"], step=1, label="Steps", elem_id="zs-steps")
+                    c["guidance"] = gr.Slider(0, 20, value=d["guidance"], step=0.5, label="Guidance")
                     c["num_images"] = gr.Slider(1, 8, value=1, step=1, label="Images")
                 go = gr.Button("Generate", variant="primary", elem_id="zs-go")
                 with gr.Accordion("Save as a zero-shot concept", open=False):

@@ -43,8 +43,11 @@ from studio.world.task import CONCEPT, ConceptTask, EvalPrompt
 WORLD_DIR = Path(__file__).resolve().parents[1] / "assets" / "world"
 DEMO_BASE_DIR = WORLD_DIR / "base"
 """The committed diffusers folder of the world's base model."""
+WORLD_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "assets" / "world_adapter"
+"""The committed IP-Adapter folder trained for the world's base (``scripts/build_world_adapter.py``)."""
 
 __all__ = [
+    "WORLD_ADAPTER_DIR",
     "CONCEPT",
     "DEMO_BASE_DIR",
     "ORACLE_PATH",

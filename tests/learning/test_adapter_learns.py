@@ -59,11 +59,11 @@ def reference_generator(adapter_dir: Path, reference):
 
 def fine_tune(images_dir: Path, seed: int, lr_scale: float) -> Path:
     from trainers import get_trainer
-    from trainers.runner import make_config, train
+    from trainers.runner import train
 
     entry = get_trainer("adapter")
     out = images_dir.parent / f"adapter-{images_dir.name}-lr{lr_scale:g}"
-    cfg = make_config(entry, images=str(images_dir), adapter=str(ADAPTER_DIR), out=str(out), steps=STEPS,
+    cfg = entry.resolve(images=str(images_dir), adapter=str(ADAPTER_DIR), out=str(out), steps=STEPS,
                       lr=LR * lr_scale, batch_size=5, seed=seed, class_word=CONCEPT.class_word,
                       save_image_encoder=False, log_every=0)
     return train(entry, cfg, demo_base()).path

@@ -38,14 +38,14 @@ def train_dreambooth(workdir: Path):
     """A harness trainer ``(images_dir, seed, lr_scale) -> Trained`` that writes into ``workdir``."""
     from studio.methods import get_method
     from trainers import get_trainer
-    from trainers.runner import make_config, train
+    from trainers.runner import train
 
     entry = get_trainer("dreambooth")
 
     def run(images_dir: Path, seed: int, lr_scale: float) -> Trained:
         base = _demo_base()
         values = dict(SETTINGS, lr=SETTINGS["lr"] * lr_scale)
-        cfg = make_config(entry, images=str(images_dir), class_word=CONCEPT.class_word, seed=seed, log_every=0,
+        cfg = entry.resolve(images=str(images_dir), class_word=CONCEPT.class_word, seed=seed, log_every=0,
                           out=str(workdir / f"dreambooth-{seed}-{lr_scale:g}.safetensors"),
                           class_cache_dir=str(workdir / "class-images"), **values)
         concept = train(entry, cfg, base).concept

@@ -43,11 +43,10 @@ def train_textual_inversion(images_dir: Path, seed: int, lr_scale: float) -> Tra
     from studio.world.score import pipeline_generator
     from trainers import get_trainer
     from trainers.loop import run_training
-    from trainers.runner import make_config
 
     base = _base()
     entry = get_trainer("textual-inversion")
-    cfg = make_config(entry, images=str(images_dir), class_word=CONCEPT.class_word, token=TOKEN, seed=seed,
+    cfg = entry.resolve(images=str(images_dir), class_word=CONCEPT.class_word, token=TOKEN, seed=seed,
                       log_every=0, **dict(SETTINGS, lr=SETTINGS["lr"] * lr_scale))
     concept = run_training(base, entry.make_trainer(base, cfg, TOKEN), cfg, method=entry.method, save=False).concept
     plain = pipeline_generator(base.pipe)

@@ -135,7 +135,11 @@ def add_hook(unet: Any, key: str, hook: AttentionHook) -> ConditioningStore:
     if key in store.hooks:
         raise ValueError(f"an attention hook {key!r} is already installed")
     store.hooks[key] = hook
-    ensure_installed(unet)
+    try:
+        ensure_installed(unet)
+    except BaseException:  # transactional: without this hook the UNet is as it was (processors, store)
+        remove_hook(unet, key)
+        raise
     return store
 
 

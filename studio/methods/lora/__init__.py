@@ -49,6 +49,7 @@ from studio.methods.lora.keys import (
     split_prefix,
 )
 from studio.methods.runtime import text_encoders
+from studio.safetensors_io import FLOATS, GIB, Limits, check_values
 
 if TYPE_CHECKING:
     from studio.models import BaseModel
@@ -89,14 +90,21 @@ class LoraState:
         """Load kohya ``tensors`` as adapter ``adapter`` through diffusers and activate it at ``weight``."""
         if adapter in self.weights:
             raise StudioError(f"The LoRA adapter {adapter} is already applied; remove it first.")
+        # Transactional: whatever fails (loading, activating) takes this adapter out again — and
+        # every PEFT layer when no other adapter is on — and re-activates the others as they were.
         try:
             with quiet_loading():
                 self.pipe.load_lora_weights(diffusers_loadable(lora_modules(tensors)), adapter_name=adapter)
-        except (ValueError, KeyError, RuntimeError) as err:
+            self.weights[adapter] = float(weight)
+            self._activate()
+        except BaseException as err:
+            self.weights.pop(adapter, None)
             self._forget(adapter)
-            raise ConceptFormatError(f"diffusers could not load this LoRA: {str(err).splitlines()[0]}") from None
-        self.weights[adapter] = float(weight)
-        self._activate()
+            self._activate()
+            if isinstance(err, StudioError) or not isinstance(err, Exception):
+                raise
+            detail = (str(err).splitlines() or [""])[0]
+            raise ConceptFormatError(f"diffusers could not load this LoRA ({type(err).__name__}: {detail}).") from None
 
     def drop(self, adapter: str) -> None:
         if adapter not in self.weights:
@@ -154,9 +162,17 @@ class LoRA:
     importers: ClassVar[tuple] = IMPORTERS
     exporters: ClassVar[dict] = EXPORTERS
     description: ClassVar[str] = "DreamBooth-LoRA: low-rank layer updates in kohya keys (A1111/ComfyUI/diffusers)"
+    # Files: float16/bfloat16/float32; up to 4 GiB of tensors (a rank-128 SDXL LoRA with text
+    # encoders is ~1.5 GB in fp32) — refused from the header before anything is allocated.
+    file_limits: ClassVar[Limits] = Limits(dtypes=FLOATS, max_bytes=4 * GIB)
+    # lora_up/lora_down entries are O(0.01–1) and alpha is at most a rank (≤ 1024 in practice);
+    # 1e4 refuses values that overflow the fp16 UNet (black images) without touching real files.
+    max_abs: ClassVar[float] = 1e4
 
     def validate(self, concept: Concept) -> None:
-        lora_modules(concept.tensors, where=f"LoRA concept {concept.name or concept.trigger}")
+        label = f"LoRA concept {concept.name or concept.trigger}"
+        lora_modules(concept.tensors, where=label)  # names; up/down 2-d or 4-d, non-empty; alpha a scalar
+        check_values(concept.tensors, label, dtypes=FLOATS, max_abs=self.max_abs)
         if len(concept.tokens) != 1 or not concept.tokens[0]:
             raise ConceptFormatError("A LoRA concept has exactly one trigger (its identifier, e.g. <sks>).")
 

@@ -98,15 +98,16 @@ def lora_modules(tensors: dict[str, torch.Tensor], *, where: str = "This LoRA") 
     out = {}
     for module, p in sorted(parts.items()):
         if DOWN not in p or UP not in p:
-            raise ConceptFormatError(f"{where}: module {module} lacks its "
+            raise ConceptFormatError(f"{where}: module {module!r} lacks its "
                                      f"{'lora_down' if DOWN not in p else 'lora_up'} weight.")
         down, up = p[DOWN], p[UP]
-        if down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]:
-            raise ConceptFormatError(f"{where}: module {module} has lora_down {tuple(down.shape)} and lora_up "
+        if (down.ndim not in (2, 4) or up.ndim != down.ndim or up.shape[1] != down.shape[0]
+                or min(down.shape) < 1 or min(up.shape) < 1):
+            raise ConceptFormatError(f"{where}: module {module!r} has lora_down {tuple(down.shape)} and lora_up "
                                      f"{tuple(up.shape)}; expected (r, in) and (out, r) (or their conv forms).")
         alpha = p.get(ALPHA)
         if alpha is not None and alpha.numel() != 1:
-            raise ConceptFormatError(f"{where}: the alpha of {module} must be a scalar, got shape {tuple(alpha.shape)}.")
+            raise ConceptFormatError(f"{where}: the alpha of {module!r} must be a scalar, got shape {tuple(alpha.shape)}.")
         out[module] = LoraModule(down, up, None if alpha is None else float(alpha.reshape(()).item()))
     if not out:
         raise ConceptFormatError(f"{where} holds no LoRA modules.")
@@ -281,7 +282,11 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], md: dict[str, str], *, 
     Alpha comes from the metadata's ``lora_alpha`` / ``alpha_pattern`` (what diffusers applies),
     else from ``P.alpha`` keys, else it is the module's rank (diffusers' convention: scale 1).
     """
-    config = json.loads(md.get(DIFFUSERS_METADATA_KEY) or "{}")
+    from studio.safetensors_io import loads_json
+
+    config = loads_json(md.get(DIFFUSERS_METADATA_KEY) or "{}", where=f"metadata {DIFFUSERS_METADATA_KEY}")
+    if not isinstance(config, dict):
+        raise ConceptFormatError(f"metadata {DIFFUSERS_METADATA_KEY} must be a JSON object.")
     grouped: dict[tuple[str, str], dict[str, Any]] = {}
     for key, value in tensors.items():
         parts = _peft_parts(key)

@@ -41,6 +41,7 @@ from studio.methods.base import class_word_text
 from studio.methods.neti.hook import NetiEntry, NetiHook, attach_neti_hook, neti_hook
 from studio.methods.neti.mapper import MapperConfig, NetiMapper, truncation_for
 from studio.methods.runtime import text_encoders, token_table
+from studio.safetensors_io import FLOATS, MIB, Limits, check_values
 
 if TYPE_CHECKING:
     from studio.models import BaseModel
@@ -140,6 +141,12 @@ class NeTI:
     exporters: ClassVar[dict] = {}
     trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "a neural space-time mapper: one token per timestep and UNet layer (NeTI)"
+    # Files: float16/bfloat16/float32; an SD 1.x mapper is 2.3 MB and an SDXL one ~8 MB, so 256 MiB
+    # refuses absurd headers before any allocation.
+    file_limits: ClassVar[Limits] = Limits(dtypes=FLOATS, max_bytes=256 * MIB)
+    # Mapper weights are O(1) and the Fourier buffer is N(0, σ²) with σ ≤ 2 (|w| < 20); 1e4 refuses
+    # values that would overflow the fp16 text encoder.
+    max_abs: ClassVar[float] = 1e4
 
     def validate(self, concept: Concept) -> None:
         cfg = mapper_config(concept)
@@ -151,6 +158,8 @@ class NeTI:
         wrong = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
         if wrong:
             raise ConceptFormatError(f"NeTI tensors do not fit their neti.config (have, want): {wrong}.")
+        check_values(concept.tensors, f"NeTI concept {concept.name or concept.trigger}", dtypes=FLOATS,
+                     max_abs=self.max_abs)
         if len(concept.tokens) != 1 or not concept.tokens[0]:
             raise ConceptFormatError("A NeTI concept has exactly one trigger token.")
 
@@ -180,17 +189,25 @@ class NeTI:
             static = [v.cpu()[None] for v in mapper.static_tokens(truncation)]  # (1, D_e) per encoder
         key = f"neti:{concept.trigger}"
         table = token_table(pipe)
+        existing = neti_hook(pipe)
+        if key in table.entries or (existing is not None and concept.trigger in existing.entries):
+            raise StudioError(f"NeTI concept {concept.trigger} is already applied; remove it first.")
         try:
             table.set(key, [concept.trigger], static)
         except ValueError as err:
             raise StudioError(f"Cannot add trigger {concept.trigger!r}: {err}; rename the concept's trigger.") from None
         entry = NetiEntry(concept.trigger, mapper, truncation, mapper.cfg.bypass if bypass is None else bool(bypass))
-        hook = attach_neti_hook(pipe)
-        try:
+        try:  # transactional: a failure below takes the hook (if it came for this concept) and the token out
+            hook = attach_neti_hook(pipe)
             hook.add(entry)
-        except ValueError as err:
-            if not hook.entries:
-                hook.uninstall()
+        except BaseException as err:
+            hook = neti_hook(pipe)
+            if hook is not None:
+                hook.entries.pop(concept.trigger, None)
+                if not hook.entries:
+                    hook.uninstall()
             table.drop(key)
-            raise IncompatibleConceptError(f"NeTI concept {concept.name or concept.trigger}: {err}.") from None
+            if isinstance(err, ValueError):
+                raise IncompatibleConceptError(f"NeTI concept {concept.name or concept.trigger}: {err}.") from None
+            raise
         return AppliedNeTI(concept, pipe, strength, key)

@@ -370,5 +370,14 @@ def attach_neti_hook(pipe: Any) -> NetiHook:
     hook = neti_hook(pipe)
     if hook is None:
         hook = NetiHook(pipe)
-        hook.install()
+        try:
+            hook.install()
+        except BaseException:  # a half-done install (attention hook, some forward hooks) leaves nothing
+            for handle in hook._handles:
+                handle.remove()
+            hook._handles = []
+            store = store_of(pipe.unet)
+            if store is not None and store.hooks.get(HOOK_KEY) is hook:
+                remove_hook(pipe.unet, HOOK_KEY)
+            raise
     return hook

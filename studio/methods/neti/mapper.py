@@ -91,10 +91,9 @@ class MapperConfig:
     @classmethod
     def from_json(cls, raw: str) -> MapperConfig:
         """Parse ``neti.config``; unknown keys (from a newer studio) are dropped with a warning."""
-        try:
-            data = json.loads(raw)
-        except json.JSONDecodeError:
-            raise ConceptFormatError("The NeTI concept's neti.config metadata is not valid JSON.") from None
+        from studio.safetensors_io import loads_json
+
+        data = loads_json(raw, where="The NeTI concept's neti.config metadata")  # depth-limited, no lone surrogates
         if not isinstance(data, dict):
             raise ConceptFormatError("The NeTI concept's neti.config metadata is not a JSON object.")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -105,9 +104,26 @@ class MapperConfig:
         if missing:
             raise ConceptFormatError(f"The NeTI concept's neti.config lacks {missing}.")
         values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
+
+        def is_int(x: Any) -> bool:
+            return type(x) is int
+
+        def is_num(x: Any) -> bool:
+            return type(x) in (int, float) and math.isfinite(x)
+
+        kinds = {"widths": lambda v: isinstance(v, list) and all(map(is_int, v)),
+                 "layers": lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
+                 "class_norms": lambda v: isinstance(v, list) and all(map(is_num, v)),
+                 "bypass": lambda v: type(v) is bool,
+                 **dict.fromkeys(("hidden", "n_fourier", "time_anchors", "num_train_timesteps", "format"), is_int),
+                 **dict.fromkeys(("sigma_t", "sigma_l", "nested_dropout", "bypass_scale"), is_num)}
+        wrong = sorted(k for k, ok in kinds.items() if k in values and not ok(values[k]))
+        if wrong:
+            raise ConceptFormatError(f"The NeTI concept's neti.config is malformed: {', '.join(wrong)} "
+                                     "have the wrong type.")
         try:
-            values["widths"] = tuple(int(w) for w in values["widths"])
-            values["layers"] = tuple(str(n) for n in values["layers"])
+            values["widths"] = tuple(values["widths"])
+            values["layers"] = tuple(values["layers"])
             values["class_norms"] = tuple(float(n) for n in values["class_norms"])
             return cls(**values)
         except (TypeError, ValueError) as err:

@@ -77,6 +77,7 @@ from studio.methods.attention import (
 from studio.methods.base import class_word_text
 from studio.methods.perfusion.covariance import CovarianceSettings, PerfusionError, inverse_covariance
 from studio.methods.runtime import text_encoders, token_table
+from studio.safetensors_io import FLOATS, MIB, Limits, check_values
 
 if TYPE_CHECKING:
     from studio.concept import Concept
@@ -497,6 +498,12 @@ class Perfusion:
     exporters: ClassVar[dict] = {}
     trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "key-locked gated rank-one K/V edits (~60 KB, combines with other concepts)"
+    # Files: float16/bfloat16/float32; an SDXL concept is 364 KB, so 64 MiB (ref.* embeddings
+    # included) refuses absurd headers before any allocation.
+    file_limits: ClassVar[Limits] = Limits(dtypes=FLOATS, max_bytes=64 * MIB)
+    # i*, i*_super are text-encoder states (outlier channels reach a few hundred), o*_V their value
+    # projections, the embedding an input row (< 1): 1e4 is far above all of them.
+    max_abs: ClassVar[float] = 1e4
 
     def validate(self, concept: Concept) -> None:
         label = concept.name or concept.trigger
@@ -512,6 +519,7 @@ class Perfusion:
         bad = [k for k, v in tensors.items() if v.ndim != 1 or v.numel() == 0 or not v.is_floating_point()]
         if bad:
             raise ConceptFormatError(f"Perfusion concept {label}: tensors {bad} must be non-empty float vectors.")
+        check_values(tensors, f"Perfusion concept {label}", dtypes=FLOATS, max_abs=self.max_abs)
         if tensors[I_STAR].shape != tensors[I_SUPER].shape:
             raise ConceptFormatError(f"Perfusion concept {label}: i* {tuple(tensors[I_STAR].shape)} and i*_super "
                                      f"{tuple(tensors[I_SUPER].shape)} must have one width.")
@@ -575,6 +583,9 @@ class Perfusion:
             beta=gate_beta(b0, t0, strength), tau=t0, c_inv=cov.c_inv)
         key = f"perfusion:{concept.trigger}"
         table = token_table(pipe)
+        hook = get_hook(unet)
+        if key in table.entries or (hook is not None and key in hook.targets):
+            raise StudioError(f"Perfusion concept {concept.trigger} is already applied; remove it first.")
         tokens, vectors = [concept.trigger], [e[None].float() for e in concept_embeddings(concept)]
         if locking == "global":
             from studio.methods.textual_inversion import class_embedding
@@ -586,11 +597,16 @@ class Perfusion:
             table.set(key, tokens, vectors)
         except ValueError as err:
             raise StudioError(f"Cannot add trigger {concept.trigger!r}: {err}; rename the concept's trigger.") from None
-        hook = ensure_hook(unet)
-        hook.add(key, target, exact=orthogonal == "exact", global_lock=locking == "global")
-        if locking == "global":
-            if hook.superclass is None:
-                hook.superclass = SuperclassContexts(pipe)
-            hook.superclass.swaps[concept.trigger] = concept.trigger + CLASS_SUFFIX
-        ensure_installed(unet)
+        try:  # transactional: a failure below takes the hook target and the tokens out again
+            hook = ensure_hook(unet)
+            hook.add(key, target, exact=orthogonal == "exact", global_lock=locking == "global")
+            if locking == "global":
+                if hook.superclass is None:
+                    hook.superclass = SuperclassContexts(pipe)
+                hook.superclass.swaps[concept.trigger] = concept.trigger + CLASS_SUFFIX
+            ensure_installed(unet)
+        except BaseException:
+            release_hook(unet, key, concept.trigger)
+            table.drop(key)
+            raise
         return AppliedPerfusion(concept=concept, pipe=pipe, strength=strength, key=key)

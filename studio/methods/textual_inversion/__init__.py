@@ -28,6 +28,7 @@ from studio.errors import ConceptFormatError, IncompatibleConceptError, StudioEr
 from studio.methods.base import class_word_text
 from studio.methods.runtime import text_encoders, token_table
 from studio.methods.textual_inversion.files import EXPORTERS, IMPORTERS, METHOD, SD_KEY, SDXL_KEYS, tensor_keys  # noqa: F401 (public)
+from studio.safetensors_io import FLOATS, MIB, Limits, check_values
 
 if TYPE_CHECKING:
     from studio.concept import Concept
@@ -82,6 +83,13 @@ class TextualInversion:
     exporters: ClassVar[dict] = EXPORTERS
     trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "a few learned token vectors (A1111/diffusers-compatible)"
+    # Files: float16/bfloat16/float32 only. A few vectors (SDXL, 75 vectors: 0.6 MB) plus the
+    # optional ref.* photo embeddings (hundreds of photos × 1024 floats): 64 MiB is far above any real
+    # file and refuses a header that claims a huge tensor before anything is allocated.
+    file_limits: ClassVar[Limits] = Limits(dtypes=FLOATS, max_bytes=64 * MIB)
+    # Input embeddings have per-element magnitudes below 1 and trained vectors stay within a few
+    # units; 1e4 refuses values that saturate the text encoder (fp16 overflow, black images).
+    max_abs: ClassVar[float] = 1e4
 
     def validate(self, concept: Concept) -> None:
         keys = set(concept.tensors)
@@ -89,9 +97,10 @@ class TextualInversion:
             raise ConceptFormatError(f"A textual-inversion concept holds exactly {SD_KEY!r} or {SDXL_KEYS}; "
                                      f"this one holds {sorted(keys)}.")
         vecs = _vectors(concept)
-        if any(v.ndim != 2 or v.shape[0] < 1 for v in vecs) or len({v.shape[0] for v in vecs}) != 1:
+        if any(v.ndim != 2 or min(v.shape) < 1 for v in vecs) or len({v.shape[0] for v in vecs}) != 1:
             raise ConceptFormatError("Textual-inversion tensors must be (n_vectors, width) with one n for "
                                      f"every encoder; got {[tuple(v.shape) for v in vecs]}.")
+        check_values(concept.tensors, "Textual-inversion concept", dtypes=FLOATS, max_abs=self.max_abs)
         if len(concept.tokens) != 1 or not concept.tokens[0]:
             raise ConceptFormatError("A textual-inversion concept has exactly one trigger token.")
 

@@ -25,7 +25,10 @@ def _ti_concept(vectors: dict[str, torch.Tensor], token: str, source: str) -> Co
     from studio.concept import Concept
     from studio.prompts import normalize_token
 
-    family = "sdxl" if SDXL_KEYS[0] in vectors else {768: "sd1", 1024: "sd2"}.get(vectors[SD_KEY].shape[1], "")
+    bad = [k for k, v in vectors.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.ndim < 1]
+    if bad:  # integer / bool / complex / 0-d "embeddings" are refused, never converted
+        raise ConceptFormatError(f"{source}: the embedding {bad[0]!r} is not a float tensor of vectors.")
+    family = "sdxl" if SDXL_KEYS[0] in vectors else {768: "sd1", 1024: "sd2"}.get(vectors[SD_KEY].shape[-1], "")
     return Concept(method=METHOD, tokens=[normalize_token(token)],
                    tensors={k: v.detach().float().reshape(-1, v.shape[-1]).contiguous() for k, v in vectors.items()},
                    name=token.strip("<>"), base={"family": family} if family else {})

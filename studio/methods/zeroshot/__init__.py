@@ -30,6 +30,7 @@ sets the strength); it is rewritten to the class word, since the image carries t
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,7 @@ from studio.errors import ConceptFormatError, IncompatibleConceptError, StudioEr
 from studio.methods.attention import add_hook, remove_hook, store_of
 from studio.methods.base import class_word_text
 from studio.methods.zeroshot.adapter import (
+    WEIGHT_NAME,
     AdapterRef,
     LoadedAdapter,
     adapter_info,
@@ -52,6 +54,7 @@ from studio.methods.zeroshot.adapter import (
 )
 from studio.methods.zeroshot.encoder import check_encoder, load_image_encoder
 from studio.methods.zeroshot.hook import IPAdapterHook, layer_scales
+from studio.safetensors_io import FLOATS, GIB, Limits, check_values, loads_json
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -73,10 +76,10 @@ DEFAULT_ADAPTERS = {"sd1": "sd15", "sdxl": "sdxl"}
 def adapter_record(concept: Concept) -> dict[str, Any]:
     raw = concept.meta.get(META_ADAPTER, "")
     try:
-        rec = json.loads(raw) if raw else None
-    except json.JSONDecodeError:
+        rec = loads_json(raw, where=f"metadata {META_ADAPTER}") if raw else None  # depth-limited
+    except ConceptFormatError:
         rec = None
-    if not isinstance(rec, dict) or not rec.get("source"):
+    if not isinstance(rec, dict) or not isinstance(rec.get("source"), str) or not rec["source"]:
         raise ConceptFormatError(f"Zero-shot concept {concept.name or concept.trigger} does not say which adapter made "
                                  f"it (metadata {META_ADAPTER} is missing or invalid).")
     return rec
@@ -129,6 +132,12 @@ class ZeroShot:
     exporters: ClassVar[dict] = {}
     trigger_is_subject: ClassVar[bool] = False  # the trigger goes with the class noun
     description: ClassVar[str] = "IP-Adapter image prompt: reference-image embeddings, no training (kilobytes to a few MB)"
+    # Files: float16/bfloat16/float32. A "plus" adapter keeps (257, 1280) floats per photo (1.3 MB);
+    # 1 GiB allows hundreds of photos and still refuses absurd headers before any allocation.
+    file_limits: ClassVar[Limits] = Limits(dtypes=FLOATS, max_bytes=1 * GIB)
+    # CLIP image embeddings / hidden states: a few units, outlier channels a few hundred; 1e4 refuses
+    # values that overflow the fp16 attention. The mask is in [0, 1].
+    max_abs: ClassVar[float] = 1e4
 
     def validate(self, concept: Concept) -> None:
         keys = set(concept.tensors)
@@ -139,17 +148,23 @@ class ZeroShot:
         if m is not None and (m.ndim != 2 or min(m.shape) < 1 or not m.is_floating_point()):
             raise ConceptFormatError(f"A zero-shot mask is a float (H, W) tensor, got {m.dtype} {tuple(m.shape)}.")
         e, n = concept.tensors[EMBEDS], concept.tensors[NEGATIVE]
-        if e.ndim not in (2, 3) or e.shape[0] < 1 or n.shape != (1, *e.shape[1:]) or not e.is_floating_point():
+        if e.ndim not in (2, 3) or min(e.shape) < 1 or n.shape != (1, *e.shape[1:]) or not e.is_floating_point():
             raise ConceptFormatError(f"Zero-shot embeddings must be (N, D) or (N, T, D) floats with a (1, …) negative; "
                                      f"got {tuple(e.shape)} and {tuple(n.shape)}.")
+        check_values(concept.tensors, f"Zero-shot concept {concept.name or concept.trigger}", dtypes=FLOATS,
+                     max_abs=self.max_abs)
+        if m is not None and not bool(((m >= 0) & (m <= 1)).all()):
+            raise ConceptFormatError(f"Zero-shot concept {concept.name or concept.trigger}: {MASK} must lie in [0, 1].")
         if len(concept.tokens) != 1 or not concept.tokens[0]:
             raise ConceptFormatError("A zero-shot concept has exactly one trigger token.")
         adapter_record(concept)
         if META_LAYER_SCALES in concept.meta:
-            try:
-                json.loads(concept.meta[META_LAYER_SCALES])
-            except json.JSONDecodeError:
-                raise ConceptFormatError(f"Zero-shot concept {concept.name}: {META_LAYER_SCALES} is not JSON.") from None
+            scales = loads_json(concept.meta[META_LAYER_SCALES],
+                                where=f"Zero-shot concept {concept.name}: {META_LAYER_SCALES}")  # depth-limited
+            number = isinstance(scales, (int, float)) and not isinstance(scales, bool)
+            if not (isinstance(scales, dict) or (number and math.isfinite(scales))):
+                raise ConceptFormatError(f"Zero-shot concept {concept.name}: {META_LAYER_SCALES} must be a finite number "
+                                         "or a per-block object.")
 
     def adapter(self, concept: Concept, base: BaseModel) -> LoadedAdapter:
         """The concept's adapter, loaded for ``base`` (cached on the pipeline)."""
@@ -202,7 +217,8 @@ class ZeroShot:
 def open_images(sources: Sequence[str | Path | Image.Image]) -> list[Image.Image]:
     """Paths (files, or folders of images sorted by name) or PIL images → RGB PIL images."""
     from PIL import Image as PILImage
-    from PIL import ImageOps, UnidentifiedImageError
+
+    from studio.images import open_image
 
     out: list[PILImage.Image] = []
     for src in sources:
@@ -216,12 +232,8 @@ def open_images(sources: Sequence[str | Path | Image.Image]) -> list[Image.Image
             raise StudioError(f"{path} holds no images (PNG, JPEG, WebP, BMP or TIFF).")
         for f in files:
             if not f.is_file():
-                raise StudioError(f"Reference image {f} does not exist.")
-            try:
-                with PILImage.open(f) as im:
-                    out.append(ImageOps.exif_transpose(im).convert("RGB"))
-            except (UnidentifiedImageError, OSError) as err:
-                raise StudioError(f"Reference image {f} cannot be read ({err}).") from None
+                raise StudioError(f"Reference image {f.name} does not exist.")
+            out.append(open_image(f).convert("RGB"))  # size-checked before decoding; errors name the file
     if not out:
         raise StudioError("No reference images given.")
     return out
@@ -266,13 +278,14 @@ def make_zeroshot_concept(images: Sequence[str | Path | Image.Image], adapter: s
 
 
 def default_adapter(base: BaseModel) -> str:
-    """The adapter ``--reference-image`` uses without ``--adapter``: the demo world's, else a hub preset."""
-    world = Path(__file__).resolve().parents[2] / "assets" / "world_adapter"
-    if base.spec == "demo":
-        if not (world / "ip_adapter.safetensors").is_file():
-            raise StudioError("The demo world's IP-Adapter is not built in this install; build it with "
-                              "`python scripts/build_world_adapter.py`, or pass --adapter.")
-        return str(world)
+    """The adapter ``--reference-image`` uses without ``--adapter``: the one the base's profile names
+    (the demo world's own), else the family's published hub preset."""
+    if base.profile.adapter:
+        folder = Path(base.profile.adapter)
+        if not (folder / WEIGHT_NAME).is_file():
+            raise StudioError(f"This base's IP-Adapter is missing from {folder} (the demo world's is built by "
+                              "`python scripts/build_world_adapter.py`); pass --adapter.")
+        return str(folder)
     preset = DEFAULT_ADAPTERS.get(base.family)
     if preset is None:
         raise StudioError(f"There is no published IP-Adapter for {base.family} bases; pass --adapter with one made for "

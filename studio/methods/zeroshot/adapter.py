@@ -185,13 +185,11 @@ def read_adapter_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     ``.bin`` (read with ``weights_only=True``: nothing is unpickled)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        from studio import safetensors_io as sio
 
-        try:
-            flat = load_file(str(path), device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise StudioError(f"{path} is not a readable safetensors file: {err}.") from None
+        # The studio's validating reader: float weights (published adapters are fp16/fp32; a "plus"
+        # SDXL adapter is ~1 GB), bounded before allocation, finite.
+        flat, _ = sio.read_file(path, sio.Limits(dtypes=sio.FLOATS, max_bytes=8 * sio.GIB), error=StudioError)
         state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
         for k, v in flat.items():
             head, _, rest = k.partition(".")

@@ -25,15 +25,15 @@ def layer_scales(unet: Any, layers: Sequence[LayerInfo], config: float | dict | 
 
     try:
         expanded = _maybe_expand_lora_scales(unet, [config], default_scale=0.0)[0]
-    except (ValueError, KeyError, TypeError) as err:
+        out = []
+        for layer in layers:
+            s = 0.0
+            for prefix, value in expanded.items():
+                if layer.name.startswith(prefix):
+                    s = float(value)
+            out.append(s)
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # the config comes from a concept file
         raise StudioError(f"Per-layer adapter scales {json.dumps(config)} do not fit this base: {err}") from None
-    out = []
-    for layer in layers:
-        s = 0.0
-        for prefix, value in expanded.items():
-            if layer.name.startswith(prefix):
-                s = float(value)
-        out.append(s)
     return out
 
 

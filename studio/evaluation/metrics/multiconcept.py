@@ -3,7 +3,7 @@
 Choices the paper leaves open, made here:
 
 - detection threshold: the detector's own (OWL-ViT 0.1; Haar cascades ``min_neighbors``), see
-  :mod:`studio.metrics.detectors`;
+  :mod:`studio.evaluation.metrics.detectors`;
 - crop padding: each kept box grows by ``padding`` (default 10%) of its width/height per side,
   clipped to the image;
 - concepts sharing a class label share one box (the paper keeps one box per *label*), so two dogs
@@ -19,9 +19,9 @@ import torch
 from PIL import Image
 
 from studio.errors import StudioError
-from studio.metrics.detectors import DEFAULT_CROP_PADDING, Detections, Detector, best_box_per_label, crop_box
-from studio.metrics.formulas import CPClipScore, cp_clip
-from studio.metrics.scorers import Scorer
+from studio.evaluation.metrics.detectors import DEFAULT_CROP_PADDING, Detections, Detector, best_box_per_label, crop_box
+from studio.evaluation.metrics.formulas import CPClipScore, cp_clip
+from studio.evaluation.metrics.scorers import Scorer
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Embedding cache: never encode the same image (or text) twice with the same backbone.
 
 Keys are ``(scorer.name, kind, content hash)``: the backbone name identifies the weights (see
-:mod:`studio.metrics.scorers`), the content hash is a sha256 of the RGB pixels and size (images) or
+:mod:`studio.evaluation.metrics.scorers`), the content hash is a sha256 of the RGB pixels and size (images) or
 of the UTF-8 text. Entries live in memory and, when a folder is given, on disk as one small
 safetensors file per embedding (``<folder>/<backbone slug>/<kind>/<hash[:2]>/<hash>.safetensors``),
 written atomically so concurrent evaluations can share a folder.
@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from studio.errors import StudioError
-from studio.metrics.scorers import Scorer
+from studio.evaluation.metrics.scorers import Scorer
 
 Kind = Literal["image", "text"]
 

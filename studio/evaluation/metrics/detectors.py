@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from studio.errors import StudioError
-from studio.metrics._loading import load_pretrained, model_identity
+from studio.evaluation.metrics._loading import load_pretrained, model_identity
 
 DEFAULT_OWL = "google/owlvit-base-patch32"
 DEFAULT_CROP_PADDING = 0.1
@@ -288,7 +288,7 @@ class OwlVitDetector:
     ) -> None:
         from transformers import AutoModelForZeroShotObjectDetection, AutoTokenizer
 
-        from studio.metrics.scorers import load_image_processor
+        from studio.evaluation.metrics.scorers import load_image_processor
 
         hub: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir}
         self.model = load_pretrained(

@@ -3,7 +3,7 @@
 Generation is not done here: the caller (``studio.generation``, a notebook, a test) passes
 ``{prompt: [PIL images]}``. What is computed:
 
-- CLIP-T for every image (text rule: :mod:`studio.metrics.texts`);
+- CLIP-T for every image (text rule: :mod:`studio.evaluation.metrics.texts`);
 - CLIP-I (and DINO, given an ``identity_scorer``) per concept, over the images whose prompt names
   the concept's trigger — every image when a single concept is evaluated;
 - CP-CLIP and TI-CLIP (given a ``detector``) for images whose prompt names at least one concept.
@@ -22,13 +22,13 @@ import torch
 from PIL import Image
 
 from studio.errors import StudioError
-from studio.metrics.cache import CachedScorer, EmbeddingCache
-from studio.metrics.detectors import DEFAULT_CROP_PADDING, Detector
-from studio.metrics.formulas import MetricSummary, clip_i, clip_t, dino, matched_cosine, summarize
-from studio.metrics.multiconcept import cp_clip_image
-from studio.metrics.report import ImageRecord, Report
-from studio.metrics.scorers import Scorer
-from studio.metrics.texts import TEXT_MODES, TextMode, clip_t_text, context_text, mentions
+from studio.evaluation.metrics.cache import CachedScorer, EmbeddingCache
+from studio.evaluation.metrics.detectors import DEFAULT_CROP_PADDING, Detector
+from studio.evaluation.metrics.formulas import MetricSummary, clip_i, clip_t, dino, matched_cosine, summarize
+from studio.evaluation.metrics.multiconcept import cp_clip_image
+from studio.evaluation.metrics.report import ImageRecord, Report
+from studio.evaluation.metrics.scorers import Scorer
+from studio.evaluation.metrics.texts import TEXT_MODES, TextMode, clip_t_text, context_text, mentions
 
 
 @dataclass(frozen=True)
@@ -82,15 +82,15 @@ def evaluate(
         images_by_prompt: ``{prompt: [images generated from it]}``; prompts contain the triggers.
         concepts: the concept(s) being evaluated.
         scorer: CLIP-like scorer (images and texts) for CLIP-T, CLIP-I, CP-CLIP and TI-CLIP.
-        identity_scorer: image scorer for the DINO score (e.g. :class:`~studio.metrics.scorers.DinoScorer`).
-        detector: enables CP-CLIP / TI-CLIP (:mod:`studio.metrics.detectors`).
+        identity_scorer: image scorer for the DINO score (e.g. :class:`~studio.evaluation.metrics.scorers.DinoScorer`).
+        detector: enables CP-CLIP / TI-CLIP (:mod:`studio.evaluation.metrics.detectors`).
         text_mode: which text CLIP-T scores (``"class_noun"``, ``"remove"``, ``"keep"``).
         crop_padding: CP-CLIP crop padding (fraction of the box per side).
         context_texts: TI-CLIP text per prompt, overriding the automatic concept removal.
         cache: embedding cache (shared across calls to skip re-encoding); default: in memory, this call.
 
     Returns:
-        A :class:`~studio.metrics.report.Report`.
+        A :class:`~studio.evaluation.metrics.report.Report`.
     """
     # 1. Validate and flatten the inputs (image order = prompt order, then position).
     items = _concepts(concepts)

@@ -18,8 +18,8 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from studio.errors import StudioError
-from studio.metrics.formulas import MetricSummary
-from studio.metrics.selection import Choice, TradeoffPoint
+from studio.evaluation.metrics.formulas import MetricSummary
+from studio.evaluation.metrics.selection import Choice, TradeoffPoint
 
 REPORT_VERSION = 1
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from studio.errors import StudioError
-from studio.metrics._loading import load_pretrained, model_identity
+from studio.evaluation.metrics._loading import load_pretrained, model_identity
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINO = "facebook/dino-vits16"

@@ -107,7 +107,7 @@ def clip_t(image_embeds: torch.Tensor, text_embeds: torch.Tensor, backbone: str 
     Args:
         image_embeds: ``(N, D)`` CLIP image embeddings of the generated images.
         text_embeds: ``(N, D)`` CLIP text embeddings, row ``g`` = the scored text of image ``g``'s
-            prompt (see :func:`studio.metrics.texts.clip_t_text` for which text).
+            prompt (see :func:`studio.evaluation.metrics.texts.clip_t_text` for which text).
     Returns:
         per-image ``<f(g), t(prompt_g)>`` ``(N,)`` and their mean.
     """

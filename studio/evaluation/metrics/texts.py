@@ -1,6 +1,6 @@
 """Which text is scored: CLIP-T's prompt text and TI-CLIP's context text.
 
-The number CLIP-T reports depends heavily on the text it scores (see METRICS.md), so the rule is
+The number CLIP-T reports depends heavily on the text it scores (see docs/metrics.md), so the rule is
 an explicit argument, :data:`TextMode`:
 
 - ``"class_noun"`` (default): each trigger is replaced by its concept's class noun, and an

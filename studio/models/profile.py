@@ -1,0 +1,82 @@
+"""What depends on the loaded base beyond its architecture, decided once when it loads.
+
+A :class:`BaseProfile` hangs on every :class:`~studio.models.BaseModel` (``base.profile``): sampling
+defaults, the evaluation protocol and judge, the training preset each trainer starts from, and the
+IP-Adapter that reference images use. Code reads the profile; nothing compares a base's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_PROTOCOL = "dreambench"
+
+
+@dataclass(frozen=True)
+class BaseProfile:
+    """Defaults that follow the base (see the module docstring).
+
+    ``judge`` is ``"clip"`` (the evaluation's default CLIP model) or ``"oracle"`` (the demo world's
+    attribute classifier); ``presets`` maps a trainer's CLI name to the preset it opens with on this
+    base (trainers without an entry use their own default); ``adapter`` is an IP-Adapter preset
+    name, file or folder, or None for the family's usual hub adapter."""
+
+    kind: str = "generic"  # "generic" | "world" | "random": what the base is, for labels and tests
+    steps: int = DEFAULT_STEPS
+    guidance: float = DEFAULT_GUIDANCE
+    protocol: str = DEFAULT_PROTOCOL
+    judge: str = "clip"
+    presets: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    adapter: str | None = None
+
+    def preset_for(self, trainer: str, available: Any) -> str | None:
+        """The preset trainer ``trainer`` opens with here, if it has one of that name; else None (its default)."""
+        name = self.presets.get(trainer)
+        return name if name and name in available else None
+
+
+GENERIC = BaseProfile()
+RANDOM = BaseProfile(kind="random")
+
+
+def world_profile() -> BaseProfile:
+    """The demo world's profile: the world's own sampling settings, its protocol and oracle judge,
+    the ``demo-world`` presets measured there, and its committed IP-Adapter."""
+    from studio.world import WORLD_ADAPTER_DIR
+    from studio.world.score import GUIDANCE_SCALE, NUM_STEPS
+
+    trainers = ("textual-inversion", "dreambooth", "neti", "perfusion", "adapter")
+    return BaseProfile(kind="world", steps=NUM_STEPS, guidance=GUIDANCE_SCALE, protocol="world", judge="oracle",
+                       presets=MappingProxyType(dict.fromkeys(trainers, "demo-world")),
+                       adapter=str(WORLD_ADAPTER_DIR))
+
+
+def profile_for_folder(folder: Path) -> BaseProfile:
+    """The profile of a diffusers folder: the world's for the world's committed base, wherever it is
+    named from (``--base demo`` or its path), else the generic one."""
+    from studio.world import DEMO_BASE_DIR
+
+    try:
+        same = folder.resolve() == Path(DEMO_BASE_DIR).resolve()
+    except OSError:
+        same = False
+    return world_profile() if same else GENERIC
+
+
+def profile_for_spec(spec: str) -> BaseProfile:
+    """The profile a ``--base`` value will have once loaded, known without loading it (the CLI and the
+    queue resolve presets before any weights load). :func:`studio.models.load_base` sets the same."""
+    from studio.models.tiny import TINY_NAMES
+    from studio.world import DEMO_BASE_DIR
+
+    if spec in TINY_NAMES:
+        return RANDOM
+    if spec == "demo":
+        return profile_for_folder(Path(DEMO_BASE_DIR))
+    path = Path(spec).expanduser()
+    return profile_for_folder(path) if path.is_dir() else GENERIC
