@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -65,7 +64,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    with io.open(out / "merges.txt", "w", encoding="utf-8", newline="\n") as f:
+    with open(out / "merges.txt", "w", encoding="utf-8", newline="\n") as f:
         f.write("#version: 0.2\n")
         f.write("\n".join(merges) + "\n")
     cfg = {

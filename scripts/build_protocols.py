@@ -4,7 +4,7 @@
     python scripts/build_protocols.py --check         # exit 1 if the committed file is out of date
 
 The source is ``prompts_and_classes.txt`` of github.com/google/dreambooth (``dataset/``, CC-BY-4.0),
-copied to ``../shared/data/dreambench_prompts_and_classes.txt``. It lists the 30 subjects with their
+committed as ``studio/assets/protocols/dreambench_prompts_and_classes.txt``. It lists the 30 subjects with their
 class nouns, then two Python lists of 25 prompts written as
 ``'a {0} {1} in the jungle'.format(unique_token, class_token)``. In the protocol file each
 ``{0} {1}`` becomes one ``{}``: the studio puts the concept's trigger and class noun there

@@ -6,6 +6,7 @@ overwritten without ``force``.
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import shutil
@@ -139,7 +140,7 @@ class Library:
                 out.append(ConceptInfo(name=n, path=self.folder / f"{n}{SUFFIX}", error=_one_line(err)))
         return out
 
-    def usable_names(self) -> list[str]:
+    def usable_names(self) -> builtins.list[str]:
         """Names of the concepts that can be applied (what generation offers; broken files are left out)."""
         return [i.name for i in self.list() if i.usable]
 

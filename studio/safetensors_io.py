@@ -61,6 +61,7 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 MAX_HEADER = 32 * MIB  # kohya files with large ss_* metadata are a few MB; safetensors itself allows 100 MB
 MAX_TENSORS = 100_000  # a full SDXL fine-tune checkpoint (weights + Adam state) has ~5,000
 MAX_DIM = 1 << 40
+MAX_NDIM = 8  # weights are at most 5-d (conv3d); torch itself stops at 64
 HEADER_DEPTH = 3  # {name: {"shape": [..]}} — nothing in a valid header nests deeper
 JSON_DEPTH = 16  # JSON inside metadata values (training config, metric curves): a few levels in practice
 
@@ -284,8 +285,10 @@ def _entry(name: str, info: Any, where: str, error: type[StudioError]) -> Entry:
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     if not isinstance(dtype, str) or dtype not in DTYPES:
         raise error(f"{field} has an unknown dtype {q(dtype)}.")
-    if not isinstance(shape, list) or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape):
-        raise error(f"{field} has an invalid shape {q(shape)} (a list of non-negative integers).")
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(_is_int(d) and 0 <= d <= MAX_DIM for d in shape)
+            or math.prod(d for d in shape if d) > MAX_DIM):  # strides must fit in 64 bits, even when empty
+        raise error(f"{field} has an invalid shape {q(shape)} (at most {MAX_NDIM} non-negative integers, "
+                    f"at most {MAX_DIM} elements).")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
             or not 0 <= offsets[0] <= offsets[1]):
         raise error(f"{field} has invalid data_offsets {q(offsets)} (two integers, start ≤ end).")

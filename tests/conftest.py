@@ -48,6 +48,14 @@ def tiny(tiny_bases):
     return tiny_bases("tiny")
 
 
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIP judge folder (:func:`tests.helpers.write_tiny_clip`), built once per session."""
+    from tests.helpers import write_tiny_clip
+
+    return write_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+
+
 @pytest.fixture
 def library(tmp_path):
     from studio.library import Library

@@ -30,6 +30,8 @@ from typing import Any
 import pytest
 from PIL import Image
 
+from tests.helpers import write_photos
+
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,14 +105,7 @@ def serving(url: str) -> bool:
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for i in range(3):
-        im = Image.new("RGB", (32, 32), (220, 40 + 40 * i, 40))
-        im.paste((30, 30, 200), (8, 8, 24, 24))
-        im.save(folder / f"{i}.png")
-        paths.append(folder / f"{i}.png")
-    return paths
+    return write_photos(tmp_path_factory.mktemp("photos"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,27 +139,6 @@ def browser() -> Iterator[Any]:
             context.close()
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    """A tiny random CLIP (the judge of the evaluation on the tiny base, which has no world oracle)."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(REPO / "studio" / "assets" / "clip_tokenizer"))
-    tokenizer.model_max_length = 77
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=77),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2),
-        projection_dim=16)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

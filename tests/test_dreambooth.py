@@ -357,7 +357,7 @@ def test_kohya_names_round_trip_to_module_paths(tiny_bases):
 
 
 def test_sd15_unet_lora_at_rank_4_is_under_3_5_mb(tmp_path):
-    """The size promise of METHODS.md, measured on a real file for SD 1.5's UNet layout (built from the
+    """The size promise of docs/methods.md, measured on a real file for SD 1.5's UNet layout (built from the
     shipped config on the meta device; the LoRA tensors are real)."""
     from diffusers import UNet2DConditionModel
 

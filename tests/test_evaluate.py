@@ -30,6 +30,7 @@ from studio.evaluation import (
 from studio.evaluation.metrics import ClipScorer, EvalConcept
 from studio.methods import load_concept, save_concept
 from studio.service import BaseSettings, Studio
+from tests.helpers import write_photos
 from tests.method_cases import make_ti
 from trainers import get_trainer
 from trainers.loop import TrainCallbacks
@@ -45,37 +46,13 @@ TEXT = [0.0, 1.0, 0.0]  # every text
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    """A tiny random CLIPModel saved with the committed tokenizer and a PIL image processor."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
-    tokenizer.model_max_length = 77
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=77),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """Three small reference/training photos."""
     folder = tmp_path_factory.mktemp("photos")
-    for i in range(3):
-        image = Image.new("RGB", (40, 40), (220, 40 + 40 * i, 40))
-        image.paste((30, 30, 200), (10, 10, 30, 30))
-        image.save(folder / f"{i}.png")
+    write_photos(folder, size=40)
     return folder
 
 

@@ -20,6 +20,7 @@ from PIL import Image
 from studio.errors import StudioError
 from studio.jobs import JobQueue, Worker, start_worker_process
 from studio.methods import load_concept
+from tests.helpers import write_photos
 from trainers import get_trainer
 from trainers.loop import TrainCallbacks
 from trainers.runner import train
@@ -32,10 +33,7 @@ GHOST_PID = 2**22 + 12345  # above Linux's largest pid_max: never a live process
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
     d = tmp_path_factory.mktemp("job-imgs")
-    for i in range(3):
-        im = Image.new("RGB", (32, 32), (220, 40 + 40 * i, 40))
-        im.paste((30, 30, 200), (8, 8, 24, 24))
-        im.save(d / f"{i}.png")
+    write_photos(d)
     return d
 
 

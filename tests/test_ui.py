@@ -27,6 +27,7 @@ from studio.service import BaseSettings, Studio
 from studio.ui import concepts, evaluate, generate, jobs, train
 from studio.ui.common import Runners, UIContext
 from studio.ui.forms import form_fields, parse_form
+from tests.helpers import write_photos
 from tests.method_cases import make_ti
 from trainers import TrainerEntry
 from trainers.textual_inversion import TextualInversionConfig, TextualInversionTrainer
@@ -53,14 +54,7 @@ def ctx(studio, tmp_path):
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> list[Path]:
-    folder = tmp_path_factory.mktemp("photos")
-    paths = []
-    for i in range(3):
-        im = Image.new("RGB", (32, 32), (220, 40 + 40 * i, 40))
-        im.paste((30, 30, 200), (8, 8, 24, 24))
-        im.save(folder / f"photo {i}.png")
-        paths.append(folder / f"photo {i}.png")
-    return paths
+    return write_photos(tmp_path_factory.mktemp("photos"), name="photo {i}.png")
 
 
 def _drain(gen):
@@ -395,26 +389,6 @@ def test_zero_shot_images_and_concept_from_reference_uploads(ctx, studio, tiny, 
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    """A tiny random CLIP saved with the committed tokenizer (as tests/test_evaluate.py)."""
-    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    tokenizer = CLIPTokenizer.from_pretrained(str(REPO / "studio" / "assets" / "clip_tokenizer"))
-    tokenizer.model_max_length = 77
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                         num_hidden_layers=2, max_position_embeddings=77),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37, num_attention_heads=4,
-                           num_hidden_layers=2),
-        projection_dim=16)
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny_clip")
-    CLIPModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
-    return folder
 
 
 def test_evaluate_and_sweep_from_the_tab(ctx, studio, tiny, photos, clip_dir):

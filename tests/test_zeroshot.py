@@ -1,4 +1,4 @@
-"""Zero-shot concepts and IP-Adapter (METHODS.md §6): parity with diffusers' own loader and
+"""Zero-shot concepts and IP-Adapter (docs/methods.md §6): parity with diffusers' own loader and
 processors, concepts vs reference images, strength, composition, the adapter trainer."""
 
 from __future__ import annotations

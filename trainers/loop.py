@@ -1,4 +1,4 @@
-"""The model-agnostic training loop every trainer shares (ARCHITECTURE.md, "Training").
+"""The model-agnostic training loop every trainer shares (docs/architecture.md, "Training").
 
 A method supplies a :class:`MethodTrainer` (its trainable parameters, how prompts become text
 conditioning, extra losses, and ``export() -> Concept``); this loop does the rest:

@@ -1,4 +1,4 @@
-"""DreamBooth (Ruiz et al., CVPR 2023; METHODS.md §3): bind a rare identifier + a class word
+"""DreamBooth (Ruiz et al., CVPR 2023; docs/methods.md §3): bind a rare identifier + a class word
 ("sks dog") to a subject by fine-tuning, with prior preservation.
 
 * **LoRA** (default, a small concept): PEFT ``LoraConfig`` adapters added through diffusers'

@@ -1,4 +1,4 @@
-"""NeTI training (METHODS.md §5): only the mapper ``M(t, ℓ)`` trains; UNet, VAE and text
+"""NeTI training (docs/methods.md §5): only the mapper ``M(t, ℓ)`` trains; UNet, VAE and text
 encoder(s) are frozen and never copied.
 
 Each step the shared loop asks for :meth:`NetiTrainer.conditioning`; the trainer tokenizes the

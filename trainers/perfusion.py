@@ -1,4 +1,4 @@
-"""Perfusion training (Tewel et al. 2023; METHODS.md §4): the concept's input embedding and the
+"""Perfusion training (Tewel et al. 2023; docs/methods.md §4): the concept's input embedding and the
 per-layer value targets ``o*_V`` learn, everything else is frozen.
 
 Per step (the shared loop does data, noise, masked loss, accumulation and checkpoints):

@@ -1,4 +1,4 @@
-"""Textual inversion with Cross Initialization (METHODS.md §1–2).
+"""Textual inversion with Cross Initialization (docs/methods.md §1–2).
 
 Only an ``(n, D)`` parameter per text encoder trains; it is spliced into the encoder's input
 embedding (:class:`~studio.methods.runtime.SplicedEmbedding`), so the 49,408-row vocabulary is

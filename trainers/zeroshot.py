@@ -1,4 +1,4 @@
-"""Fine-tune an IP-Adapter on a user's images (METHODS.md §6): its image projection and the
+"""Fine-tune an IP-Adapter on a user's images (docs/methods.md §6): its image projection and the
 decoupled ``to_k_ip``/``to_v_ip`` of every cross-attention layer; everything else stays frozen.
 
 Training an adapter from nothing takes a large image–text dataset (the paper: 10 M pairs); what

@@ -1,4 +1,4 @@
-"""The persistent job queue: SQLite beside the library, one folder per job (ARCHITECTURE.md, "Jobs").
+"""The persistent job queue: SQLite beside the library, one folder per job (docs/architecture.md, "Jobs").
 
 State lives only in the database and the job folders, so the queue survives a crash or a restart
 of every process that uses it::
@@ -34,6 +34,7 @@ and following events are cheap.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import os
@@ -354,8 +355,9 @@ class JobQueue:
 
     # -- reading progress ------------------------------------------------------------------
     def events(self, job_id: int | None = None, after: int = 0, *, kinds: Iterable[str] | None = None,
-               limit: int | None = None) -> list[JobEvent]:
+               limit: int | None = None) -> builtins.list[JobEvent]:
         """Events with ``seq > after`` (of one job or all), oldest first. Poll with the last ``seq`` seen."""
+        args: builtins.list[int | str]
         sql, args = "SELECT * FROM events WHERE seq > ?", [int(after)]
         if job_id is not None:
             sql, args = sql + " AND job = ?", [*args, int(job_id)]
@@ -367,7 +369,7 @@ class JobQueue:
             rows = conn.execute(sql, args).fetchall()
         return [JobEvent(r["seq"], r["job"], r["time"], r["kind"], json.loads(r["data"])) for r in rows]
 
-    def wait_events(self, job_id: int | None = None, after: int = 0, timeout: float = 30.0) -> list[JobEvent]:
+    def wait_events(self, job_id: int | None = None, after: int = 0, timeout: float = 30.0) -> builtins.list[JobEvent]:
         """Like :meth:`events`, but blocks up to ``timeout`` seconds until there is at least one
         (polling with a growing interval, woken at once by changes made in this process)."""
         deadline = time.monotonic() + max(0.0, timeout)
@@ -399,7 +401,7 @@ class JobQueue:
             self.wait_for_change(delay if left is None else min(delay, left))
             delay = min(delay * 1.5, 1.0)
 
-    def loss_curve(self, job_id: int) -> list[tuple[int, float]]:
+    def loss_curve(self, job_id: int) -> builtins.list[tuple[int, float]]:
         """``(step, loss)`` of every step trained so far (a step re-run after a crash counts once)."""
         by_step = {e.data["step"]: float(e.data["loss"]) for e in self.events(job_id, kinds=["progress"])}
         return sorted(by_step.items())
@@ -437,7 +439,7 @@ class JobQueue:
             return conn.execute("SELECT 1 FROM jobs WHERE state = 'queued' AND (device IS NULL OR device = ?) LIMIT 1",
                                 (device_key(device) or "cpu",)).fetchone() is not None
 
-    def recover(self) -> list[int]:
+    def recover(self) -> builtins.list[int]:
         """Take back running jobs whose worker is gone; return their ids."""
         with self._connection() as conn:
             running = [self._job(r) for r in conn.execute("SELECT * FROM jobs WHERE state = 'running'")]
@@ -454,7 +456,7 @@ class JobQueue:
             return f"worker {job.worker} (pid {job.worker_pid}) is gone"
         return None
 
-    def _recover(self, tx: _Tx, now: float) -> list[int]:
+    def _recover(self, tx: _Tx, now: float) -> builtins.list[int]:
         recovered = []
         for row in tx.execute("SELECT * FROM jobs WHERE state = 'running'").fetchall():
             job = self._job(row)
@@ -489,7 +491,7 @@ class JobQueue:
         return recovered
 
     @staticmethod
-    def _checkpoints(tx: _Tx, job_id: int) -> list[tuple[int, int]]:
+    def _checkpoints(tx: _Tx, job_id: int) -> builtins.list[tuple[int, int]]:
         """``(seq, step)`` of the job's checkpoint events, oldest first."""
         return [(r["seq"], int(json.loads(r["data"]).get("step", 0))) for r in tx.execute(
             "SELECT seq, data FROM events WHERE job = ? AND kind = 'checkpoint' ORDER BY seq", (job_id,))]
@@ -524,7 +526,7 @@ class JobQueue:
                              (time.time(), int(job_id), worker))
             return cur.rowcount == 1
 
-    def progress(self, job_id: int, worker: str, points: list[tuple[int, float, float]], total: int,
+    def progress(self, job_id: int, worker: str, points: builtins.list[tuple[int, float, float]], total: int,
                  eta: float | None) -> bool:
         """Record steps ``(step, loss, seconds)`` (also renews the lease); False when the lease is lost."""
         if not points:

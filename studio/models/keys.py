@@ -1,4 +1,4 @@
-"""The two keys of a base model (ARCHITECTURE.md, "Base models").
+"""The two keys of a base model (docs/architecture.md, "Base models").
 
 * **compatibility key** — what a concept needs to apply: the family, the text-encoder widths and
   the UNet's cross-attention layout. A concept trained on SD 1.5 applies to every SD 1.5 fine-tune

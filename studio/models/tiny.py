@@ -17,6 +17,7 @@ tiny-sdxl   SDXL (two encoders, text_time conditioning)   32 px
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -38,7 +39,7 @@ def load_clip_tokenizer(pad_token: str = "<|endoftext|>"):
 def _text_config(*, width: int, act: str, projection_dim: int | None = None):
     from transformers import CLIPTextConfig
 
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         vocab_size=49408, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, hidden_act=act, layer_norm_eps=1e-5,
         bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
@@ -74,6 +75,8 @@ def build_tiny_pipeline(name: str, seed: int = 0):
         raise ValueError(f"unknown tiny base {name!r}; one of {TINY_NAMES}")
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    # ``sched`` / ``pipe`` are ``Any``: to mypy, diffusers' lazy top-level exports are its unrelated
+    # dummy placeholder classes (no common base, no DiffusionPipeline methods).
     try:
         if name == "tiny-sdxl":
             unet = UNet2DConditionModel(
@@ -88,9 +91,9 @@ def build_tiny_pipeline(name: str, seed: int = 0):
             vae = _vae()
             te1 = CLIPTextModel(_text_config(width=32, act="quick_gelu"))
             te2 = CLIPTextModelWithProjection(_text_config(width=32, act="gelu", projection_dim=32))
-            sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                           steps_offset=1, timestep_spacing="leading")
-            pipe = StableDiffusionXLPipeline(
+            sched: Any = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                                steps_offset=1, timestep_spacing="leading")
+            pipe: Any = StableDiffusionXLPipeline(
                 vae=vae, text_encoder=te1, text_encoder_2=te2, tokenizer=load_clip_tokenizer(),
                 tokenizer_2=load_clip_tokenizer(pad_token="!"), unet=unet, scheduler=sched,
                 force_zeros_for_empty_prompt=True,

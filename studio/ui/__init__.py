@@ -1,6 +1,6 @@
 """The studio in the browser: one module per tab, each with ``build(tab, ctx)`` and plain handlers.
 
-The UI is a thin layer (ARCHITECTURE.md): widgets → a config dataclass → a :class:`~studio.service.Studio`
+The UI is a thin layer (docs/architecture.md): widgets → a config dataclass → a :class:`~studio.service.Studio`
 call → outputs. ``app.py`` creates the studio, the GPU-bound calls and the job worker, then
 :func:`build_app`.
 """

@@ -166,7 +166,7 @@ def build_form(fields: list[FormField], values: Mapping[str, Any] | None = None,
 def make_widget(f: FormField, value: Any, *, elem_id: str | None = None) -> Any:
     import gradio as gr
 
-    common = dict(label=f.label, info=f.help or None, elem_id=elem_id or f"field-{f.name}", min_width=200)
+    common: dict[str, Any] = dict(label=f.label, info=f.help or None, elem_id=elem_id or f"field-{f.name}", min_width=200)
     shown = widget_value(f, value)
     if f.widget == "checkbox":
         return gr.Checkbox(value=bool(shown), **common)

@@ -3,7 +3,6 @@ address on a pipeline, and the conversions from diffusers/PEFT and SGM names (do
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from dataclasses import dataclass

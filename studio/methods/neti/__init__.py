@@ -1,5 +1,5 @@
 """NeTI concepts: a neural space-time mapper gives the concept token a different embedding per
-denoising timestep and per UNet cross-attention layer (Alaluf et al. 2023; METHODS.md §5).
+denoising timestep and per UNet cross-attention layer (Alaluf et al. 2023; docs/methods.md §5).
 
 * :mod:`~studio.methods.neti.mapper` — ``M(t, ℓ) → (token, bypass)``: Fourier features (buffer),
   anchor-initialised first layer, nested dropout, output scaled to the class word's norm;

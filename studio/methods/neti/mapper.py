@@ -1,4 +1,4 @@
-"""The NeTI mapper ``M(t, ℓ) → (token, bypass)`` (Alaluf et al. 2023, §4; METHODS.md §5).
+"""The NeTI mapper ``M(t, ℓ) → (token, bypass)`` (Alaluf et al. 2023, §4; docs/methods.md §5).
 
 Pipeline of one query ``(t, ℓ)`` (raw denoising timestep ``t`` in ``[0, T)``, cross-attention
 layer index ``ℓ`` in execution order):

@@ -1,6 +1,6 @@
 """Perfusion concepts: key-locked, gated rank-one edits of every cross-attention K and V
 (Tewel et al., "Key-Locked Rank One Editing for Text-to-Image Personalization", SIGGRAPH 2023;
-METHODS.md §4). No official code exists; this is built from the paper's equations.
+docs/methods.md §4). No official code exists; this is built from the paper's equations.
 
 **The edit** (paper §4, the gated rank-one edit). For a cross-attention projection ``W`` (``W_K`` or ``W_V``, ``(out, D)``)
 and every context row ``e`` ``(D,)`` of the conditional CFG rows::

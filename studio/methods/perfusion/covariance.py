@@ -1,6 +1,6 @@
 """Perfusion's ``C⁻¹``: the inverse (ridge-regularised) uncentered covariance of the text states
 the UNet reads, one per base, computed once from a caption corpus and cached by the base's
-identity key (Tewel et al. 2023; METHODS.md §4) — and the other text-side helpers of Perfusion:
+identity key (Tewel et al. 2023; docs/methods.md §4) — and the other text-side helpers of Perfusion:
 :func:`context_tokens` (the context the UNet reads), :func:`word_encoding` / :func:`token_encoding`
 (the encodings ``i*_super`` and ``i*`` are made of).
 
@@ -15,7 +15,7 @@ and including EOS, never padding — where ``e`` is what the cross-attention lay
   derivation holds for any input space of ``W``; nothing in it is CLIP-L specific).
 
 BOS is counted: its encoding is the same in every caption (causal attention), one fixed direction
-that ``C⁻¹`` then damps, which keeps ``sim`` at BOS small. Padding is not counted (METHODS.md §4); the
+that ``C⁻¹`` then damps, which keeps ``sim`` at BOS small. Padding is not counted (docs/methods.md §4); the
 edit still acts on padding rows at inference (they are ordinary context rows for the hook).
 
 **Ridge.** ``C_λ = C + λ · (tr C / D) · I`` (λ relative to the mean eigenvalue, so ``sim / energy``

@@ -1,6 +1,6 @@
 """Zero-shot concepts: reference images' CLIP embeddings + the IP-Adapter that reads them.
 
-A zero-shot concept is made in seconds from 1–N photos with no training (METHODS.md §6): the
+A zero-shot concept is made in seconds from 1–N photos with no training (docs/methods.md §6): the
 photos go through the adapter's CLIP image encoder **once**; the file keeps the embeddings, so
 using the concept later needs neither the photos nor an image-encoder pass.
 
