@@ -1,10 +1,17 @@
 """The studio in the browser (Gradio) — also the Hugging Face Space entry point.
 
     python app.py [--base B] [--library DIR] [--port P] [--listen] [--share] [--auth user:pass]
+                  [--allow-path DIR ...]
 
 Environment (what a Space sets instead of flags): ``STUDIO_BASE``, ``STUDIO_LIBRARY``, ``PORT`` /
 ``GRADIO_SERVER_PORT``, ``STUDIO_AUTH`` (``user:pass``), ``STUDIO_WORKER=0`` (no background
-training worker), ``STUDIO_MAX_FILE_SIZE`` (upload limit, default ``512mb``).
+training worker), ``STUDIO_MAX_FILE_SIZE`` (upload limit, default ``512mb``), ``STUDIO_ALLOW_PATHS``
+(``--allow-path`` folders separated by ``os.pathsep``).
+
+The page names no server path: files arrive as uploads, concepts by library name, and a base or a
+model (CLIP judge, IP-Adapter …) is a hub id, a named one (``demo``, ``tiny``, the adapter presets)
+or a local path under a folder allowed here with ``--allow-path DIR`` (none by default; the
+``--base`` the app starts with is allowed as well). See :mod:`studio.request_paths`.
 
 Safe by default: the server binds 127.0.0.1; ``--listen`` (all interfaces) and ``--share`` (a public
 gradio.live link) must be asked for, optionally with ``--auth``. When the base cannot be loaded
@@ -24,6 +31,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -31,6 +39,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from studio.errors import StudioError  # noqa: E402
 from studio.models import BaseSettings  # noqa: E402
+from studio.request_paths import allowed_from_env  # noqa: E402
 from studio.service import Studio  # noqa: E402
 from studio.ui.space import gpu, on_space, run_jobs_for, zero_gpu  # noqa: E402
 
@@ -38,14 +47,20 @@ DEFAULT_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # offline: the dem
 OFFLINE_BASES = ("demo", "tiny")
 
 
-def make_studio(base: str | None = None, library: str | None = None) -> tuple[Studio, str]:
+def make_studio(base: str | None = None, library: str | None = None,
+                allow_paths: Sequence[str] | None = None) -> tuple[Studio, str]:
     """Load the requested base; when it cannot be loaded, fall back to an offline base and say why
-    (the returned banner is empty when the requested base loaded)."""
+    (the returned banner is empty when the requested base loaded). ``allow_paths`` (default:
+    ``STUDIO_ALLOW_PATHS``): the folders under which a request may name a local base or model; the
+    requested base itself, when it is a local path, is allowed too (exactly that file or folder)."""
     wanted = base or os.environ.get("STUDIO_BASE") or DEFAULT_BASE
     lib = library or os.environ.get("STUDIO_LIBRARY") or "concepts"
+    allowed = list(allowed_from_env() if allow_paths is None else allow_paths)
+    if os.path.exists(os.path.expanduser(wanted)):  # the operator's own --base, e.g. a local checkpoint
+        allowed.append(wanted)
     errors: list[str] = []
     for spec in dict.fromkeys([wanted, *OFFLINE_BASES]):
-        studio = Studio(BaseSettings(base=spec), library=lib)
+        studio = Studio(BaseSettings(base=spec), library=lib, allowed_paths=allowed)
         try:
             _ = studio.base
         except StudioError as err:
@@ -92,12 +107,14 @@ def train_chunk(seconds: float) -> str:
 
 
 # -- building and serving ----------------------------------------------------------------------------
-def create(base: str | None = None, library: str | None = None, *, worker: bool | None = None) -> Any:
+def create(base: str | None = None, library: str | None = None, *, worker: bool | None = None,
+           allow_paths: Sequence[str] | None = None) -> Any:
     """Load the studio, build the UI and (unless ``worker`` is False or ``STUDIO_WORKER=0``, or on
-    ZeroGPU where jobs run in GPU chunks) start the job worker thread. Returns the gradio Blocks."""
+    ZeroGPU where jobs run in GPU chunks) start the job worker thread. Returns the gradio Blocks.
+    ``allow_paths``: see :func:`make_studio`."""
     from studio.ui import Runners, build_app
 
-    studio, banner = make_studio(base, library)
+    studio, banner = make_studio(base, library, allow_paths)
     _SERVED["studio"] = studio
     runners = Runners(render=render, evaluate=evaluate, sweep=sweep, train_chunk=train_chunk if zero_gpu() else None)
     demo = build_app(studio, banner=banner, runners=runners)
@@ -159,6 +176,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--auth", default=os.environ.get("STUDIO_AUTH"), help="user:password required to open the page")
     ap.add_argument("--no-worker", action="store_true", help="do not run training jobs in this process "
                     "(run `python -m studio jobs work` elsewhere)")
+    ap.add_argument("--allow-path", action="append", dest="allow_paths", metavar="DIR", default=None,
+                    help="a folder under which the page may name a local base or model (a diffusers folder, a "
+                    ".safetensors file, a CLIP or IP-Adapter folder); repeatable (default: STUDIO_ALLOW_PATHS, "
+                    f"folders separated by {os.pathsep!r}; else none: hub ids, demo / tiny and uploads only)")
     return ap.parse_args(argv)
 
 
@@ -167,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     if (args.listen or args.share) and not auth:
         print("warning: the studio is reachable by others (--listen/--share) without --auth.", file=sys.stderr)
-    demo = create(args.base, args.library, worker=False if args.no_worker else None)
+    demo = create(args.base, args.library, worker=False if args.no_worker else None, allow_paths=args.allow_paths)
 
     def terminate(signum: int, frame: Any) -> None:
         worker = _SERVED.get("worker")

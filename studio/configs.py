@@ -3,6 +3,12 @@
 A field's help text lives in ``field(metadata={"help": …})``; ``choices`` and ``flag`` (the CLI
 name) are optional metadata too. Adding a field to a method's config adds the CLI flag and the UI
 form field with no other change.
+
+A field naming something on disk declares it (``path=``): ``"file"`` / ``"folder"`` — an input the
+server reads (the UI uploads it, a job copies it), ``"model"`` — a hub id, one of the field's ``names``
+(e.g. ``oracle``, the adapter presets) or a local path (:mod:`studio.request_paths` says what a web
+request may name). Fields a job manages itself (the dataset, outputs, checkpoints, caches) are not
+user inputs and leave ``path`` unset.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+PathKind = Literal["file", "folder", "model"]
+PATH_KINDS: tuple[PathKind, ...] = ("file", "folder", "model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,12 +35,17 @@ class FieldSpec:
     optional: bool  # None is an allowed value
     flag: str
     group: str
+    path: PathKind | None = None  # what the value names on disk (see the module docstring); None: not a path
+    names: tuple[str, ...] = ()  # a "model" field's named values besides hub ids and paths (e.g. 'oracle')
 
 
 def option(default: Any = None, help: str = "", **meta: Any) -> Any:
     """A dataclass field that is a user-facing option: ``help`` (and optional ``choices``, ``group``,
-    ``flag``, ``hidden``) become the CLI flag's and the UI field's text. A list default is copied per
-    instance."""
+    ``flag``, ``hidden``) become the CLI flag's and the UI field's text; ``path`` (``"file"``, ``"folder"``
+    or ``"model"``, with a model's ``names``) declares a value the server reads from disk. A list default
+    is copied per instance."""
+    if meta.get("path") not in (None, *PATH_KINDS):
+        raise ValueError(f"path must be one of {', '.join(PATH_KINDS)}, not {meta['path']!r}")
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **meta})
     return dataclasses.field(default=default, metadata={"help": help, **meta})
@@ -54,8 +68,16 @@ def field_specs(cls: type) -> list[FieldSpec]:
             name=f.name, type=tp, default=default, help=f.metadata.get("help", ""),
             choices=tuple(f.metadata["choices"]) if "choices" in f.metadata else None, optional=optional,
             flag=f.metadata.get("flag", "--" + f.name.replace("_", "-")), group=f.metadata.get("group", "options"),
+            path=f.metadata.get("path"), names=tuple(f.metadata.get("names", ())),
         ))
     return specs
+
+
+def path_fields(cls: type) -> dict[str, tuple[PathKind, tuple[str, ...]]]:
+    """``{field: (path kind, named values)}`` for the fields of ``cls`` that name something on disk (hidden
+    ones included)."""
+    return {f.name: (f.metadata["path"], tuple(f.metadata.get("names", ()))) for f in dataclasses.fields(cls)
+            if f.metadata.get("path")}
 
 
 def _unwrap(tp: Any) -> tuple[type, bool]:

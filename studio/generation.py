@@ -22,6 +22,7 @@ from studio.concept import Concept, check_compatible
 from studio.configs import option
 from studio.errors import StudioError
 from studio.methods import get_method
+from studio.methods.zeroshot.adapter import PRESETS as ADAPTER_PRESETS
 from studio.prompts import MAX_STRENGTH, check_strength, find_triggers, rewrite
 
 # Scheduler names → (diffusers class name, A1111 sampler name, extra config).
@@ -69,15 +70,17 @@ class GenerateConfig:
     concepts: list[ConceptUse] = field(default_factory=list, metadata={"hidden": True})  # the CLI's --concept
     # Zero-shot image prompt (IP-Adapter): reference image files (or folders); encoded for this call.
     reference_images: list[str] = option([], "reference image (or folder) whose subject/style the images take on "
-                                         "(repeatable)", flag="--reference-image", group="image prompt")
+                                         "(repeatable)", flag="--reference-image", group="image prompt",
+                                         path="folder")
     reference_scale: float = option(1.0, "adapter scale: 0 = off (exactly the plain pipeline), 1 = full",
                                     group="image prompt")
     adapter: str | None = option(None, "IP-Adapter: preset (sd15, sd15-plus, sdxl …), file, folder or hub path "
-                                 "(default: the base's usual one)", group="image prompt")
+                                 "(default: the base's usual one)", group="image prompt", path="model",
+                                 names=tuple(ADAPTER_PRESETS))
     image_encoder: str | None = option(None, "CLIP image-encoder folder, when not beside the adapter",
-                                       group="image prompt")
+                                       group="image prompt", path="model")
     reference_mask: str | None = option(None, "mask image: white where the reference acts (regional image prompt)",
-                                        group="image prompt")
+                                        group="image prompt", path="file")
     # Perfusion concepts: key locking ("local", "global"; None = each concept's own default) and,
     # with several Perfusion concepts, the orthogonal term ("approx" = the sum, "exact" = Appendix B).
     perfusion_locking: str | None = option(None, "Perfusion key locking: local (the concept's keys) or global (the "
@@ -266,6 +269,7 @@ def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, f
     resolving files and library names). Returns ``num_images`` PIL images whose ``info`` holds
     the ``parameters`` text and a ``studio`` JSON of the request."""
     cfg = cfg.resolved(base.profile)
+    assert cfg.guidance is not None  # resolved filled it in
     width, height = _native(base, cfg)
     if cfg.reference_images:  # an in-memory zero-shot concept, applied like any other
         from studio.methods.zeroshot import reference_concept

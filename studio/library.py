@@ -184,6 +184,8 @@ class Library:
     def resolve(self, source: str) -> Path:
         """A concept given as a file path or a library name → its file."""
         p = Path(source).expanduser()
+        if p.suffix != SUFFIX and _valid(source) and self.exists(source):
+            return self.path(source)  # a library name wins over a same-named file in the working directory
         if p.is_file():
             return p
         if not p.suffix or p.suffix != SUFFIX or p.parent == Path("."):

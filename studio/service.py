@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from studio.jobs import JobQueue
 from studio.library import DEFAULT_LIBRARY, Library
 from studio.methods import load_concept
 from studio.models import BaseModel, BaseSettings
+from studio.request_paths import allowed_folders, check_base, check_concept_name, check_model
 
 
 class Studio:
@@ -26,9 +28,11 @@ class Studio:
     """
 
     def __init__(self, settings: BaseSettings | None = None, library: str | Path = DEFAULT_LIBRARY,
-                 base: BaseModel | None = None):
+                 base: BaseModel | None = None, allowed_paths: Sequence[str | Path] = ()):
         self.settings = settings or BaseSettings()
         self.library = Library(library)
+        # Local paths a web request may name for a model or base (app.py --allow-path; default: none).
+        self.allowed_paths: tuple[Path, ...] = allowed_folders(allowed_paths)
         self._base = base
         self._lock = threading.RLock()  # one pipeline: one call at a time
         self.notes: list[str] = []
@@ -61,6 +65,21 @@ class Studio:
             except BaseException:
                 self.settings, self._base = previous
                 raise
+
+    # -- what a web request may name (studio.request_paths; the UI handlers call these) -----------
+    def check_request_model(self, value: str, *, label: str, names: Sequence[str] = (),
+                            hub_parts: int | None = None) -> str:
+        """A model a request names (a CLIP judge, an IP-Adapter …): one of ``names``, a hub id, or a path under
+        :attr:`allowed_paths` (made absolute); anything else is refused before it is opened."""
+        return check_model(value, label=label, allowed=self.allowed_paths, names=names, hub_parts=hub_parts)
+
+    def check_request_base(self, spec: str) -> str:
+        """The Base box: a named base, a hub id, or a path under :attr:`allowed_paths`."""
+        return check_base(spec, allowed=self.allowed_paths)
+
+    def check_request_concept(self, source: str) -> str:
+        """A concept a request names: a name in the library, never a file path."""
+        return check_concept_name(source, self.library.names())
 
     def load_concept(self, source: str) -> Concept:
         """A file path or a library name → the validated concept."""
@@ -127,7 +146,7 @@ class Studio:
 
         return {name: TrainingMethod(e) for name, e in trainer_registry().items()}
 
-    def stage_training_images(self, images: list[str | Path], *, masks: list[str | Path] = (),
+    def stage_training_images(self, images: list[str | Path], *, masks: Sequence[str | Path] = (),
                               captions: dict[str, str] | None = None, min_images: int = 1,
                               folder: str | Path | None = None) -> Path:
         """Copy uploaded files into a fresh folder laid out as :mod:`trainers.data` reads it, and validate it.
@@ -190,14 +209,23 @@ class Studio:
         return out
 
     def submit_training(self, trainer: str, values: dict[str, Any], images: list[str | Path], *,
-                        masks: list[str | Path] = (), captions: dict[str, str] | None = None,
-                        preset: str | None = None) -> Any:
+                        masks: Sequence[str | Path] = (), captions: dict[str, str] | None = None,
+                        preset: str | None = None, files: Mapping[str, Sequence[str | Path]] | None = None,
+                        trusted: bool = False) -> Any:
         """Validate uploads and settings, then queue a job on the current base; returns the
         :class:`~studio.jobs.Job`. Paths a job manages itself (:data:`JOB_MANAGED`) are refused; a
-        whole-model fine-tune goes to ``<library>/models/<name>/``."""
+        whole-model fine-tune goes to ``<library>/models/<name>/``.
+
+        This is the web UI's entry point, so it takes no server path in ``values``: the inputs a setting
+        reads (``path="file"`` / ``"folder"`` fields, e.g. ``eval_prompts``, ``class_images``) arrive as
+        uploads in ``files`` (``{field: [uploaded files]}``; one file for a file field) and are copied into the
+        job; a model setting (``path="model"``, e.g. ``eval_model``, ``adapter``) is a hub id, one of its named
+        values, or a path under :attr:`allowed_paths` (:mod:`studio.request_paths`). ``trusted=True`` (the
+        operator's own code) lets ``values`` name server paths as the CLI does."""
         import shutil
         import time as _time
 
+        from studio.configs import path_fields
         from studio.library import check_name
 
         method = self.training_methods().get(trainer) or next(
@@ -207,33 +235,56 @@ class Studio:
                               f"{', '.join(self.training_methods())}.")
         import dataclasses
 
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(method.config_cls)})
+        files = {k: list(v) for k, v in (files or {}).items() if v}
+        unknown = sorted((set(values) | set(files)) - {f.name for f in dataclasses.fields(method.config_cls)})
         if unknown:
             raise StudioError(f"{method.name} has no setting {', '.join(unknown)}.")
-        managed = sorted(k for k in values if k in JOB_MANAGED or k.endswith("_dir"))
+        managed = sorted(k for k in (*values, *files) if k in JOB_MANAGED or k.endswith("_dir"))
         if managed:
             raise StudioError(f"{', '.join(managed)} cannot be set here: the job keeps its images, checkpoints and "
                               "output in its own folder.")
+        kinds = path_fields(method.config_cls)
+        values = dict(values)
+        for key in sorted(set(values) | set(files)):
+            kind, names = kinds.get(key, (None, ()))
+            if key in files and kind not in ("file", "folder"):
+                raise StudioError(f"{key} is a setting, not an uploaded file.")
+            if key in files and kind == "file" and len(files[key]) != 1:
+                raise StudioError(f"{key} is one uploaded file; {len(files[key])} were given.")
+            value = values.get(key)
+            if trusted or value is None or value == "" or value == []:
+                continue
+            if kind in ("file", "folder"):
+                raise StudioError(f"{key} is uploaded as a file, not typed: upload it in its box on the form.")
+            if kind == "model":
+                values[key] = self.check_request_model(str(value), label=key, names=names)
         if preset is None:
             preset = method.preset_name(self.settings.profile())
-        config = method.preset_values(preset) | dict(values)
-        probe = method.config_cls(**{**config, "images": ""})  # validate the settings before copying anything
+        config = method.preset_values(preset) | values
+        uploads = {k: check_uploads(v, suffixes=None if kinds[k][0] == "file" else IMAGE_UPLOADS | {".txt"})
+                   for k, v in files.items()}  # count, size and type, before anything reads them
+        # validate the settings before copying anything (an upload stands for its field)
+        probe = method.config_cls(**{**config, **{k: str(v[0]) for k, v in uploads.items()}, "images": ""})
         if probe.writes_folder():
             default = f"{config.get('class_word') or 'model'}-{_time.strftime('%Y%m%d-%H%M%S')}"
             stem = check_name(config.get("name") or default)
             config["out"] = str(self.library.folder / "models" / stem)
-        staged = []
+        staged: list[Path] = []
         try:
-            for key, value in list(config.items()):  # other uploads: *_images (a folder of files), *_file (a file)
-                if key.endswith("_images") and isinstance(value, (list, tuple)):
-                    staged.append(self.stage_training_images(list(value), min_images=1))
+            for key, paths in uploads.items():  # a file: copied into the job by prepare_job; a folder: staged here
+                if kinds[key][0] == "file":
+                    config[key] = str(paths[0])
+                else:
+                    staged.append(self.stage_training_images(list(paths), min_images=1))
                     config[key] = str(staged[-1])
-                elif key.endswith("_file") and value:
-                    check_uploads([value], suffixes=None)
             staged.append(self.stage_training_images(images, masks=masks, captions=captions,
                                                      min_images=method.min_images))
             config["images"] = str(staged[-1])
-            return self.jobs.submit(method.name, config, _settings_dict(self.settings), preset=preset)
+            try:
+                return self.jobs.submit(method.name, config, _settings_dict(self.settings), preset=preset)
+            except StudioError as err:  # the files as uploaded, never their server paths
+                raise hide_upload_paths(err, [p for v in uploads.values() for p in v],
+                                        {f: "the uploaded images" for f in staged}) from None
         finally:
             for folder in staged:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -297,7 +348,7 @@ def hide_upload_paths(err: StudioError, uploads: list[Path], folders: dict[Path,
     return err if message == str(err) else type(err)(message)
 
 
-def check_uploads(paths: list[str | Path], *, suffixes: Any, max_files: int = MAX_UPLOAD_FILES,
+def check_uploads(paths: Sequence[str | Path], *, suffixes: Any, max_files: int = MAX_UPLOAD_FILES,
                   max_bytes: int = MAX_UPLOAD_BYTES) -> list[Path]:
     """Uploaded files: how many, how big, which type (by suffix; ``suffixes=None``: any), before anything reads them."""
     from studio.errors import DatasetError

@@ -62,9 +62,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_app(library: Path, port: int, log: Path, base: str) -> subprocess.Popen[bytes]:
+def start_app(library: Path, port: int, log: Path, base: str, allow: Path | None = None) -> subprocess.Popen[bytes]:
+    """``allow``: a folder the page may name local models under (app.py --allow-path: the tests' CLIP judge)."""
     env = dict(os.environ, STUDIO_BASE=base, PYTHONPATH=str(REPO), GRADIO_ANALYTICS_ENABLED="False",
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", STUDIO_ALLOW_PATHS=str(allow or ""))
     env.pop("SPACE_ID", None)
     with open(log, "ab") as out:
         return subprocess.Popen([sys.executable, str(REPO / "app.py"), "--library", str(library), "--port", str(port)],
@@ -147,7 +148,8 @@ def app_url(tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("app")
     log = root / "app.log"
     port = free_port()
-    proc = start_app(root / "library", port, log, "demo" if demo_world_built() else "tiny")
+    proc = start_app(root / "library", port, log, "demo" if demo_world_built() else "tiny",
+                     allow=tmp_path_factory.getbasetemp())
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_for(lambda: serving(url), 240, "the app to serve its page", proc, log)

@@ -42,14 +42,19 @@ TI = "textual-inversion"
 
 
 @pytest.fixture
-def studio(tiny_bases, tmp_path):
-    """A studio on the session's tiny base with an empty library."""
-    return Studio(BaseSettings(base="tiny"), library=tmp_path / "lib", base=tiny_bases("tiny"))
+def studio(tiny_bases, tmp_path, tmp_path_factory):
+    """A studio on the session's tiny base with an empty library; the tests' temporary folders (a CLIP judge,
+    an adapter) are the folders the operator allowed (app.py --allow-path)."""
+    import tempfile
+
+    return Studio(BaseSettings(base="tiny"), library=tmp_path / "lib", base=tiny_bases("tiny"),
+                  allowed_paths=[tmp_path_factory.getbasetemp(), tempfile.gettempdir()])
 
 
 @pytest.fixture
-def ctx(studio, tmp_path):
-    return UIContext.create(studio, out_dir=tmp_path / "out")
+def ctx(studio, tmp_path, tmp_path_factory):
+    # the tests' photos stand for uploads: their temporary folders count as gradio's upload folder
+    return UIContext.create(studio, out_dir=tmp_path / "out", upload_roots=[tmp_path_factory.getbasetemp()])
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,7 @@ def test_a_field_added_to_a_config_appears_in_the_train_form_with_no_ui_change(c
     @dataclasses.dataclass
     class SharperConfig(TextualInversionConfig):
         sharpness: float = option(0.5, "how sharp the learned vectors are", group="training")
-        style_images: str | None = option(None, "a few images of the style to avoid", group="data")
+        style_images: str | None = option(None, "a few images of the style to avoid", group="data", path="folder")
         mode: str = option("fast", "how to train", choices=["fast", "careful"], group="method")
 
     entry = TrainerEntry(cli_name="sharper-ti", method="textual_inversion", help="TI, sharper",

@@ -72,7 +72,8 @@ def checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
         t = tensors[name].detach().to("cpu").contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
         if t.numel():
-            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            # ignore: numpy's stubs give ndarray __buffer__ only for Python >= 3.12 (mypy checks 3.11)
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]
     h.update(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM}, sort_keys=True).encode())
     return "sha256:" + h.hexdigest()
 
@@ -267,6 +268,7 @@ def resolve_resume(spec: str, folder: Path | None, log: Callable[[str], None] | 
                 log(f"checkpoint(s) refused — {' | '.join(problems)}; falling back to the previous good one, {path}")
             return path
         if found:
+            assert folder is not None  # found lists its checkpoints
             raise TrainingError(f"No usable checkpoint in {sio.label(folder)} ({' | '.join(problems)}); remove that "
                                 "folder to start over, or resume from another copy.")
         return None

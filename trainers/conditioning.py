@@ -39,4 +39,5 @@ def encode_prompts(pipe: Any, prompts: list[str], *, resolution: int, device: to
         pooled = out[0]  # the last encoder's projected pooled output
     time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
                             dtype=hidden[0].dtype).repeat(len(prompts), 1)
+    assert pooled is not None  # two encoders here
     return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})

@@ -46,6 +46,7 @@ from trainers.checkpoint import (
 )
 from trainers.conditioning import Conditioning
 from trainers.data import Example, load_image_folder
+from trainers.probe import DenoisingProbe, verdict
 
 
 @dataclass
@@ -81,12 +82,16 @@ class CommonTrainConfig:
     preview_every: int = option(0, "render a preview every N steps (0 = off)", group="previews")
     preview_prompt: str | None = option(None, "preview prompt (default: 'a photo of {}')", group="previews")
     log_every: int = option(10, "report the loss every N steps", group="previews")
+    probe: bool = option(True, "measure the concept's denoising gain over the class prompt on fixed held-out noises "
+                         "at the start and the end: the verdict (learned / weak / not learned) and the measured "
+                         "initialization read it", group="evaluation")
     eval_every: int = option(0, "score the concept every N steps (and at the end) on held-out prompts; the curve goes "
                          "into its metadata (0 = off)", group="evaluation")
     eval_model: str | None = option(None, "CLIP hub id or folder scoring --eval-every, or 'oracle' (the demo world's; "
-                                "the default on --base demo; else openai/clip-vit-base-patch32)", group="evaluation")
+                                "the default on --base demo; else openai/clip-vit-base-patch32)", group="evaluation",
+                                path="model", names=("oracle",))
     eval_prompts: str | None = option(None, "file of held-out prompts, {} = the concept (default: 4 DreamBench prompts; "
-                                  "the world's on --base demo)", group="evaluation")
+                                  "the world's on --base demo)", group="evaluation", path="file")
     eval_images: int = option(2, "images per held-out prompt", group="evaluation")
     eval_steps: int = option(20, "sampler steps of the evaluation images", group="evaluation")
     keep_best: bool = option(False, "export the best evaluated step (fidelity × editability), not the last",
@@ -306,7 +311,17 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     n_train_t = int(scheduler.config.num_train_timesteps)
     prediction = scheduler.config.prediction_type
 
-    # 2. optimizer over exactly the method's parameters.
+    templates = _templates(cfg.templates)
+    # 2. the probe (fixed held-out noises on the training images): the measured initialization
+    #    chooses among the method's candidates by it, and the verdict reads its gain at the end.
+    probe = None
+    if cfg.probe and getattr(trainer, "measurable", True):
+        probe = DenoisingProbe(pipe, cache, scheduler, examples, templates, class_text=cfg.class_word or "",
+                               resolution=resolution, seed=cfg.seed)
+        if hasattr(trainer, "choose_init"):
+            trainer.choose_init(probe, cb.on_log)
+        gain_start = probe.gain(trainer)
+    # 3. optimizer over exactly the method's parameters.
     trainable = trainer.trainable()
     optimizer = _optimizer(cfg, trainer.param_groups())
     optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
@@ -328,7 +343,6 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
             cb.on_log(f"no checkpoint found under {ckpt_dir}; starting from step 0")
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    templates = _templates(cfg.templates)
     total = cfg.steps
     cb.on_start(total, start)
     t0 = time.monotonic()
@@ -427,6 +441,11 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                     path = _checkpoint(acc, ckpt_dir, done, trainable, optimizer, rng, meta, cfg.keep_checkpoints)
                 raise TrainingStopped("paused" if request == "pause" else "cancelled", done, path)
         concept = trainer.export()
+        if probe is not None:
+            gain = probe.gain(trainer)
+            concept.metrics = dict(concept.metrics) | {"verdict": {
+                "verdict": verdict(gain), "gain": round(gain, 4), "gain_start": round(gain_start, 4),
+                "signal": "denoising gain of the concept prompt over the class prompt (trainers/probe.py)"}}
     finally:
         if cfg.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()

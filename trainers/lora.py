@@ -27,7 +27,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -70,9 +70,13 @@ def _split(items: list[str]) -> list[str]:
 
 @dataclass
 class DreamBoothConfig(CommonTrainConfig):
-    steps: int | None = option(None, "optimizer steps (default: 500 LoRA, 800 full)", group="training")
-    lr: float | None = option(None, "learning rate (default: 1e-4 LoRA; 5e-6 full, 2e-6 full with --train-text-encoder)",
-                          group="training")
+    # None (→ the mode's default) is a valid input: the runtime hint ``| None`` makes these optional CLI/UI
+    # fields; ``__post_init__`` always resolves them to numbers, as the base class's type promises.
+    steps: int | None = option(None, "optimizer steps (default: 500 LoRA, 800 full)",  # type: ignore[assignment]
+                               group="training")
+    lr: float | None = option(None,  # type: ignore[assignment]
+                              "learning rate (default: 1e-4 LoRA; 5e-6 full, 2e-6 full with --train-text-encoder)",
+                              group="training")
     full: bool = option(False, "fine-tune every UNet weight and write a diffusers folder (--out DIR) instead of a LoRA",
                     group="method")
     rank: int = option(4, "LoRA rank r", group="lora")
@@ -90,7 +94,8 @@ class DreamBoothConfig(CommonTrainConfig):
     prior_weight: float = option(1.0, "w_prior: weight of the class-image loss", group="prior")
     class_prompt: str | None = option(None, "class prompt (default: 'a photo of a CLASS_WORD')", group="prior")
     num_class_images: int = option(100, "class images to generate with the base (cached per base)", group="prior")
-    class_images: str | None = option(None, "a folder of your own class images instead of generated ones", group="prior")
+    class_images: str | None = option(None, "a folder of your own class images instead of generated ones", group="prior",
+                                     path="folder")
     class_cache_dir: str | None = option(None, "class-image cache (default: ~/.cache/studio/class_images)", group="prior")
     class_steps: int = option(30, "sampling steps per generated class image", group="prior")
     class_guidance: float = option(7.5, "guidance scale of generated class images", group="prior")
@@ -241,7 +246,9 @@ class _DreamBoothTrainer:
         parts = [self._text_cache[p] for p in prompts]
         added = None
         if parts[0].added_cond_kwargs is not None:
-            added = {k: torch.cat([c.added_cond_kwargs[k] for c in parts]) for k in parts[0].added_cond_kwargs}
+            # every part comes from the same pipe: all have added_cond_kwargs when the first has
+            added = {k: torch.cat([cast("dict[str, torch.Tensor]", c.added_cond_kwargs)[k] for c in parts])
+                     for k in parts[0].added_cond_kwargs}
         return Conditioning(torch.cat([c.encoder_hidden_states for c in parts]), added)
 
     def extra_loss(self) -> torch.Tensor | None:
@@ -277,9 +284,11 @@ class DreamBoothLoRATrainer(_DreamBoothTrainer):
             self.components += [(p, te, cfg.text_encoder_targets) for p, te in zip(prefixes, self.encoders)]
         try:
             for _, model, targets in self.components:
-                config = LoraConfig(r=cfg.rank, lora_alpha=self.alpha, init_lora_weights="gaussian",
-                                    target_modules=targets)
-                model.add_adapter(config, adapter_name=ADAPTER)
+                # peft annotates lora_alpha as int, but uses it as a float scale (alpha / r)
+                config = LoraConfig(r=cfg.rank, lora_alpha=self.alpha,  # type: ignore[arg-type]
+                                    init_lora_weights="gaussian", target_modules=targets)
+                # add_adapter: the PEFT mixin method of diffusers' / transformers' models
+                cast(Any, model).add_adapter(config, adapter_name=ADAPTER)
         except ValueError as err:
             self.teardown()
             raise TrainingError(f"Could not add the LoRA: {str(err).splitlines()[0]} "
@@ -315,11 +324,11 @@ class DreamBoothLoRATrainer(_DreamBoothTrainer):
             groups.append({"params": te, "lr": self.cfg.text_encoder_lr or self.cfg.lr})
         return groups
 
-    def lora_layers(self) -> dict[str, nn.Module]:
+    def lora_layers(self) -> dict[str, Any]:
         """The PEFT LoRA layers of this training, by kohya module name."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        out = {}
+        out: dict[str, Any] = {}
         for prefix, model, _ in self.components:
             for name, mod in model.named_modules():
                 if isinstance(mod, BaseTunerLayer) and ADAPTER in getattr(mod, "lora_A", {}):

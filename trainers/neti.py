@@ -157,6 +157,7 @@ class NetiTrainer:
             pooled = pooled_text_embeds(te, ids_e, states[-1])  # the last encoder's
         time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
                                 dtype=hidden[0].dtype).repeat(len(prompts), 1)
+        assert pooled is not None  # two encoders here
         return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
 
     def _inputs(self, tok: Any, te: Any, ids: torch.Tensor, vector: torch.Tensor | None) -> torch.Tensor:

@@ -76,7 +76,7 @@ class PerfusionConfig(CommonTrainConfig):
     infer_tau: float = option(TAU, "τ stored as the concept's inference default", group="perfusion")
     infer_beta_global: float = option(BETA_GLOBAL, "β stored for global locking (paper 0.4–0.6)", group="perfusion")
     corpus: str | None = option(None, "caption corpus for C⁻¹ (one caption per line; default: the generated corpus)",
-                            group="perfusion")
+                            group="perfusion", path="file")
 
     def __post_init__(self) -> None:
         super().__post_init__()

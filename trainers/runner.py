@@ -18,6 +18,7 @@ from studio.prompts import normalize_token
 from trainers import TrainerEntry
 from trainers.data import load_image_folder
 from trainers.loop import CommonTrainConfig, TrainCallbacks, TrainControl, TrainResult, run_training
+from trainers.probe import verdict_text
 
 
 def choose_token(cfg: CommonTrainConfig, library: Library | None) -> str:
@@ -260,4 +261,7 @@ def run_cli(entry: TrainerEntry, ns: argparse.Namespace, settings: Any) -> int:
     result = train(entry, cfg, base, library=library, callbacks=PrintCallbacks())
     print(result.path)
     print(f"trained {result.steps} steps in {result.seconds:.1f}s", file=sys.stderr)
+    note = verdict_text(result.concept.metrics)
+    if note:
+        print(note, file=sys.stderr)
     return 0

@@ -56,7 +56,8 @@ class TextualInversionConfig(CommonTrainConfig):
     init: str = option("cross", "initialisation: cross (Cross Initialization), names (faces), plain (classic TI)",
                    choices=["cross", "names", "plain"], group="concept")
     init_words: str | None = option(None, "initializer text (default: the class word)", group="concept")
-    names_file: str | None = option(None, "for --init names: a text file with one 'First Last' name per line", group="concept")
+    names_file: str | None = option(None, "for --init names: a text file with one 'First Last' name per line", group="concept",
+                                   path="file")
     reg_weight: float = option(1e-5, "λ of the Cross-Initialization regulariser mean‖e − e_init‖₂ (0 = off)", group="training")
 
     def __post_init__(self) -> None:
@@ -131,6 +132,7 @@ def initial_vectors(pipe: Any, cfg: TextualInversionConfig) -> list[torch.Tensor
         text = _repeat_words(words, pairs[0][0], n)
         return [o[0, 1 : 1 + n].cpu() for o in _encoder_outputs(pipe, [text])]
     # names: average name columns in input-embedding space, then encode them.
+    assert cfg.names_file is not None  # __post_init__: --init names needs it
     names = [ln.split() for ln in Path(cfg.names_file).read_text(encoding="utf-8").splitlines() if ln.strip()]
     names = [parts for parts in names if len(parts) >= 2]
     if not names:

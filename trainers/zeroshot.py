@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from studio.concept import Concept
 from studio.configs import option
 from studio.errors import TrainingError
 from studio.methods.attention import add_hook, remove_hook
+from studio.methods.zeroshot.adapter import PRESETS as ADAPTER_PRESETS
 from studio.methods.zeroshot.adapter import (
     WEIGHT_NAME,
     LoadedAdapter,
@@ -62,9 +63,10 @@ HOOK_KEY = "train:ip-adapter"
 class AdapterTrainConfig(CommonTrainConfig):
     out: str | None = option(None, "output folder (new or empty): ip_adapter.safetensors + image_encoder/", group="output")
     adapter: str = option("", "adapter to fine-tune: preset (sd15, sd15-plus, sdxl …), file, folder or hub path; 'new' "
-                      "starts a base-kind adapter from scratch", group="adapter")
+                      "starts a base-kind adapter from scratch", group="adapter", path="model",
+                      names=("new", *ADAPTER_PRESETS))
     image_encoder: str | None = option(None, "CLIP image-encoder folder (default: beside the adapter; needed with "
-                                   "--adapter new)", group="adapter")
+                                   "--adapter new)", group="adapter", path="model")
     num_tokens: int = option(4, "image tokens of a new adapter", group="adapter")
     train_projection: bool = option(True, "train the image projection", group="adapter")
     train_kv: bool = option(True, "train every layer's to_k_ip / to_v_ip", group="adapter")
@@ -112,6 +114,10 @@ class AdapterTrainer:
     """Trains a :class:`~studio.methods.ip_adapter.LoadedAdapter` through an
     :class:`~studio.methods.ip_adapter.IPAdapterHook` whose ``batch_embeds`` are the batch's images."""
 
+    # The probe compares a concept's prompt with its class prompt; an adapter has no concept prompt
+    # (its subject comes from the reference image), so no gain is measured for it.
+    measurable = False
+
     def __init__(self, base: Any, cfg: AdapterTrainConfig, token: str):
         self.base, self.cfg, self.token = base, cfg, token
         pipe, unet = base.pipe, base.pipe.unet
@@ -139,7 +145,8 @@ class AdapterTrainer:
             self.params.update({f"image_proj.{k}": p for k, p in self.adapter.projection.named_parameters()})
         if cfg.train_kv:
             for i, (k, v) in enumerate(zip(self.adapter.to_k_ip, self.adapter.to_v_ip)):
-                self.params[f"ip.{i}.to_k_ip"], self.params[f"ip.{i}.to_v_ip"] = k.weight, v.weight
+                self.params[f"ip.{i}.to_k_ip"] = cast(nn.Parameter, k.weight)
+                self.params[f"ip.{i}.to_v_ip"] = cast(nn.Parameter, v.weight)
         for p in self.params.values():
             p.requires_grad_(True)
         # 3. the image attention, fed per batch.

@@ -29,7 +29,7 @@ class EvaluateConfig:
 
     prompts: str | list[str] | None = option(
         None, "file of prompts, one per line, {} where the concept goes (Python: also a list of prompts); "
-        "not with --protocol", group="prompts")
+        "not with --protocol", group="prompts", path="file")
     protocol: str | None = option(
         None, "named prompt list (default: the base's — world on the demo world, else dreambench: live for cat/dog "
         "concepts, object otherwise; several concepts: four shared prompts)", choices=list(PROTOCOLS), group="prompts")
@@ -43,11 +43,13 @@ class EvaluateConfig:
     scorer: str | None = option(
         None, "judge — clip: CLIP/DINO metrics; oracle: the demo world's oracle (fidelity, editability); default: "
         "the base's (oracle on the demo world for one concept, else clip)", choices=list(SCORERS), group="judges")
-    clip_model: str = option(DEFAULT_CLIP, "CLIP hub id or folder", group="judges")
-    dino_model: str | None = option(None, "add DINO (e.g. facebook/dino-vits16): hub id or folder", group="judges")
+    clip_model: str = option(DEFAULT_CLIP, "CLIP hub id or folder", group="judges", path="model")
+    dino_model: str | None = option(None, "add DINO (e.g. facebook/dino-vits16): hub id or folder", group="judges",
+                                     path="model")
     detector: str | None = option(
         None, "CP-CLIP detector for several concepts: OWL-ViT hub id or folder (default google/owlvit-base-patch32), "
-        "or haar (offline; faces of people and cats)", flag="--detector-model", group="judges")
+        "or haar (offline; faces of people and cats)", flag="--detector-model", group="judges",
+        path="model", names=("haar",))
     text_mode: str = option("class_noun", "text CLIP-T scores: the trigger replaced by the class noun, removed, "
                             "or kept", choices=list(TEXT_MODES), flag="--clip-t-text", group="judges")
     fidelity: str | None = option(None, "fidelity score of a sweep (default clip_i; the oracle's on the oracle)",

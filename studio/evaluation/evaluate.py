@@ -14,14 +14,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from PIL import Image
 
 from studio.concept import Concept
 from studio.errors import StudioError
 from studio.evaluation.config import EvaluateConfig
-from studio.evaluation.judges import DEFAULT_DETECTOR, Judges, load_judges, score_images
+from studio.evaluation.judges import DEFAULT_DETECTOR, Judges, ScorerKind, load_judges, score_images
 from studio.evaluation.metrics import (
     CachedScorer,
     Detector,
@@ -32,6 +32,7 @@ from studio.evaluation.metrics import (
     scatter_plot,
     write_report,
 )
+from studio.evaluation.metrics.texts import TextMode
 from studio.evaluation.protocols import MULTI_PROMPTS, build_prompts, load_protocol, read_prompt_file
 from studio.evaluation.references import load_reference_images, stand_ins
 from studio.evaluation.render import render_images
@@ -111,7 +112,9 @@ def prepare(target: Any, concepts: Sequence[str | ConceptUse | Concept], config:
         raise StudioError("No prompts to evaluate.")
     # 3. the judges (loaded before anything is generated).
     judges = judges or load_judges(
-        scorer if scorer is not None else cfg.scorer, clip_model=cfg.clip_model, dino_model=cfg.dino_model,
+        # cfg.scorer: set by for_base; load_judges refuses a name other than "clip" / "oracle"
+        scorer if scorer is not None else cast(ScorerKind, cfg.scorer), clip_model=cfg.clip_model,
+        dino_model=cfg.dino_model,
         detector=detector or cfg.detector or (DEFAULT_DETECTOR if len(items) > 1 else None),
         device=getattr(base, "device", "cpu"))
     if judges.kind == "oracle" and len(items) > 1:
@@ -143,11 +146,13 @@ def once(run: Run, strengths: Sequence[float | None], out_dir: Path | None, plot
     """Generate and score at the given strength per concept (``None``: the concept's default)."""
     t0 = time.monotonic()
     cfg = run.config
+    assert cfg.steps is not None and cfg.guidance is not None  # filled in by for_base (see prepare)
     uses = [(it.concept, s if s is not None else it.strength, it.source) for it, s in zip(run.items, strengths)]
     images = render_images(run.base, uses, run.prompts, seeds=run.seeds, seed=cfg.seed, steps=cfg.steps,
                            guidance=cfg.guidance, batch_size=cfg.batch_size, notes=run.notes)
     t1 = time.monotonic()
-    report = score_images(images, run.eval_concepts, run.judges, text_mode=cfg.text_mode)
+    report = score_images(images, run.eval_concepts, run.judges,
+                          text_mode=cast(TextMode, cfg.text_mode))  # checked against TEXT_MODES by the config
     t2 = time.monotonic()
     n = sum(len(v) for v in images.values())
     report.settings.update({

@@ -39,11 +39,14 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from studio.errors import StudioError
 from studio.jobs.prepare import CHECKPOINTS, PREVIEWS, default_checkpoint_every
 from studio.jobs.queue import Job, JobQueue
+
+if TYPE_CHECKING:
+    from trainers.loop import TrainCallbacks, TrainControl
 
 CONCEPT = "concept.safetensors"
 MODEL = "model"
@@ -60,7 +63,8 @@ class JobCallbacks:
         self.queue, self.job, self.worker, self.lost, self.extra = queue, job, worker, lost, extra
         self.flush_every = flush_every
         self.points: list[tuple[int, float, float]] = []
-        self.total, self.start, self.eta = job.total, 0, None
+        self.total, self.start = job.total, 0
+        self.eta: float | None = None
         self._last_flush = 0.0
 
     def flush(self) -> None:
@@ -104,6 +108,9 @@ class JobCallbacks:
         self.flush()
         self.queue.log(self.job.id, "log", {"message": message})
         self._forward("on_log", message)
+
+    def on_eval(self, step: int, concept: Any) -> None:
+        self._forward("on_eval", step, concept)
 
     def _forward(self, hook: str, *args: Any) -> None:
         if self.extra is not None:
@@ -219,7 +226,10 @@ def train_job(queue: JobQueue, job: Job, *, base_for: Callable[[dict[str, Any]],
     cfg = job_config(entry, job, lambda m: queue.log(job.id, "log", {"message": m}))
     queue.log(job.id, "log", {"message": f"loading base {job.base.get('base')}"})
     base = base_for(job.base)
-    train(entry, cfg, base, library=None, callbacks=callbacks, control=control)
+    # JobCallbacks / JobControl implement every hook of TrainCallbacks / TrainControl without subclassing
+    # them: this module must not import torch (trainers.loop does).
+    train(entry, cfg, base, library=None, callbacks=cast("TrainCallbacks", callbacks),
+          control=cast("TrainControl", control))
     finished = finished_output(job)
     if finished is None:
         raise StudioError(f"Training ended without writing {cfg.out}.")

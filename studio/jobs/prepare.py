@@ -2,11 +2,13 @@
 
 A job must not change when the user later edits the image folder, a preset or the base settings'
 defaults, so :func:`prepare_job` resolves the full config (preset + overrides) and
-:meth:`PreparedJob.stage` copies its inputs into the job folder. Inputs are recognised by the
-config's field names: ``images`` (the dataset) and ``*_images`` (e.g. DreamBooth's own class
-images) are image folders, ``*_file`` (e.g. ``names_file``) are files. Caches shared between runs
-(``class_cache_dir``) are not inputs. The concept's name and trigger token are reserved at
-submission, so two queued jobs never publish to the same file.
+:meth:`PreparedJob.stage` copies its inputs into the job folder. Inputs are the fields the config
+declares as paths (:func:`studio.configs.option`'s ``path``): ``images`` (the dataset) and the
+``path="folder"`` fields (e.g. DreamBooth's own class images) are image folders, the ``path="file"``
+fields (``names_file``, ``eval_prompts``, Perfusion's ``corpus``) are files. Models (``path="model"``)
+are referenced, not copied; caches shared between runs (``class_cache_dir``) are not inputs. The
+concept's name and trigger token are reserved at submission, so two queued jobs never publish to the
+same file.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ def prepare_job(trainer: str, config: Any, base: Any, *, preset: str | None = No
 
     entry = get_trainer(trainer)
     # 1. the full config: a dataclass as is, or a dict completed from the preset.
+    cfg: Any  # an entry.config_cls instance (a trainers.loop.CommonTrainConfig subclass)
     if isinstance(config, entry.config_cls):
         cfg = config
     else:
@@ -142,22 +145,23 @@ def prepare_job(trainer: str, config: Any, base: Any, *, preset: str | None = No
     prepared = PreparedJob(trainer=entry.cli_name, config=values, base=base_settings(base), source=str(source),
                            inputs={"images": DATASET}, copies=[(source, DATASET)], whole_model=whole_model,
                            candidates=candidates)
-    # 4. other inputs the config names (e.g. --class-images, --names-file) travel with the job too.
+    # 4. other inputs the config declares (e.g. --class-images, --names-file, --eval-prompts) travel with the job.
+    from studio.configs import path_fields
+
+    kinds = {key: kind for key, (kind, _) in path_fields(entry.config_cls).items()}
     for key, value in values.items():
-        if not (isinstance(value, str) and value) or key == "images":
+        if not (isinstance(value, str) and value) or key == "images" or kinds.get(key) not in ("file", "folder"):
             continue
         flag = f"--{key.replace('_', '-')}"
         path = Path(value).expanduser().resolve()
-        if key.endswith("_images"):
+        if kinds[key] == "folder":
             if not path.is_dir():
                 raise DatasetError(f"{flag} {value}: no such folder.")
             rel = f"{FILES}/{key}"
-        elif key.endswith("_file"):
+        else:
             if not path.is_file():
                 raise StudioError(f"{flag} {value}: no such file.")
             rel = f"{FILES}/{key}-{path.name}"
-        else:
-            continue
         prepared.copies.append((path, rel))
         prepared.inputs[key] = rel
         values[key] = str(path)

@@ -550,9 +550,10 @@ class JobQueue:
                 tx.execute("UPDATE jobs SET preview = ?, updated = ? WHERE id = ?", (preview, time.time(), int(job_id)))
             tx.event(int(job_id), kind, data)
 
-    def finish(self, job_id: int, worker: str, result: str) -> bool:
-        """Mark the job done with its published concept; False when this worker no longer held it."""
-        return self._end(job_id, worker, "done", f"published {result}", result=result)
+    def finish(self, job_id: int, worker: str, result: str, note: str = "") -> bool:
+        """Mark the job done with its published concept (``note``: e.g. the training's verdict, shown with
+        the state); False when this worker no longer held it."""
+        return self._end(job_id, worker, "done", f"published {result}" + (f"; {note}" if note else ""), result=result)
 
     def fail(self, job_id: int, worker: str, error: str) -> bool:
         return self._end(job_id, worker, "failed", error, error=error)

@@ -140,7 +140,7 @@ class Worker:
                 if lost.is_set():
                     return self._lost(job)
                 dest = publish(job, finished)
-                if not self.queue.finish(job.id, self.id, str(dest)):
+                if not self.queue.finish(job.id, self.id, str(dest), note=verdict_of(dest)):
                     return self._lost(job)
                 tidy_done(job)
                 return "done"
@@ -219,3 +219,19 @@ def start_worker_process(library: str | os.PathLike[str], *, device: str | None 
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return subprocess.Popen(cmd, env=env, **popen)
+
+
+def verdict_of(published: Path) -> str:
+    """The training verdict stored in a published concept file (``""`` for a model folder or none)."""
+    import json
+
+    from studio.concept import read_header
+
+    if published.suffix != ".safetensors":
+        return ""
+    try:
+        _, md = read_header(published)
+        v = json.loads(md.get("studio.metrics") or "{}").get("verdict")
+    except (StudioError, ValueError, AttributeError):
+        return ""
+    return f"verdict: {v['verdict']}" if isinstance(v, dict) and isinstance(v.get("verdict"), str) else ""

@@ -177,7 +177,7 @@ class TokenTable:
     def _rebuild(self) -> None:
         """Make every encoder's tokenizer and spliced embedding first, then install them all."""
         all_tokens = [t for e in self.entries.values() for t in e.tokens]
-        built = []
+        built: list[tuple[Any, nn.Module]] = []  # (tokenizer, input embedding) per encoder
         for i, (pristine, original) in enumerate(zip(self.pristine_tokenizers, self.original_embeddings)):
             if not all_tokens:
                 built.append((self.original_tokenizers[i], original))

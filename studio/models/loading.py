@@ -194,6 +194,7 @@ def _resolve_hub(repo_id: str, *, revision: str | None, cache_dir: str | os.Path
     """The local snapshot folder of ``repo_id`` (downloading it when online) and its commit."""
     from huggingface_hub import snapshot_download
 
+    cache_dir = os.fspath(cache_dir) if cache_dir is not None else None  # the hub takes str | Path
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True,
                                         allow_patterns=_HUB_PATTERNS))

@@ -9,6 +9,7 @@ from studio.configs import option
 from studio.errors import StudioError
 from studio.models.loading import BaseModel, load_base
 from studio.models.profile import BaseProfile, profile_for_spec
+from studio.request_paths import NAMED_BASES
 
 GROUP = "base model"
 
@@ -18,7 +19,7 @@ class BaseSettings:
     """Which base to load and how (see :func:`studio.models.load_base`)."""
 
     base: str = option("demo", "hub id, diffusers folder, .safetensors checkpoint, demo, tiny, tiny-v or tiny-sdxl",
-                       group=GROUP)
+                       group=GROUP, path="model", names=NAMED_BASES)
     device: str | None = option(None, "cuda, cuda:N, mps or cpu (default: best available)", group=GROUP)
     dtype: str | None = option(None, "weights dtype (default: fp16 on GPU, fp32 on CPU)",
                                choices=["fp32", "fp16", "bf16"], group=GROUP)

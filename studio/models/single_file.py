@@ -97,14 +97,16 @@ def read_safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, lis
     with open(p, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise BaseModelError(f"{p.name} is truncated or empty ({size} bytes), so it is not a usable "
-                                 ".safetensors file; download or copy it again.")
+            raise BaseModelError(f"{p.name} is truncated or empty, so it is not a usable .safetensors file; "
+                                 "download or copy it again.")
         (n,) = struct.unpack("<Q", head)
         if n < 2 or n > _MAX_HEADER_BYTES or 8 + n > size:
             if head[:4] == b"PK\x03\x04" or head[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05"):
                 raise BaseModelError(_pickle_message(p))  # a zip (torch.save) or a raw pickle
-            raise BaseModelError(f"{p.name} is truncated or not a .safetensors file (its header claims {n} bytes, "
-                                 f"the file has {size}); download or copy it again.")
+            # never the header's claimed size: those are the file's first 8 bytes (text, for a file that is
+            # not a checkpoint), and the size says more about a file than a user may need to know
+            raise BaseModelError(f"{p.name} is truncated or not a .safetensors file (its header length does not fit "
+                                 "the file); download or copy it again.")
         raw = f.read(n)
     try:
         header = json.loads(raw.decode("utf-8"))

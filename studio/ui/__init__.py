@@ -26,14 +26,17 @@ def base_banner(ctx: UIContext) -> str:
 
 
 def switch_base(ctx: UIContext, form: dict[str, Any]) -> str:
-    """Load another base (a hub id, a local folder or file, ``demo`` or ``tiny``); the old one stays on failure."""
+    """Load another base (a hub id, ``demo`` / ``tiny``, or a local folder or file under the folders the
+    operator allowed: :meth:`~studio.service.Studio.check_request_base`, before anything is opened); the old
+    one stays on failure."""
     from studio.errors import StudioError
     from studio.models import BaseSettings
 
     spec = str(form.get("base") or "").strip()
     if not spec:
-        raise StudioError("Type a base: a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5), a local folder or "
-                          ".safetensors file, or demo / tiny.")
+        raise StudioError("Type a base: a hub id (stable-diffusion-v1-5/stable-diffusion-v1-5), demo / tiny, or a "
+                          "local folder or .safetensors file under a folder the operator allowed.")
+    spec = ctx.studio.check_request_base(spec)
     device = str(form.get("device") or "auto")
     ctx.studio.switch_base(BaseSettings(base=spec, device=None if device == "auto" else device))
     ctx.banner = ""
@@ -54,7 +57,8 @@ def build_app(studio: Any, *, banner: str = "", runners: Runners | None = None, 
         with gr.Accordion("Base model", open=bool(banner)):
             with gr.Row():
                 spec = gr.Textbox(label="Base", value=studio.settings.base, scale=4, elem_id="base-spec",
-                                  info="hub id, local diffusers folder or .safetensors file; demo / tiny offline")
+                                  info="hub id; demo / tiny offline; a diffusers folder or .safetensors file under a "
+                                       "folder the operator allowed (app.py --allow-path)")
                 device = gr.Dropdown(choices=["auto", "cuda", "mps", "cpu"], value=studio.settings.device or "auto",
                                      label="Device", scale=1)
                 load = gr.Button("Load base", scale=1)

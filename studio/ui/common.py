@@ -13,7 +13,7 @@ import itertools
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,21 +47,43 @@ class Runners:
 
 @dataclass
 class UIContext:
-    """The studio a UI serves and where its result files go (a temporary folder gradio may serve)."""
+    """The studio a UI serves and where its result files go (a temporary folder gradio may serve).
+
+    ``upload_roots``: the folders whose files count as uploads — gradio's upload cache and :attr:`out_dir`
+    (a result downloaded and uploaded again). A handler takes a file only from there (:meth:`uploaded`),
+    never a server path a request typed; gradio refuses other paths for a File input too."""
 
     studio: Any
     runners: Runners
     out_dir: Path
     banner: str = ""
+    upload_roots: tuple[Path, ...] = ()
     _counter: Any = field(default_factory=lambda: itertools.count(1))
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def create(cls, studio: Any, *, runners: Runners | None = None, out_dir: str | Path | None = None,
-               banner: str = "") -> UIContext:
+               banner: str = "", upload_roots: Sequence[str | Path] = ()) -> UIContext:
+        """``upload_roots``: more folders whose files count as uploads (besides gradio's cache and ``out_dir``)."""
         folder = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="studio-ui-"))
         folder.mkdir(parents=True, exist_ok=True)
-        return cls(studio=studio, runners=runners or Runners.direct(studio), out_dir=folder, banner=banner)
+        roots = tuple(dict.fromkeys(Path(p).expanduser().resolve() for p in (gradio_upload_folder(), folder,
+                                                                              *upload_roots)))
+        return cls(studio=studio, runners=runners or Runners.direct(studio), out_dir=folder, banner=banner,
+                   upload_roots=roots)
+
+    def uploaded(self, value: Any) -> list[str]:
+        """A gradio File/Files value → its file paths, each one an upload (inside :attr:`upload_roots`); a path
+        anywhere else is refused without being opened."""
+        paths = upload_paths(value)
+        for p in paths:
+            try:
+                real = Path(p).expanduser().resolve()
+            except (OSError, RuntimeError, ValueError):
+                real = None
+            if real is None or not any(real.is_relative_to(root) for root in self.upload_roots):
+                raise StudioError(f"{Path(p).name or p!r} is not an uploaded file: upload it with the form's file box.")
+        return paths
 
     def new_folder(self, kind: str) -> Path:
         """A fresh folder for one result (``generate-0003``, ``eval-0004`` …); result folders older
@@ -100,6 +122,13 @@ def image_name(image: Image.Image, index: int) -> str:
     except ValueError:
         seed = None
     return f"{index:03d}" + (f"-seed{seed}" if seed is not None else "") + ".png"
+
+
+def gradio_upload_folder() -> str:
+    """Where gradio keeps uploaded files (``gradio.utils.get_upload_folder``, without importing gradio)."""
+    import os
+
+    return os.environ.get("GRADIO_TEMP_DIR") or str((Path(tempfile.gettempdir()) / "gradio").resolve())
 
 
 def upload_paths(value: Any) -> list[str]:

@@ -10,7 +10,7 @@ import io
 from typing import Any
 
 from studio.errors import StudioError
-from studio.ui.common import UIContext, on, upload_paths
+from studio.ui.common import UIContext, on
 
 THUMB = 160
 
@@ -111,7 +111,7 @@ def delete(ctx: UIContext, form: dict[str, Any]) -> str:
 
 
 def import_concept(ctx: UIContext, form: dict[str, Any]) -> str:
-    files = upload_paths(form.get("file"))
+    files = ctx.uploaded(form.get("file"))
     if not files:
         raise StudioError("Upload a concept file (.safetensors, or an A1111 .pt / diffusers .bin).")
     path = ctx.studio.import_upload(files[0], str(form.get("import_name") or "").strip() or None,

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import StudioError
-from studio.ui.common import GPU_QUEUE, UIContext, on, upload_paths
+from studio.ui.common import GPU_QUEUE, UIContext, on
 
 CUSTOM = "prompts below"
 REPORT_COLUMNS = ["metric", "mean", "std", "images", "backbone"]
@@ -82,14 +82,22 @@ def form_config(form: dict[str, Any]) -> Any:
 
 def options(ctx: UIContext, form: dict[str, Any], out_dir: Path, references: Path | None) -> dict[str, Any]:
     """The form → keyword options of :meth:`~studio.service.Studio.evaluate` / ``sweep``: the settings that
-    differ from :class:`~studio.evaluation.EvaluateConfig`'s defaults, the output folder and the photos."""
+    differ from :class:`~studio.evaluation.EvaluateConfig`'s defaults, the output folder and the photos.
+    A model the form names (the CLIP judge) is a hub id or a path under the operator's allowed folders."""
     import dataclasses
 
+    from studio.configs import path_fields
     from studio.evaluation import EvaluateConfig
 
     cfg, default = form_config(form), EvaluateConfig()
     opts = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if getattr(cfg, f.name) != getattr(default, f.name)}
+    for name, (kind, names) in path_fields(EvaluateConfig).items():
+        value = opts.get(name)
+        if kind == "model" and isinstance(value, str) and value:
+            opts[name] = ctx.studio.check_request_model(value, label=name.replace("_", " "), names=names)
+        elif kind in ("file", "folder") and isinstance(value, str) and value:  # the form's prompts are a list
+            raise StudioError(f"{name} is not read from a server file here.")
     opts["out_dir"] = str(out_dir)
     if references is not None:
         opts["references"] = str(references)
@@ -97,13 +105,13 @@ def options(ctx: UIContext, form: dict[str, Any], out_dir: Path, references: Pat
 
 
 def _references(ctx: UIContext, form: dict[str, Any]) -> Path | None:
-    files = upload_paths(form.get("references"))
+    files = ctx.uploaded(form.get("references"))
     return ctx.studio.stage_training_images(files, min_images=1) if files else None
 
 
 def evaluate(ctx: UIContext, form: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the chosen concepts: table rows, contact sheet, plot, summary, report file."""
-    names = list(form.get("concepts") or [])
+    names = [ctx.studio.check_request_concept(n) for n in form.get("concepts") or []]
     if not names:
         raise StudioError("Choose at least one concept to evaluate.")
     folder = ctx.new_folder("eval")
@@ -125,7 +133,7 @@ def evaluate(ctx: UIContext, form: dict[str, Any]) -> dict[str, Any]:
 
 def sweep(ctx: UIContext, form: dict[str, Any]) -> dict[str, Any]:
     """Sweep one concept's strength: the points, the plot and the recommended strength (stored in the concept)."""
-    names = list(form.get("concepts") or [])
+    names = [ctx.studio.check_request_concept(n) for n in form.get("concepts") or []]
     if len(names) != 1:
         raise StudioError("A strength sweep scores one concept: choose exactly one.")
     try:
@@ -168,7 +176,7 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                     c["protocol"] = gr.Dropdown(choices=protocols(), value=start["protocol"], label="Protocol",
                                                 elem_id="eval-protocol")
                     c["scorer"] = gr.Dropdown(choices=scorers(ctx), value=start["scorer"], label="Judge")
-                    c["clip_model"] = gr.Textbox(label="CLIP model (hub id or folder)", value=start["clip_model"],
+                    c["clip_model"] = gr.Textbox(label="CLIP model (hub id, or a folder the operator allowed)", value=start["clip_model"],
                                                  elem_id="eval-clip")
                 c["prompts"] = gr.Textbox(label="Prompts (with 'prompts below'; {} = the concept)", lines=3,
                                           value=start["prompts"], elem_id="eval-prompts")

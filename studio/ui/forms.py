@@ -6,9 +6,11 @@
 
 A field added to a method's config dataclass appears in the Train form with no UI change: its type
 picks the widget (bool → checkbox, ``choices`` → dropdown, int/float → number, list → text split on
-commas, str → text), and path fields — str (or list) fields named ``*_file`` — become a file upload,
-``*_images`` a multi-file upload (the job copies both into its folder, :mod:`studio.jobs.prepare`);
-an int field such as ``num_class_images`` or ``eval_images`` is a number.
+commas, str → text), and a field's declared ``path`` (:func:`studio.configs.option`) picks the upload
+widgets: ``"file"`` → a file upload, ``"folder"`` → a multi-file upload (the job copies both into its
+folder, :mod:`studio.jobs.prepare`). A request never types a server path: a ``"model"`` field is a
+text box whose value :mod:`studio.request_paths` checks (a hub id, a named value, or a path under a
+folder the operator allowed). An int field such as ``num_class_images`` or ``eval_images`` is a number.
 """
 
 from __future__ import annotations
@@ -39,15 +41,16 @@ class FormField:
     group: str
     choices: tuple[Any, ...] | None = None
     optional: bool = False
+    path: str | None = None  # the field's declared path kind ("file", "folder", "model"), None when not a path
 
 
 def form_fields(specs: list[Any]) -> list[FormField]:
     """:class:`~studio.configs.FieldSpec` s → form fields, ordered by group (:data:`GROUP_ORDER`)."""
     out = []
     for s in specs:
-        if s.name.endswith("_file") and s.type is str:
+        if s.path == "file":
             widget: Widget = "file"
-        elif s.name.endswith("_images") and s.type in (str, list):  # a folder (or list) of paths, not a count
+        elif s.path == "folder":  # a folder of files: uploaded as several files
             widget = "files"
         elif s.type is bool:
             widget = "checkbox"
@@ -63,7 +66,8 @@ def form_fields(specs: list[Any]) -> list[FormField]:
             widget = "text"
         default = None if s.default is dataclasses.MISSING else s.default
         out.append(FormField(name=s.name, label=s.name.replace("_", " "), widget=widget, default=default,
-                             help=s.help, group=s.group, choices=s.choices, optional=s.optional))
+                             help=s.help, group=s.group, choices=s.choices, optional=s.optional,
+                             path=getattr(s, "path", None)))
     rank = {g: i for i, g in enumerate(GROUP_ORDER)}
     return sorted(out, key=lambda f: rank.get(f.group, len(rank)))
 

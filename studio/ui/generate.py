@@ -10,7 +10,7 @@ from typing import Any
 
 from studio.generation import SCHEDULERS, ConceptUse, GenerateConfig
 from studio.grid import AXIS_KINDS, parse_axis, xy_grid
-from studio.ui.common import GPU_QUEUE, UIContext, image_name, on, save_png, upload_paths
+from studio.ui.common import GPU_QUEUE, UIContext, image_name, on, save_png
 
 SLOTS = 6  # concepts with their own strength slider (more can still be given strengths in the prompt)
 MAX_SEED = 2**31 - 1
@@ -40,8 +40,10 @@ def sampling_defaults(ctx: UIContext) -> dict[str, Any]:
 
 
 def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
-    """The form → a :class:`GenerateConfig` (a random seed is drawn here when asked for)."""
-    names = list(form.get("concepts") or [])
+    """The form → a :class:`GenerateConfig` (a random seed is drawn here when asked for). Concepts are library
+    names, reference images uploads and the adapter a preset, a hub path or an allowed local path
+    (:mod:`studio.request_paths`): a request names no other server path."""
+    names = [ctx.studio.check_request_concept(n) for n in form.get("concepts") or []]
     uses = []
     for i, name in enumerate(names):
         strength = form.get(f"strength_{i}") if i < SLOTS else None
@@ -58,7 +60,7 @@ def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
         values["perfusion_locking"] = locking
     if form.get("perfusion_orthogonal"):
         values["perfusion_orthogonal"] = str(form["perfusion_orthogonal"])
-    refs = upload_paths(form.get("reference"))
+    refs = ctx.uploaded(form.get("reference"))
     if refs:
         from studio.service import IMAGE_UPLOADS, check_uploads
 
@@ -66,8 +68,16 @@ def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
         if form.get("reference_scale") is not None:
             values["reference_scale"] = float(form["reference_scale"])
         if str(form.get("adapter") or "").strip():
-            values["adapter"] = str(form["adapter"]).strip()
+            values["adapter"] = request_adapter(ctx, str(form["adapter"]))
     return GenerateConfig(**values).resolved(ctx.studio.settings.profile())
+
+
+def request_adapter(ctx: UIContext, value: str) -> str:
+    """An IP-Adapter a request names: a preset, a hub path (``owner/repo/…/file``) or a local path under the
+    operator's allowed folders."""
+    from studio.methods.zeroshot.adapter import PRESETS
+
+    return str(ctx.studio.check_request_model(value.strip(), label="IP-Adapter", names=tuple(PRESETS)))
 
 
 def generate(ctx: UIContext, form: dict[str, Any]) -> Iterator[tuple[list[tuple[str, str]], list[str], str]]:
@@ -100,6 +110,8 @@ def make_grid(ctx: UIContext, form: dict[str, Any]) -> tuple[str, str, str]:
     """The X/Y grid of the form's settings: ``(image path, download path, info)``."""
     cfg = build_config(ctx, form)
     concept = form.get("grid_concept") or (cfg.concepts[0].source if cfg.concepts else None)
+    if concept:  # a custom value is allowed in the box: still a library name, never a file
+        concept = ctx.studio.check_request_concept(str(concept))
     x = parse_axis(str(form.get("x_kind") or "seed"), str(form.get("x_values") or ""), concept=concept)
     y = None
     if form.get("y_kind") and form.get("y_kind") != "none" and str(form.get("y_values") or "").strip():
@@ -191,7 +203,7 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                         with gr.Column():
                             c["reference_scale"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Reference scale")
                             c["adapter"] = gr.Textbox(label="IP-Adapter (empty = the base's default)",
-                                                      placeholder="sd15, sd15-plus, a folder or file")
+                                                      placeholder="sd15, sd15-plus, a hub path, or a path the operator allowed")
                 with gr.Accordion("Perfusion concepts", open=False):
                     with gr.Row():
                         c["perfusion_locking"] = gr.Dropdown(

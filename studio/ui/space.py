@@ -35,10 +35,10 @@ def gpu(duration: int = 60) -> Callable[[F], F]:
 
     def decorate(fn: F) -> F:
         try:
-            import spaces  # type: ignore[import-not-found]
+            import spaces
         except ImportError:
             return fn
-        return spaces.GPU(duration=duration)(fn)  # type: ignore[no-any-return]
+        return spaces.GPU(duration=duration)(fn)
 
     return decorate
 

@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from studio.errors import StudioError
-from studio.ui.common import UIContext, on, upload_paths
+from studio.ui.common import UIContext, on
 from studio.ui.forms import FormField, build_form, form_fields, parse_form, update_values
 
 SEP = "::"  # form keys of method fields: "textual-inversion::steps"
@@ -38,7 +38,7 @@ def preset_values(ctx: UIContext, method: str, preset: str | None) -> dict[str, 
     return m.preset_values("" if preset in (None, NO_PRESET) else preset)
 
 
-def parse_captions(text: str) -> dict[str, str]:
+def parse_captions(text: str | None) -> dict[str, str]:
     """``"dog1.png: a dog on grass"`` per line → ``{"dog1.png": "a dog on grass"}``."""
     out = {}
     for n, line in enumerate(str(text or "").splitlines(), 1):
@@ -63,13 +63,17 @@ def start(ctx: UIContext, form: dict[str, Any]) -> tuple[int, str]:
     method = str(form.get("method") or "")
     if method not in ctx.studio.training_methods():
         raise StudioError(f"Choose a training method ({', '.join(ctx.studio.training_methods())}).")
-    images = upload_paths(form.get("images"))
+    images = ctx.uploaded(form.get("images"))
     if not images:
         raise StudioError("Upload the training images first (3–20 photos of the subject work best).")
     preset = form.get(f"{method}{SEP}preset")
-    job = ctx.studio.submit_training(method, method_values(ctx, method, form), images,
-                                     masks=upload_paths(form.get("masks")), captions=parse_captions(form.get("captions")),
-                                     preset=None if preset in (None, NO_PRESET) else preset)
+    # the upload widgets' files go apart from the typed values: submit_training refuses a path typed as a value
+    uploads = {f.name for f in method_forms(ctx)[method] if f.widget in ("file", "files")}
+    values = method_values(ctx, method, form)
+    files = {k: ctx.uploaded(v) for k, v in values.items() if k in uploads}
+    job = ctx.studio.submit_training(method, {k: v for k, v in values.items() if k not in uploads}, images,
+                                     masks=ctx.uploaded(form.get("masks")), captions=parse_captions(form.get("captions")),
+                                     preset=None if preset in (None, NO_PRESET) else preset, files=files)
     return job.id, f"Queued job {job.id}: concept **{job.name}**, trigger `{job.token}`, {job.total} steps."
 
 

@@ -10,31 +10,32 @@ from typing import Any
 
 from studio.errors import StudioError
 from studio.generation import GenerateConfig
-from studio.ui.common import GPU_QUEUE, UIContext, image_name, on, save_png, upload_paths
-from studio.ui.generate import sampling_defaults
+from studio.ui.common import GPU_QUEUE, UIContext, image_name, on, save_png
+from studio.ui.generate import request_adapter, sampling_defaults
 
 
-def _references(form: dict[str, Any]) -> list[str]:
+def _references(ctx: UIContext, form: dict[str, Any]) -> list[str]:
     from studio.service import IMAGE_UPLOADS, check_uploads
 
-    files = upload_paths(form.get("references"))
+    files = ctx.uploaded(form.get("references"))
     if not files:
         raise StudioError("Upload one or more reference images of the subject (or style).")
     return [str(p) for p in check_uploads(files, suffixes=IMAGE_UPLOADS)]
 
 
 def _adapter(ctx: UIContext, form: dict[str, Any]) -> str | None:
-    return str(form.get("adapter") or "").strip() or None
+    text = str(form.get("adapter") or "").strip()
+    return request_adapter(ctx, text) if text else None
 
 
 def generate(ctx: UIContext, form: dict[str, Any]) -> Iterator[tuple[list[tuple[str, str]], list[str], str]]:
     """Reference images + prompt → PNG files (one per seed), yielded as they come."""
-    refs = _references(form)
+    refs = _references(ctx, form)
     cfg = GenerateConfig(prompt=str(form.get("prompt") or ""), negative_prompt=str(form.get("negative") or ""),
                          seed=int(form.get("seed") or 0), steps=int(form["steps"]) if form.get("steps") else None,
                          guidance=float(form["guidance"]) if form.get("guidance") is not None else None,
                          num_images=int(form.get("num_images") or 1), reference_images=refs,
-                         reference_scale=float(form.get("scale") if form.get("scale") is not None else 1.0),
+                         reference_scale=float(form["scale"]) if form.get("scale") is not None else 1.0,
                          adapter=_adapter(ctx, form)).resolved(ctx.studio.settings.profile())
     folder = ctx.new_folder("zeroshot")
     gallery: list[tuple[str, str]] = []
@@ -49,7 +50,7 @@ def generate(ctx: UIContext, form: dict[str, Any]) -> Iterator[tuple[list[tuple[
 
 def save(ctx: UIContext, form: dict[str, Any]) -> str:
     """Save the reference images as a zero-shot concept in the library."""
-    refs = _references(form)
+    refs = _references(ctx, form)
     name = str(form.get("name") or "").strip()
     if not name:
         raise StudioError("Name the concept (letters, digits, spaces, '_', '-', '.').")
@@ -60,7 +61,7 @@ def save(ctx: UIContext, form: dict[str, Any]) -> str:
         adapter = default_adapter(ctx.studio.base)
     path = ctx.studio.create_zeroshot(refs, adapter, name=name, token=str(form.get("trigger") or "").strip() or None,
                                       class_word=str(form.get("class_word") or "").strip(),
-                                      scale=float(form.get("scale") if form.get("scale") is not None else 1.0),
+                                      scale=float(form["scale"]) if form.get("scale") is not None else 1.0,
                                       average=bool(form.get("average")))
     return f"Saved **{path.stem}** to the library: select it on the Generate tab."
 
@@ -81,7 +82,7 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                 with gr.Row():
                     c["scale"] = gr.Slider(0, 1.5, value=1.0, step=0.05, label="Reference scale (strength)")
                     c["adapter"] = gr.Textbox(label="IP-Adapter (empty = the base's default)",
-                                              placeholder="sd15, sd15-plus, a folder or file")
+                                              placeholder="sd15, sd15-plus, a hub path, or a path the operator allowed")
                 with gr.Row():
                     c["seed"] = gr.Number(label="Seed", value=0, precision=0, minimum=0)
                     d = sampling_defaults(ctx)

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -124,7 +124,7 @@ class CachedScorer:
             raise StudioError(f"No {kind}s were given to the {self.name} encoder.")
         name = self.scorer.name
         found: dict[str, torch.Tensor] = {}
-        missing: dict[str, object] = {}
+        missing: dict[str, Any] = {}  # key → image or text (as ``kind`` says)
         for key, item in zip(keys, items):
             if key in found or key in missing:
                 continue

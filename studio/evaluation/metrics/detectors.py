@@ -189,6 +189,7 @@ class HaarCascadeDetector:
     ) -> None:
         try:
             import cv2  # optional: opencv-python-headless<5
+            import cv2.data  # the cascade files (cv2's stubs do not declare this submodule)
         except ImportError:
             raise StudioError(
                 "The Haar-cascade detector needs OpenCV; install it (pip install 'opencv-python-headless<5')."

@@ -162,8 +162,14 @@ def best_checkpoint(
     return _choose(points, rule, min_editability)
 
 
-class _HasSummaries(Protocol):
-    summaries: Mapping[str, object]
+class _HasMean(Protocol):
+    @property
+    def mean(self) -> float: ...
+
+
+class _HasSummaries(Protocol):  # e.g. a Report (read-only: its dict[str, MetricSummary] matches)
+    @property
+    def summaries(self) -> Mapping[str, _HasMean]: ...
 
 
 def points_from_reports(
@@ -184,8 +190,8 @@ def points_from_reports(
         points.append(
             TradeoffPoint(
                 float(value),
-                float(report.summaries[fidelity].mean),  # type: ignore[attr-defined]
-                float(report.summaries[editability].mean),  # type: ignore[attr-defined]
+                float(report.summaries[fidelity].mean),
+                float(report.summaries[editability].mean),
             )
         )
     return points

@@ -17,7 +17,7 @@ trigger (``sks``) matches as a whole word.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Literal
 
 TextMode = Literal["class_noun", "remove", "keep"]
@@ -40,6 +40,11 @@ def trigger_pattern(trigger: str) -> re.Pattern[str]:
 def mentions(prompt: str, trigger: str) -> bool:
     """Whether ``prompt`` contains ``trigger`` (in either form)."""
     return trigger_pattern(trigger).search(prompt) is not None
+
+
+def _literal(text: str) -> Callable[[re.Match[str]], str]:
+    """A ``re.sub`` replacement that inserts ``text`` as is (a string would have its backslashes read)."""
+    return lambda _m: text
 
 
 def _tidy(text: str) -> str:
@@ -67,7 +72,7 @@ def clip_t_text(prompt: str, class_nouns: Mapping[str, str], mode: TextMode = "c
     text = prompt
     for trigger, noun in class_nouns.items():
         replacement = noun if mode == "class_noun" else ""
-        text = trigger_pattern(trigger).sub(lambda _m, r=replacement: r, text)
+        text = trigger_pattern(trigger).sub(_literal(replacement), text)
         if mode == "class_noun" and noun.strip():
             word = re.escape(noun.strip())
             text = re.sub(rf"(?<!\w)({word})(?:\s+{word})+(?!\w)", r"\1", text, flags=re.IGNORECASE)

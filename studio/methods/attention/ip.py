@@ -52,6 +52,7 @@ def ip_attention(attn: Any, query: torch.Tensor, tokens: torch.Tensor, to_k_ip: 
         m = IPAdapterMaskProcessor.downsample(mask[:, i], b, out.shape[1], out.shape[2]).to(query.device, query.dtype)
         term = s_list[i] * (out * m)
         total = term if total is None else total + term
+    assert total is not None  # the mask has a channel per image, at least one
     return total
 
 

@@ -139,8 +139,9 @@ def base_modules(pipe: Any) -> dict[str, nn.Module]:
 
 def _io(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) features of a Linear / Conv2d, seen through a PEFT wrapper; None for other modules."""
-    if hasattr(module, "get_base_layer"):
-        module = module.get_base_layer()
+    get_base_layer = getattr(module, "get_base_layer", None)
+    if get_base_layer is not None:
+        module = get_base_layer()
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if isinstance(module, nn.Conv2d):

@@ -201,11 +201,11 @@ class NeTI:
             hook = attach_neti_hook(pipe)
             hook.add(entry)
         except BaseException as err:
-            hook = neti_hook(pipe)
-            if hook is not None:
-                hook.entries.pop(concept.trigger, None)
-                if not hook.entries:
-                    hook.uninstall()
+            installed = neti_hook(pipe)
+            if installed is not None:
+                installed.entries.pop(concept.trigger, None)
+                if not installed.entries:
+                    installed.uninstall()
             table.drop(key)
             if isinstance(err, ValueError):
                 raise IncompatibleConceptError(f"NeTI concept {concept.name or concept.trigger}: {err}.") from None

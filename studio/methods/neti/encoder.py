@@ -21,10 +21,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 
-def clip_core(text_encoder: Any) -> nn.Module:
+def clip_core(text_encoder: Any) -> Any:
     """The module holding ``embeddings``, ``encoder`` and ``final_layer_norm``: the encoder itself
     (transformers 5 ``CLIPTextModel``) or its ``text_model`` (``CLIPTextModelWithProjection``)."""
     core = text_encoder

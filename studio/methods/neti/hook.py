@@ -261,6 +261,7 @@ class NetiHook(AttentionHook):
                 gen.set_state(entry.rng_state)
             outs[trigger] = entry.mapper(tt, ll, truncation=entry.truncation, dropout=gen)
             if gen is not None:
+                assert entry.rng_state is not None  # gen was made from it
                 entry.rng_state.copy_(gen.get_state())
         return outs
 

@@ -27,7 +27,7 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +148,8 @@ class NetiMapper(nn.Module):
     computes in float32, also under autocast (``sin(w·t)`` with ``t`` up to 999 needs it).
     """
 
+    w: torch.Tensor  # (F, 2) buffer: the Fourier frequencies
+
     def __init__(self, cfg: MapperConfig, generator: torch.Generator | None = None):
         super().__init__()
         self.cfg = cfg
@@ -160,7 +162,7 @@ class NetiMapper(nn.Module):
             self.net = nn.Sequential(nn.Linear(n_anchor, h), nn.LayerNorm(h), nn.LeakyReLU(),
                                      nn.Linear(h, h), nn.LayerNorm(h), nn.LeakyReLU())
             self.output_layer = nn.Linear(h, cfg.out_dim)
-        for lin in (self.input_layer, self.net[0], self.net[3], self.output_layer):
+        for lin in (self.input_layer, cast(nn.Linear, self.net[0]), cast(nn.Linear, self.net[3]), self.output_layer):
             _reset_linear(lin, g)
         with torch.no_grad():
             self.input_layer.weight.copy_(self.anchor_encodings())

@@ -97,6 +97,7 @@ class AppliedZeroShot:
 
     def remove(self) -> None:
         if self.hook is not None:
+            assert self.key is not None  # apply sets both, or neither
             self.hook.detach()
             remove_hook(self.unet, self.key)
             self.hook = None

@@ -34,7 +34,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -400,8 +400,8 @@ def published_state(unet: Any, adapter: LoadedAdapter) -> dict[str, torch.Tensor
                                                                      adapter.projection.state_dict()).items()}
     ids = ip_key_ids(unet)
     for layer, k, v in zip(unet_layers(unet), adapter.to_k_ip, adapter.to_v_ip):
-        flat[f"ip_adapter.{ids[layer.name]}.to_k_ip.weight"] = k.weight
-        flat[f"ip_adapter.{ids[layer.name]}.to_v_ip.weight"] = v.weight
+        flat[f"ip_adapter.{ids[layer.name]}.to_k_ip.weight"] = cast(nn.Linear, k).weight
+        flat[f"ip_adapter.{ids[layer.name]}.to_v_ip.weight"] = cast(nn.Linear, v).weight
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in flat.items()}
 
 

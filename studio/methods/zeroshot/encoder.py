@@ -49,8 +49,9 @@ class ImageEncoder:
 
 def clip_processor(image_size: int) -> Any:
     """diffusers' default feature extractor for an encoder of ``image_size`` (PIL backend: no torchvision)."""
+    Proc: Any  # one of two classes, by transformers version
     try:
-        from transformers import CLIPImageProcessorPil as Proc  # type: ignore[attr-defined]
+        from transformers import CLIPImageProcessorPil as Proc
     except ImportError:
         from transformers import CLIPImageProcessor as Proc
     return Proc(size=image_size, crop_size=image_size)
@@ -72,6 +73,7 @@ def load_image_encoder(source: str | None, *, device: torch.device | str = "cpu"
     local = Path(source).expanduser()
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a CLI prints results, not "Loading weights" bars
+    model: Any  # a CLIPVisionModelWithProjection (transformers' wrapped ``.to`` does not type-check as a method)
     try:
         if local.is_dir():
             model = CLIPVisionModelWithProjection.from_pretrained(str(local), dtype=dtype)

@@ -1,0 +1,121 @@
+"""A fixed, held-out measurement of how well the concept's prompt denoises the training images.
+
+The probe draws its own samples once — which image (and mirror), which timestep, which latent
+sample and which noise — from a generator of its own, so measuring never changes the training
+run's random stream (resumes stay bit-identical). Every measurement reuses the same samples, so
+two measurements differ only by what training changed.
+
+Two numbers come out of it, with no extra model (docs/methods.md, "Measured defaults"):
+
+* the **denoising loss** ``L(p) = mean_i ‖ε̂(x_t^i, t_i, c(p_i)) − target_i‖²`` (masked like the
+  training loss; ``target`` = ε or v as the base predicts) for prompts ``p``;
+* the **gain** of the concept prompt over the class prompt,
+  ``g = 1 − L(concept prompts) / L(class prompts)`` — how much better the concept's prompt
+  explains the photos than the bare class word does. 0 when the concept adds nothing; it grows as
+  the concept is learned. It is what the measured initialization compares (lower ``L``), what the
+  ``auto`` step budget watches, and what the end-of-training verdict reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+VERDICTS = ("learned", "weak", "not learned")
+# Gain thresholds of the verdict, measured in the learnable world (README, "Defaults that learn"):
+# trained concepts there reach g ≥ 0.10, their learning-rate-0 controls stay within ±0.01.
+LEARNED_GAIN = 0.05
+WEAK_GAIN = 0.015
+
+
+@dataclass
+class ProbeSamples:
+    """The fixed samples: ``n`` rows of image index, flip, timestep, latent noise and diffusion noise."""
+
+    idx: torch.Tensor  # (n,) long
+    flips: torch.Tensor  # (n,) long
+    timesteps: torch.Tensor  # (n,) long
+    eps_lat: torch.Tensor  # (n, C, h, w)
+    noise: torch.Tensor  # (n, C, h, w)
+    templates: list[str]  # (n,) the prompt template of each row, "{}" = the concept / class word
+
+
+class DenoisingProbe:
+    """Measure :math:`L(p)` and the gain on fixed samples of the training images (see the module docstring).
+
+    ``cache`` is the loop's :class:`~trainers.loop.LatentCache` (means/stds (N, 2, C, h, w), masks);
+    ``class_text`` what stands for the subject without the concept (the class word, "" for none)."""
+
+    def __init__(self, pipe: Any, cache: Any, scheduler: Any, examples: list[Any], templates: list[str], *,
+                 class_text: str, resolution: int, seed: int, n: int = 16, batch: int = 8):
+        g = torch.Generator().manual_seed(0x5EED + int(seed))
+        n_ex = cache.mean.shape[0]
+        n_t = int(scheduler.config.num_train_timesteps)
+        # timesteps spread evenly over the schedule (a stratified draw: less variance than uniform)
+        strata = (torch.arange(n) + torch.rand(n, generator=g)) / n
+        self.samples = ProbeSamples(
+            idx=torch.arange(n) % n_ex, flips=torch.randint(2, (n,), generator=g),
+            timesteps=(strata * n_t).long().clamp(0, n_t - 1),
+            eps_lat=torch.randn((n, *cache.mean.shape[2:]), generator=g),
+            noise=torch.randn((n, *cache.mean.shape[2:]), generator=g),
+            templates=[templates[int(i)] for i in torch.randint(len(templates), (n,), generator=g)])
+        self.pipe, self.cache, self.scheduler, self.examples = pipe, cache, scheduler, examples
+        self.class_text, self.resolution, self.batch = class_text, resolution, batch
+
+    @torch.no_grad()
+    def loss(self, trainer: Any, *, concept: bool = True) -> float:
+        """Mean denoising loss over the samples with the concept's prompts (or the class prompts)."""
+        s, pipe = self.samples, self.pipe
+        device = pipe.unet.device
+        total, count = 0.0, 0
+        for start in range(0, len(s.idx), self.batch):
+            sl = slice(start, start + self.batch)
+            idx, flips, t = s.idx[sl], s.flips[sl], s.timesteps[sl]
+            latents = self.cache.mean[idx, flips] + self.cache.std[idx, flips] * s.eps_lat[sl]
+            latents, noise, t = latents.to(device), s.noise[sl].to(device), t.to(device)
+            if concept:
+                prompts = trainer.prompts(s.templates[sl], [self.examples[int(i)] for i in idx])
+            else:
+                prompts = [" ".join(tpl.format(self.class_text).split()) for tpl in s.templates[sl]]
+            cond = trainer.conditioning(prompts, self.resolution)
+            noisy = self.scheduler.add_noise(latents, noise, t)
+            target = noise if self.scheduler.config.prediction_type == "epsilon" else \
+                self.scheduler.get_velocity(latents, noise, t)
+            pred = pipe.unet(noisy.to(pipe.unet.dtype), t, cond.encoder_hidden_states,
+                             added_cond_kwargs=cond.added_cond_kwargs).sample
+            err = (pred.float() - target.float()) ** 2
+            if self.cache.masks is not None:
+                m = self.cache.masks[idx, flips].to(device)
+                per = (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp(min=1e-6)
+            else:
+                per = err.mean(dim=(1, 2, 3))
+            total += float(per.sum())
+            count += len(per)
+        return total / max(count, 1)
+
+    def gain(self, trainer: Any) -> float:
+        """``1 − L(concept) / L(class)`` on the probe's samples."""
+        concept, plain = self.loss(trainer), self.loss(trainer, concept=False)
+        return 1.0 - concept / max(plain, 1e-12)
+
+
+def verdict(gain: float) -> str:
+    """"learned" / "weak" / "not learned" from the final gain (thresholds above)."""
+    if gain >= LEARNED_GAIN:
+        return "learned"
+    if gain >= WEAK_GAIN:
+        return "weak"
+    return "not learned"
+
+
+def verdict_text(metrics: dict[str, Any]) -> str:
+    """The one-line verdict of a concept's ``metrics`` (``""`` when it has none)."""
+    v = metrics.get("verdict") if isinstance(metrics, dict) else None
+    if not isinstance(v, dict) or v.get("verdict") not in VERDICTS:
+        return ""
+    gain, start = v.get("gain"), v.get("gain_start")
+    if not isinstance(gain, (int, float)) or not isinstance(start, (int, float)):
+        return f"verdict: {v['verdict']}"
+    return f"verdict: {v['verdict']} (denoising gain over the class prompt {gain:+.3f}, {start:+.3f} at the start)"
