@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a concept")
     tsub = t.add_subparsers(dest="method", required=True)
+    from studio.jobs.cli import queue_flags
     from trainers import trainer_registry
     from trainers.runner import add_cli_arguments
 
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--queue", action="store_true",
                        help="add a job to the training queue instead of training now (`python -m studio jobs work` "
                             "runs it)")
+        queue_flags(p)
         add_cli_arguments(entry, p)
 
     from studio.jobs.cli import add_parser as add_jobs_parser
@@ -162,13 +164,16 @@ def cmd_concepts(ns: argparse.Namespace) -> int:
 
     lib = Library(ns.library)
     if ns.action == "list":
-        rows = [i.row() for i in lib.list()]
+        from trainers.probe import verdict_text
+
+        rows = [i.row() | {"verdict": verdict_text(i.metrics if isinstance(i.metrics, dict) else {})
+                           .split(" (")[0].removeprefix("verdict: ")} for i in lib.list()]
         if ns.json:
             print(json.dumps(rows, indent=2))
         elif not rows:
             print(f"no concepts in {lib.folder}")
         else:
-            cols = ["name", "method", "trigger", "class_word", "base", "strength", "size_kb"]
+            cols = ["name", "method", "trigger", "class_word", "base", "strength", "size_kb", "verdict"]
             widths = {c: max(len(c), *(len(str(r[c] if r[c] is not None else "")) for r in rows)) for c in cols}
             print("  ".join(c.ljust(widths[c]) for c in cols))
             for r in rows:

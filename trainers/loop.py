@@ -46,7 +46,7 @@ from trainers.checkpoint import (
 )
 from trainers.conditioning import Conditioning
 from trainers.data import Example, load_image_folder
-from trainers.probe import DenoisingProbe, verdict
+from trainers.probe import AutoBudget, DenoisingProbe, verdict
 
 
 @dataclass
@@ -82,6 +82,11 @@ class CommonTrainConfig:
     preview_every: int = option(0, "render a preview every N steps (0 = off)", group="previews")
     preview_prompt: str | None = option(None, "preview prompt (default: 'a photo of {}')", group="previews")
     log_every: int = option(10, "report the loss every N steps", group="previews")
+    budget: str = option("fixed", "fixed: train --steps steps; auto: measure the denoising gain every --probe-every "
+                         "steps and stop when it stops improving (--steps is then the cap), keeping the best "
+                         "step", choices=["fixed", "auto"], group="training")
+    probe_every: int = option(0, "with --budget auto: steps between measurements (0 = a tenth of --steps, at "
+                              "least 10)", group="training")
     probe: bool = option(True, "measure the concept's denoising gain over the class prompt on fixed held-out noises "
                          "at the start and the end: the verdict (learned / weak / not learned) and the measured "
                          "initialization read it", group="evaluation")
@@ -101,10 +106,14 @@ class CommonTrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
+        if self.lr is not None and not (self.lr >= 0 and math.isfinite(self.lr)):  # None: the method derives it
             raise TrainingError(f"lr must be a non-negative number, got {self.lr}.")
         if self.resolution is not None and self.resolution < 8:
             raise TrainingError(f"resolution must be at least 8 pixels, got {self.resolution}.")
+        if self.budget == "auto" and not self.probe:
+            raise TrainingError("--budget auto watches the probe's measurement; drop --no-probe.")
+        if self.probe_every < 0:
+            raise TrainingError(f"probe_every must be ≥ 0, got {self.probe_every}.")
         if self.checkpoint_every < 0 or self.preview_every < 0:
             raise TrainingError("checkpoint_every and preview_every must be ≥ 0.")
         if not (self.noise_offset >= 0 and math.isfinite(self.noise_offset)):
@@ -344,6 +353,9 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
     total = cfg.steps
+    watch = AutoBudget(probe, every=cfg.probe_every or max(10, total // 10)) \
+        if cfg.budget == "auto" and probe is not None else None
+    stopped_at: int | None = None
     cb.on_start(total, start)
     t0 = time.monotonic()
     losses: list[float] = []
@@ -423,6 +435,11 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
             trainer.after_step()
             done = step + 1
             losses.append(step_loss)
+            if watch is not None and watch.due(done) and watch.measure(done, trainer, trainable):
+                cb.on_log(f"step {done}: the denoising gain stopped improving (best {watch.best_gain:+.3f} at step "
+                          f"{watch.best_step}); stopping")
+                stopped_at = done
+                break
             cb.on_step(done, total, step_loss, time.monotonic() - t0)
             if cfg.log_every and done % cfg.log_every == 0:
                 cb.on_log(f"step {done}/{total} loss {step_loss:.4f}")
@@ -440,17 +457,22 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                 if request == "pause" and ckpt_dir is not None:
                     path = _checkpoint(acc, ckpt_dir, done, trainable, optimizer, rng, meta, cfg.keep_checkpoints)
                 raise TrainingStopped("paused" if request == "pause" else "cancelled", done, path)
+        if watch is not None:
+            watch.restore_best(trainable)  # the best measured step's tensors (auto budget)
         concept = trainer.export()
         if probe is not None:
             gain = probe.gain(trainer)
             concept.metrics = dict(concept.metrics) | {"verdict": {
                 "verdict": verdict(gain), "gain": round(gain, 4), "gain_start": round(gain_start, 4),
-                "signal": "denoising gain of the concept prompt over the class prompt (trainers/probe.py)"}}
+                "signal": "denoising gain of the concept prompt over the class prompt (trainers/probe.py)"}
+                | ({"budget": watch.record(stopped_at or total)} if watch is not None else {})}
     finally:
         if cfg.gradient_checkpointing:
             pipe.unet.disable_gradient_checkpointing()
     concept.train = asdict(cfg) | {"method": method, "base": base.spec, "processes": world,
                                    "final_loss": losses[-1] if losses else None}
+    if hasattr(trainer, "record"):  # what the trainer measured or derived (initialisation, effective rates)
+        concept.train |= trainer.record()
     concept.base = base.fingerprint()
     written = None
     if save and out_path is not None and acc.is_main_process:
@@ -461,7 +483,8 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
         else:
             written = save_concept(concept, out_path)
     acc.wait_for_everyone()
-    return TrainResult(concept=concept, path=written, steps=total, seconds=time.monotonic() - t0, losses=losses)
+    return TrainResult(concept=concept, path=written, steps=stopped_at or total, seconds=time.monotonic() - t0,
+                       losses=losses)
 
 
 def _checkpoint(acc: Any, folder: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any,

@@ -119,3 +119,41 @@ def verdict_text(metrics: dict[str, Any]) -> str:
     if not isinstance(gain, (int, float)) or not isinstance(start, (int, float)):
         return f"verdict: {v['verdict']}"
     return f"verdict: {v['verdict']} (denoising gain over the class prompt {gain:+.3f}, {start:+.3f} at the start)"
+
+
+class AutoBudget:
+    """The ``auto`` step budget: measure the gain every ``every`` steps, remember the best step's
+    trained tensors, and stop once ``patience`` measurements in a row improve on the best by less
+    than ``min_delta`` (``--steps`` stays the hard cap). The curve of (step, gain) is kept."""
+
+    def __init__(self, probe: DenoisingProbe, *, every: int, patience: int = 3, min_delta: float = 0.005):
+        self.probe, self.every, self.patience, self.min_delta = probe, max(1, every), patience, min_delta
+        self.curve: list[tuple[int, float]] = []
+        self.best_gain, self.best_step, self.stale = float("-inf"), 0, 0
+        self._best: dict[str, torch.Tensor] | None = None
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def measure(self, step: int, trainer: Any, trainable: dict[str, torch.Tensor]) -> bool:
+        """Measure at ``step``; True when training should stop."""
+        gain = self.probe.gain(trainer)
+        self.curve.append((step, round(gain, 4)))
+        if gain > self.best_gain + self.min_delta or self._best is None:
+            self.best_gain, self.best_step, self.stale = gain, step, 0
+            self._best = {k: v.detach().clone() for k, v in trainable.items()}
+        else:
+            self.stale += 1
+        return self.stale >= self.patience
+
+    def restore_best(self, trainable: dict[str, torch.Tensor]) -> None:
+        """Put the best measured step's tensors back (nothing when the last measurement was the best)."""
+        if self._best is None or self.stale == 0:
+            return
+        with torch.no_grad():
+            for k, v in trainable.items():
+                v.copy_(self._best[k])
+
+    def record(self, steps_run: int) -> dict[str, Any]:
+        return {"steps_run": steps_run, "kept_step": self.best_step if self.stale else steps_run,
+                "curve": [list(p) for p in self.curve], "every": self.every}

@@ -6,7 +6,14 @@ never copied, resized or touched by the optimizer.
 
 Initialisation (``init``):
 
-* ``cross`` (default, Pang et al. 2024): the **text encoder's output** for the initializer text,
+* ``auto`` (default): **measured** — every candidate below that the inputs allow (``cross``;
+  ``plain`` from the mean input embedding of each initializer word; ``names`` with a names file) is
+  scored by the denoising loss of the training photos on the probe's fixed noises
+  (:mod:`trainers.probe`: a few forward passes, no backward) and the lowest wins; all scores go into
+  the concept's ``studio.train`` (``init_scores``). A Cross-Initialization start far from the
+  inputs a small encoder was trained on (the demo world's 64-d encoder) loses to plain there, while
+  the paper's choice stands where it measures best.
+* ``cross`` (Pang et al. 2024): the **text encoder's output** for the initializer text,
   fed back as input embeddings. The initializer text is ``--init-words`` (default: the class
   word), repeated until it has ``n`` tokens; vector ``i`` starts from the encoder output at token
   position ``1 + i``. So with one word and two vectors ("dog dog") both vectors start from the
@@ -19,10 +26,20 @@ Initialisation (``init``):
   ``1 + i`` (columns cycle when ``n > 2``).
 * ``plain``: classic textual inversion — the input embedding of each initializer word, which
   must be a single token (the error lists the tokens of a word that is not).
+
+Learning rate: without ``--lr``, the optimizer's rate is ``lr_scale × s`` per text encoder, where
+``s`` is the RMS of the input-embedding entries of the initializer words on *this* base — the
+natural scale of the vectors being trained. Adam moves each entry by about ``lr`` per step, so a
+rate in units of ``s`` moves the vectors by the same fraction of their size on any encoder width.
+The presets' ``lr_scale`` 0.35 is Cross Initialization's 5e-3 on SD 1.5 (CLIP-L rows of norm ≈ 0.39,
+s ≈ 0.014); on the demo world's 64-d encoder (s ≈ 0.05) it gives 0.018, where its hand-tuned preset
+says 0.02. ``--lr`` is still the optimizer's value as is; the effective rate is printed and stored
+(``lr_effective``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,12 +66,17 @@ class TextualInversionConfig(CommonTrainConfig):
     # Cross Initialization's optimisation (the paper: 320 steps, effective lr 5e-3, batch 8) replaces
     # the shared defaults: these are the "cross-init" preset, so TextualInversionConfig() trains like the CLI.
     steps: int = option(320, "optimizer steps", group="training")
-    lr: float = option(5e-3, "learning rate given to the optimizer as is (never scaled by batch size)",
-                       group="training")
+    lr: float | None = option(None, "learning rate given to the optimizer as is (never scaled by batch size); "
+                              "default: --lr-scale × the RMS of the initializer words' embeddings on this base",
+                              group="training")
+    lr_scale: float = option(0.35, "learning rate in units of the trained vectors' natural scale on this base (the "
+                             "RMS of the initializer words' input embeddings); used when --lr is not given",
+                             group="training")
     batch_size: int = option(8, "images per step per process", group="training")
     num_vectors: int = option(2, "vectors per token (more = more capacity, slower to learn)", group="concept")
-    init: str = option("cross", "initialisation: cross (Cross Initialization), names (faces), plain (classic TI)",
-                   choices=["cross", "names", "plain"], group="concept")
+    init: str = option("auto", "initialisation: auto (the candidates below that fit, scored by the denoising loss "
+                       "of the photos; the best wins), cross (Cross Initialization), names (faces), plain (classic TI)",
+                       choices=["auto", "cross", "names", "plain"], group="concept")
     init_words: str | None = option(None, "initializer text (default: the class word)", group="concept")
     names_file: str | None = option(None, "for --init names: a text file with one 'First Last' name per line", group="concept",
                                    path="file")
@@ -66,17 +88,22 @@ class TextualInversionConfig(CommonTrainConfig):
             raise TrainingError(f"num_vectors must be between 1 and 75, got {self.num_vectors}.")
         if self.init == "names" and not self.names_file:
             raise TrainingError("--init names needs --names-file (one 'First Last' name per line).")
+        if not (self.lr_scale >= 0 and math.isfinite(self.lr_scale)):
+            raise TrainingError(f"lr_scale must be ≥ 0, got {self.lr_scale}.")
         if self.init != "names" and not (self.init_words or self.class_word):
             raise TrainingError("Give --class-word (what the subject is, e.g. dog) or --init-words to start from.")
 
 
 PRESETS = {
     # Cross Initialization (paper defaults: 2 vectors, 320 steps, effective lr 5e-3, batch 8).
-    "cross-init": dict(init="cross", num_vectors=2, steps=320, lr=5e-3, batch_size=8, reg_weight=1e-5),
+    # The learning rate is in units of the embeddings' scale (lr_scale; 0.35 ≈ 5e-3 on SD 1.5); the
+    # initialisation is measured among the candidates (init auto; "cross" forces the paper's).
+    "cross-init": dict(init="auto", num_vectors=2, steps=320, lr_scale=0.35, batch_size=8, reg_weight=1e-5),
     # The paper's fast variant.
-    "cross-init-fast": dict(init="cross", num_vectors=2, steps=25, lr=5e-3, batch_size=8, reg_weight=1e-5),
-    # Classic TI as in diffusers' README: batch 1 × accumulation 4, 3000 steps, effective lr 2e-3.
-    "plain": dict(init="plain", num_vectors=1, steps=3000, lr=2e-3, batch_size=1, grad_accum=4, reg_weight=0.0),
+    "cross-init-fast": dict(init="auto", num_vectors=2, steps=25, lr_scale=0.35, batch_size=8, reg_weight=1e-5),
+    # Classic TI as in diffusers' README: batch 1 × accumulation 4, 3000 steps, effective lr 2e-3 on SD 1.5.
+    "plain": dict(init="plain", num_vectors=1, steps=3000, lr_scale=0.14, batch_size=1, grad_accum=4,
+                  reg_weight=0.0),
     # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
     # learning tests train with it (README, learning table).
     "demo-world": dict(init="cross", num_vectors=2, steps=200, lr=2e-2, batch_size=8, reg_weight=0.0),
@@ -106,29 +133,59 @@ def _encoder_outputs(pipe: Any, prompts: list[str]) -> list[torch.Tensor]:
     return outs
 
 
-def initial_vectors(pipe: Any, cfg: TextualInversionConfig) -> list[torch.Tensor]:
-    """Per encoder, ``(n, D_e)`` starting vectors (see the module docstring)."""
+def _word_ids(tok: Any, words: str, *, single: bool) -> list[list[int]]:
+    """Token ids of each initializer word; with ``single``, each word must be one token (plain TI)."""
+    out = []
+    for w in words.split():
+        wid = tok(w, add_special_tokens=False).input_ids
+        if single and len(wid) != 1:
+            pieces = tok.convert_ids_to_tokens(wid)
+            raise TrainingError(f"Plain textual inversion starts each vector from one token, but {w!r} is "
+                                f"{len(wid)} tokens ({', '.join(pieces)}); pass one of them with "
+                                "--init-words, or use --init cross or auto, which accept any text.")
+        if wid:
+            out.append(wid)
+    if not out:
+        raise TrainingError(f"The initializer text {words!r} has no tokens.")
+    return out
+
+
+def embedding_scale(pipe: Any, words: str) -> list[float]:
+    """Per encoder, the RMS of the input-embedding entries of ``words``' tokens: the natural scale of
+    the vectors textual inversion trains on this base (a base's trained word rows, not its unused ones)."""
+    scales = []
+    for tok, te in text_encoders(pipe):
+        ids = [i for wid in _word_ids(tok, words, single=False) for i in wid]
+        with torch.no_grad():
+            rows = te.get_input_embeddings()(torch.tensor(ids, device=te.device)).float()
+        scales.append(float(rows.pow(2).mean().sqrt()))
+    return scales
+
+
+def init_candidates(pipe: Any, cfg: TextualInversionConfig) -> dict[str, list[torch.Tensor]]:
+    """The initialisations ``init`` allows, by name (``auto``: every one these inputs support)."""
+    kinds = [cfg.init] if cfg.init != "auto" else ["cross", "plain"] + (["names"] if cfg.names_file else [])
+    return {kind: initial_vectors(pipe, cfg, kind) for kind in kinds}
+
+
+def initial_vectors(pipe: Any, cfg: TextualInversionConfig, kind: str | None = None) -> list[torch.Tensor]:
+    """Per encoder, ``(n, D_e)`` starting vectors of initialisation ``kind`` (default ``cfg.init``; see
+    the module docstring; ``auto``'s first candidate is ``cross``). ``plain`` as a candidate of ``auto``
+    takes each word's mean token embedding."""
+    kind = kind or (cfg.init if cfg.init != "auto" else "cross")
     n = cfg.num_vectors
     pairs = text_encoders(pipe)
     words = cfg.init_words or cfg.class_word or ""
-    if cfg.init == "plain":
+    if kind == "plain":
         vecs = []
         for tok, te in pairs:
-            ids = []
-            for w in words.split():
-                wid = tok(w, add_special_tokens=False).input_ids
-                if len(wid) != 1:
-                    pieces = tok.convert_ids_to_tokens(wid)
-                    raise TrainingError(f"Plain textual inversion starts each vector from one token, but {w!r} is "
-                                        f"{len(wid)} tokens ({', '.join(pieces)}); pass one of them with "
-                                        "--init-words, or use --init cross, which accepts any text.")
-                ids.append(wid[0])
-            ids = (ids * n)[:n]
+            word_ids = _word_ids(tok, words, single=cfg.init == "plain")
             emb = te.get_input_embeddings()
             with torch.no_grad():
-                vecs.append(emb(torch.tensor(ids, device=te.device)).float().cpu())
+                rows = [emb(torch.tensor(wid, device=te.device)).float().mean(0) for wid in word_ids]
+            vecs.append(torch.stack((rows * n)[:n]).cpu())
         return vecs
-    if cfg.init == "cross":
+    if kind == "cross":
         text = _repeat_words(words, pairs[0][0], n)
         return [o[0, 1 : 1 + n].cpu() for o in _encoder_outputs(pipe, [text])]
     # names: average name columns in input-embedding space, then encode them.
@@ -166,7 +223,13 @@ class TextualInversionTrainer:
         if self.table.entries:
             raise TrainingError("Remove applied concepts from the pipeline before training.")
         self.tokens = placeholder_tokens(token, cfg.num_vectors)
-        self.init = initial_vectors(pipe, cfg)
+        self.candidates = init_candidates(pipe, cfg)
+        self.chosen = next(iter(self.candidates))  # until choose_init measures them
+        self.init = self.candidates[self.chosen]
+        self.init_scores: dict[str, float] = {}
+        words = cfg.init_words or cfg.class_word or ""
+        self.scales = embedding_scale(pipe, words) if words.strip() else [1.0] * len(text_encoders(pipe))
+        self.lrs = [cfg.lr if cfg.lr is not None else cfg.lr_scale * sc for sc in self.scales]
         self._frozen = freeze_pipeline(pipe)
         self.key = f"train:{token}"
         self.table.set(self.key, self.tokens, self.init)
@@ -183,7 +246,36 @@ class TextualInversionTrainer:
         return dict(zip(keys, self.params))
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": self.params, "lr": self.cfg.lr}]
+        """One group per text encoder, each at its own effective rate (see the module docstring)."""
+        return [{"params": [p], "lr": lr} for p, lr in zip(self.params, self.lrs)]
+
+    def choose_init(self, probe: Any, log: Any) -> None:
+        """Measured initialisation: the candidate whose vectors denoise the photos best on the probe's
+        fixed noises (lowest loss) starts training; every score is kept for the concept's metadata."""
+        if len(self.candidates) > 1:
+            for kind, vecs in self.candidates.items():
+                self._load(vecs)
+                self.init_scores[kind] = round(probe.loss(self), 6)
+            self.chosen = min(self.init_scores, key=lambda k: self.init_scores[k])
+            self.init = self.candidates[self.chosen]
+            self._load(self.init)
+            self._init_dev = [v.to(p.device) for v, p in zip(self.init, self.params)]
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in self.init_scores.items())
+            log(f"init: {self.chosen} (denoising loss of the photos: {scores})")
+        rates = ", ".join(f"{lr:.3g}" for lr in self.lrs)
+        how = "--lr" if self.cfg.lr is not None else \
+            f"{self.cfg.lr_scale:g} × embedding RMS " + ", ".join(f"{sc:.4f}" for sc in self.scales)
+        log(f"learning rate {rates} ({how})")
+
+    def _load(self, vectors: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.params, vectors):
+                p.copy_(v.to(p.device, p.dtype))
+
+    def record(self) -> dict[str, Any]:
+        """What the concept's ``studio.train`` keeps about this run beyond its config."""
+        return {"init_chosen": self.chosen, "init_scores": dict(self.init_scores),
+                "lr_effective": [round(lr, 8) for lr in self.lrs], "embedding_rms": [round(s, 6) for s in self.scales]}
 
     def text(self) -> str:
         return " ".join(self.tokens)
@@ -195,7 +287,7 @@ class TextualInversionTrainer:
         return encode_prompts(self.base.pipe, prompts, resolution=resolution, device=self.base.device)
 
     def extra_loss(self) -> torch.Tensor | None:
-        if self.cfg.init == "plain" or self.cfg.reg_weight <= 0:
+        if self.chosen != "cross" or self.cfg.reg_weight <= 0:  # Cross-Init's regulariser goes with its start
             return None
         reg = sum((p - v).norm(dim=-1).mean() for p, v in zip(self.params, self._init_dev))
         return self.cfg.reg_weight * reg

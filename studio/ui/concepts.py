@@ -11,6 +11,7 @@ from typing import Any
 
 from studio.errors import StudioError
 from studio.ui.common import UIContext, on
+from trainers.probe import verdict_text
 
 THUMB = 160
 
@@ -26,6 +27,7 @@ def cards(ctx: UIContext, query: str = "") -> list[dict[str, Any]]:
         if q and q not in text.lower():
             continue
         row["scores"] = _scores(info.metrics)
+        row["verdict"] = verdict_text(info.metrics if isinstance(info.metrics, dict) else {})
         row["preview"] = str(info.preview) if info.preview else None
         out.append(row)
     return out
@@ -65,7 +67,8 @@ def cards_html(rows: list[dict[str, Any]]) -> str:
             f"<code>{html.escape(r['trigger'])}</code> · {html.escape(r['method'] or '?')}"
             f"{(' · ' + html.escape(r['class_word'])) if r['class_word'] else ''}<br>"
             f"base {html.escape(r['base'] or '?')} ({html.escape(r['family'] or '?')}) · {r['size_kb']:g} KB<br>"
-            f"scores: {scores}<br>recommended strength: {strength}{err}</div></div>")
+            f"scores: {scores}<br>recommended strength: {strength}"
+            f"{('<br>' + html.escape(r['verdict'])) if r.get('verdict') else ''}{err}</div></div>")
     parts.append("</div>")
     return "".join(parts)
 
