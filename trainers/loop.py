@@ -60,7 +60,7 @@ class CommonTrainConfig:
     class_word: str | None = option(None, "what the subject is, e.g. dog", group="concept")
     templates: str = option("object", "prompt templates", choices=["object", "style"], group="concept")
     steps: int = option(500, "optimizer steps", group="training")
-    lr: float = option(1e-4, "learning rate given to the optimizer as is (never scaled by batch size)", group="training")
+    lr: float | None = option(1e-4, "learning rate given to the optimizer as is (never scaled by batch size)", group="training")
     batch_size: int = option(1, "images per step per process", group="training")
     grad_accum: int = option(1, "gradient accumulation steps", group="training")
     resolution: int | None = option(None, "training resolution (default: the base's native size)", group="training")
@@ -106,7 +106,9 @@ class CommonTrainConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}.")
-        if self.lr is not None and not (self.lr >= 0 and math.isfinite(self.lr)):  # None: the method derives it
+        if self.lr is None and not self.derives_lr():
+            raise TrainingError("Give --lr: this method has no rule to derive a learning rate from the base.")
+        if self.lr is not None and not (self.lr >= 0 and math.isfinite(self.lr)):
             raise TrainingError(f"lr must be a non-negative number, got {self.lr}.")
         if self.resolution is not None and self.resolution < 8:
             raise TrainingError(f"resolution must be at least 8 pixels, got {self.resolution}.")
@@ -128,6 +130,10 @@ class CommonTrainConfig:
         """Default trigger tokens to try in order when ``--token`` is not given; empty = derive one
         from ``--name`` / ``--class-word`` (see ``trainers.runner.choose_token``)."""
         return []
+
+    def derives_lr(self) -> bool:
+        """True when ``lr=None`` means the method derives the rate from the base (textual inversion)."""
+        return False
 
     def writes_folder(self) -> bool:
         """True when the result is a whole model written as a diffusers folder (``--out DIR``), not

@@ -53,6 +53,7 @@ from trainers.data import Example, load_image_folder
 from trainers.entry import TrainerEntry
 from trainers.freezing import freeze_pipeline, unfreeze
 from trainers.loop import CommonTrainConfig, PriorSet
+from trainers.output import finish_folder
 from trainers.templates import fill_templates
 
 # Rare identifiers that the CLIP BPE vocabulary holds as one or two tokens (the paper picks rare
@@ -74,7 +75,7 @@ class DreamBoothConfig(CommonTrainConfig):
     # fields; ``__post_init__`` always resolves them to numbers, as the base class's type promises.
     steps: int | None = option(None, "optimizer steps (default: 500 LoRA, 800 full)",  # type: ignore[assignment]
                                group="training")
-    lr: float | None = option(None,  # type: ignore[assignment]
+    lr: float | None = option(None,
                               "learning rate (default: 1e-4 LoRA; 5e-6 full, 2e-6 full with --train-text-encoder)",
                               group="training")
     full: bool = option(False, "fine-tune every UNet weight and write a diffusers folder (--out DIR) instead of a LoRA",
@@ -228,6 +229,10 @@ class _DreamBoothTrainer:
 
     def prior(self) -> PriorSet | None:
         return self._prior
+
+    def class_prompts(self, templates: list[str]) -> list[str]:
+        """What the probe compares the instance prompt with: the class prompt of prior preservation."""
+        return [self.cfg.class_text()] * len(templates)
 
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
         chosen = templates if self.cfg.use_templates else [self.cfg.instance_prompt] * len(examples)
@@ -398,13 +403,9 @@ class DreamBoothFullTrainer(_DreamBoothTrainer):
         shutil.rmtree(tmp, ignore_errors=True)
         with quiet_loading():  # no per-shard progress bars
             self.base.pipe.save_pretrained(str(tmp), safe_serialization=True)
-        (tmp / STUDIO_JSON).write_text(json.dumps({
+        return finish_folder(tmp, path, STUDIO_JSON, {
             "prompt_text": self.text, "tokens": record.tokens, "class_word": record.class_word,
-            "base": record.base, "train": record.train}, indent=2, sort_keys=True, default=str))
-        if path.is_dir():
-            path.rmdir()  # the runner allows only a missing or empty folder
-        os.replace(tmp, path)
-        return path
+            "base": record.base, "train": record.train})
 
     def teardown(self) -> None:
         """Idempotent: the base's weights are copied back bit for bit."""

@@ -77,6 +77,8 @@ class DenoisingProbe:
             latents, noise, t = latents.to(device), s.noise[sl].to(device), t.to(device)
             if concept:
                 prompts = trainer.prompts(s.templates[sl], [self.examples[int(i)] for i in idx])
+            elif hasattr(trainer, "class_prompts"):  # the method's own class prompt (DreamBooth's prior prompt)
+                prompts = trainer.class_prompts(s.templates[sl])
             else:
                 prompts = [" ".join(tpl.format(self.class_text).split()) for tpl in s.templates[sl]]
             cond = trainer.conditioning(prompts, self.resolution)

@@ -82,6 +82,9 @@ class TextualInversionConfig(CommonTrainConfig):
                                    path="file")
     reg_weight: float = option(1e-5, "λ of the Cross-Initialization regulariser mean‖e − e_init‖₂ (0 = off)", group="training")
 
+    def derives_lr(self) -> bool:
+        return True
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 1 <= self.num_vectors <= 75:

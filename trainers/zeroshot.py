@@ -22,7 +22,6 @@ Output: a folder that diffusers' ``load_ip_adapter(OUT, subfolder="", weight_nam
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +52,7 @@ from trainers.data import Example
 from trainers.entry import TrainerEntry
 from trainers.freezing import freeze_pipeline, unfreeze
 from trainers.loop import CommonTrainConfig
+from trainers.output import finish_folder
 
 STUDIO_JSON = "studio_adapter.json"
 RECORD_METHOD = "ip_adapter"  # the trainer's record (never saved as a concept: the result is a folder)
@@ -242,14 +242,10 @@ class AdapterTrainer:
                 if bars:
                     hf_logging.enable_progress_bar()
             encoder = "image_encoder"
-        (tmp / STUDIO_JSON).write_text(json.dumps({
+        return finish_folder(tmp, path, STUDIO_JSON, {
             "weight_name": WEIGHT_NAME, "kind": info.kind, "num_tokens": info.num_tokens,
             "image_encoder": encoder, "started_from": self.cfg.adapter,
-            "base": record.base, "train": record.train}, indent=2, sort_keys=True, default=str))
-        if path.is_dir():
-            path.rmdir()  # the runner allows only a missing or empty folder
-        os.replace(tmp, path)
-        return path
+            "base": record.base, "train": record.train})
 
     def teardown(self) -> None:
         """Idempotent: the hook leaves, the pipeline's weights are trainable again as before."""
