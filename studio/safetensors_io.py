@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,7 +140,8 @@ def q(text: Any, limit: int = 80) -> str:
 
 
 # -- JSON with a depth guard ---------------------------------------------------------------------------
-_BRACKET_BYTES = np.frombuffer(b"[]{}", dtype=np.uint8)
+_IS_BRACKET = np.zeros(256, dtype=bool)
+_IS_BRACKET[list(b"[]{}")] = True
 _SQUARE = bytes.maketrans(b"{}", b"[]")  # depth only: {…} counts as […] (mismatched pairs fail json.loads)
 _CHUNK = 4 * MIB
 
@@ -155,7 +155,7 @@ def _brackets_outside_strings(raw: bytes) -> bytes:
     for i in range(0, len(text), _CHUNK):
         a = np.frombuffer(text, dtype=np.uint8, count=min(_CHUNK, len(text) - i), offset=i)
         parity = np.bitwise_xor.accumulate((a == 34).view(np.uint8)) ^ inside  # 1 inside a string
-        out.append(a[(parity == 0) & np.isin(a, _BRACKET_BYTES)].tobytes())
+        out.append(a[(parity == 0) & _IS_BRACKET[a]].tobytes())
         inside = int(parity[-1])
     return b"".join(out).translate(_SQUARE)
 

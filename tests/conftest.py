@@ -16,6 +16,9 @@ import torch  # noqa: E402
 # several times slower on a loaded 2-core CI machine.
 torch.set_num_threads(1)
 
+# The job queue's databases (SQLite, a throw-away PostgreSQL cluster), as fixtures for every test module.
+from tests.jobs_backends import make_queue, pg_url, postgres_server, queue_url  # noqa: E402, F401
+
 
 def pytest_collection_modifyitems(config, items):
     """``slow`` tests are opt-in: deselected (not skipped) unless the ``-m`` expression names them
