@@ -1,12 +1,13 @@
 """The studio in the browser (Gradio) — also the Hugging Face Space entry point.
 
     python app.py [--base B] [--library DIR] [--port P] [--listen] [--share] [--auth user:pass]
-                  [--allow-path DIR ...]
+                  [--allow-path DIR ...] [--queue-url postgresql://…] [--storage PATH_OR_URL]
 
 Environment (what a Space sets instead of flags): ``STUDIO_BASE``, ``STUDIO_LIBRARY``, ``PORT`` /
 ``GRADIO_SERVER_PORT``, ``STUDIO_AUTH`` (``user:pass``), ``STUDIO_WORKER=0`` (no background
 training worker), ``STUDIO_MAX_FILE_SIZE`` (upload limit, default ``512mb``), ``STUDIO_ALLOW_PATHS``
-(``--allow-path`` folders separated by ``os.pathsep``).
+(``--allow-path`` folders separated by ``os.pathsep``), ``STUDIO_QUEUE_URL`` / ``STUDIO_STORAGE``
+(``--queue-url`` / ``--storage``: a shared PostgreSQL job queue and job storage, README "Queue on PostgreSQL").
 
 The page names no server path: files arrive as uploads, concepts by library name, and a base or a
 model (CLIP judge, IP-Adapter …) is a hub id, a named one (``demo``, ``tiny``, the adapter presets)
@@ -48,19 +49,24 @@ OFFLINE_BASES = ("demo", "tiny")
 
 
 def make_studio(base: str | None = None, library: str | None = None,
-                allow_paths: Sequence[str] | None = None) -> tuple[Studio, str]:
+                allow_paths: Sequence[str] | None = None, *, queue_url: str | None = None,
+                storage: str | None = None) -> tuple[Studio, str]:
     """Load the requested base; when it cannot be loaded, fall back to an offline base and say why
     (the returned banner is empty when the requested base loaded). ``allow_paths`` (default:
     ``STUDIO_ALLOW_PATHS``): the folders under which a request may name a local base or model; the
-    requested base itself, when it is a local path, is allowed too (exactly that file or folder)."""
+    requested base itself, when it is a local path, is allowed too (exactly that file or folder).
+    ``queue_url`` / ``storage`` (default: ``STUDIO_QUEUE_URL`` / ``STUDIO_STORAGE``, else beside the
+    library): the training queue's database and job storage."""
     wanted = base or os.environ.get("STUDIO_BASE") or DEFAULT_BASE
     lib = library or os.environ.get("STUDIO_LIBRARY") or "concepts"
+    queue = {"queue_url": queue_url or os.environ.get("STUDIO_QUEUE_URL") or None,
+             "jobs_storage": storage or os.environ.get("STUDIO_STORAGE") or None}
     allowed = list(allowed_from_env() if allow_paths is None else allow_paths)
     if os.path.exists(os.path.expanduser(wanted)):  # the operator's own --base, e.g. a local checkpoint
         allowed.append(wanted)
     errors: list[str] = []
     for spec in dict.fromkeys([wanted, *OFFLINE_BASES]):
-        studio = Studio(BaseSettings(base=spec), library=lib, allowed_paths=allowed)
+        studio = Studio(BaseSettings(base=spec), library=lib, allowed_paths=allowed, **queue)
         try:
             _ = studio.base
         except StudioError as err:
@@ -108,13 +114,14 @@ def train_chunk(seconds: float) -> str:
 
 # -- building and serving ----------------------------------------------------------------------------
 def create(base: str | None = None, library: str | None = None, *, worker: bool | None = None,
-           allow_paths: Sequence[str] | None = None) -> Any:
+           allow_paths: Sequence[str] | None = None, queue_url: str | None = None,
+           storage: str | None = None) -> Any:
     """Load the studio, build the UI and (unless ``worker`` is False or ``STUDIO_WORKER=0``, or on
     ZeroGPU where jobs run in GPU chunks) start the job worker thread. Returns the gradio Blocks.
-    ``allow_paths``: see :func:`make_studio`."""
+    ``allow_paths``, ``queue_url``, ``storage``: see :func:`make_studio`."""
     from studio.ui import Runners, build_app
 
-    studio, banner = make_studio(base, library, allow_paths)
+    studio, banner = make_studio(base, library, allow_paths, queue_url=queue_url, storage=storage)
     _SERVED["studio"] = studio
     runners = Runners(render=render, evaluate=evaluate, sweep=sweep, train_chunk=train_chunk if zero_gpu() else None)
     demo = build_app(studio, banner=banner, runners=runners)
@@ -180,6 +187,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="a folder under which the page may name a local base or model (a diffusers folder, a "
                     ".safetensors file, a CLIP or IP-Adapter folder); repeatable (default: STUDIO_ALLOW_PATHS, "
                     f"folders separated by {os.pathsep!r}; else none: hub ids, demo / tiny and uploads only)")
+    ap.add_argument("--queue-url", default=None, metavar="URL", help="the training queue's database: "
+                    "postgresql://user@host/db, shared with workers on other machines (default: STUDIO_QUEUE_URL, "
+                    "else SQLite beside the library)")
+    ap.add_argument("--storage", default=None, metavar="PATH_OR_URL", help="where job folders go: a path every "
+                    "worker reaches, or an fsspec URL such as s3://bucket/jobs (default: STUDIO_STORAGE, else "
+                    "LIBRARY/.jobs)")
     return ap.parse_args(argv)
 
 
@@ -188,7 +201,8 @@ def main(argv: list[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     if (args.listen or args.share) and not auth:
         print("warning: the studio is reachable by others (--listen/--share) without --auth.", file=sys.stderr)
-    demo = create(args.base, args.library, worker=False if args.no_worker else None, allow_paths=args.allow_paths)
+    demo = create(args.base, args.library, worker=False if args.no_worker else None, allow_paths=args.allow_paths,
+                  queue_url=args.queue_url, storage=args.storage)
 
     def terminate(signum: int, frame: Any) -> None:
         worker = _SERVED.get("worker")

@@ -28,9 +28,12 @@ class Studio:
     """
 
     def __init__(self, settings: BaseSettings | None = None, library: str | Path = DEFAULT_LIBRARY,
-                 base: BaseModel | None = None, allowed_paths: Sequence[str | Path] = ()):
+                 base: BaseModel | None = None, allowed_paths: Sequence[str | Path] = (), *,
+                 queue_url: str | None = None, jobs_storage: str | None = None):
         self.settings = settings or BaseSettings()
         self.library = Library(library)
+        # The training queue's database and job storage (default: SQLite and folders beside the library).
+        self.queue_url, self.jobs_storage = queue_url, jobs_storage
         # Local paths a web request may name for a model or base (app.py --allow-path; default: none).
         self.allowed_paths: tuple[Path, ...] = allowed_folders(allowed_paths)
         self._base = base
@@ -51,7 +54,7 @@ class Studio:
         ``python -m studio jobs work``)."""
         with self._lock:
             if self._jobs is None:
-                self._jobs = JobQueue(self.library)
+                self._jobs = JobQueue(self.library, url=self.queue_url, storage=self.jobs_storage)
             return self._jobs
 
     def switch_base(self, settings: BaseSettings) -> BaseModel:

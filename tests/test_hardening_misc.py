@@ -87,17 +87,15 @@ def test_a_killed_writers_temp_file_is_removed_when_the_library_opens_a_live_one
         sleeper.wait()
 
 
-def test_job_folders_are_swept_when_the_queue_opens(tmp_path):
-    from studio.jobs import JobQueue
-
-    queue = JobQueue(tmp_path / "lib")
+def test_job_folders_are_swept_when_the_queue_opens(tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib")
     previews = queue.job_folder(7) / "previews"
     previews.mkdir(parents=True)
     dead = _temp(previews, "step-000003.png", GHOST_PID)
     live = _temp(previews, "step-000004.png", os.getpid())
     publish = temp_path(tmp_path / "lib" / "cat.safetensors", "job-7")  # an interrupted publish, by name
     assert publish.name.startswith(".cat.safetensors.job-7.") and not is_stale_temporary(publish)
-    JobQueue(tmp_path / "lib")
+    make_queue(tmp_path / "lib")
     assert not dead.exists() and live.exists()
 
 
@@ -116,10 +114,8 @@ def test_saved_files_get_the_mode_of_a_plain_write(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_deaths_between_new_checkpoints_do_not_fail_a_job_deaths_at_the_same_step_do(tmp_path):
-    from studio.jobs import JobQueue
-
-    queue = JobQueue(tmp_path / "lib", max_attempts=2)
+def test_deaths_between_new_checkpoints_do_not_fail_a_job_deaths_at_the_same_step_do(tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib", max_attempts=2)  # on both databases (tests/jobs_backends.py)
     cfg = dict(images=str(_photos(tmp_path / "photos")), class_word="cat", steps=40, batch_size=1)
     job = queue.submit(TI, cfg, "tiny")
     for life, step in enumerate((4, 8, 12, 16)):  # each life checkpoints further, then the worker dies

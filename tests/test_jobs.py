@@ -1,4 +1,7 @@
-"""The training-job queue: order, failures, pause/resume, kill -9 and restart, concurrent workers."""
+"""The training-job queue: order, failures, pause/resume, kill -9 and restart, concurrent workers.
+
+Every test runs on both databases (``queue_url``: SQLite beside the library, PostgreSQL —
+tests/jobs_backends.py); ``make_queue`` opens a queue on the test's one."""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -18,7 +20,7 @@ import torch
 from PIL import Image
 
 from studio.errors import StudioError
-from studio.jobs import JobQueue, Worker, start_worker_process
+from studio.jobs import Worker, start_worker_process
 from studio.methods import load_concept
 from tests.helpers import write_photos
 from trainers import get_trainer
@@ -80,8 +82,8 @@ def _state_events(queue, job_id, state):
     return [e for e in queue.events(job_id, kinds=["state"]) if e.data["state"] == state]
 
 
-def test_jobs_run_in_order_and_cancel_and_failure_do_not_stop_the_queue(images, loader, tmp_path):
-    queue = JobQueue(tmp_path / "lib")
+def test_jobs_run_in_order_and_cancel_and_failure_do_not_stop_the_queue(images, loader, tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib")
     source = tmp_path / "src"
     shutil.copytree(images, source)
     broken = tmp_path / "broken"
@@ -110,8 +112,8 @@ def test_jobs_run_in_order_and_cancel_and_failure_do_not_stop_the_queue(images, 
     assert loader.calls == ["tiny"] * 2  # b reused a's base; c reloaded it (a failure may leave it dirty)
 
 
-def test_invalid_settings_are_refused_at_submit(images, tmp_path):
-    queue = JobQueue(tmp_path / "lib")
+def test_invalid_settings_are_refused_at_submit(images, tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib")
     with pytest.raises(StudioError, match="steps must be at least 1"):
         queue.submit(TI, _cfg(images, steps=0), "tiny")
     with pytest.raises(StudioError, match="no setting"):
@@ -126,8 +128,8 @@ def test_invalid_settings_are_refused_at_submit(images, tmp_path):
     assert queue.list() == [queue.get(first.id), queue.get(second.id)]
 
 
-def test_pause_and_resume_continue_bit_identically(images, loader, tiny, tmp_path):
-    queue = JobQueue(tmp_path / "lib")
+def test_pause_and_resume_continue_bit_identically(images, loader, tiny, tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib")
     job = queue.submit(TI, _cfg(images, name="p", steps=6, checkpoint_every=4, preview_every=3), "tiny")
 
     class PauseAtTwo(TrainCallbacks):
@@ -156,8 +158,8 @@ def test_pause_and_resume_continue_bit_identically(images, loader, tiny, tmp_pat
     assert not (done.folder / "checkpoints").exists()  # only a resume needed them
 
 
-def test_stopping_a_worker_puts_its_job_back_in_the_queue(images, loader, tmp_path):
-    queue = JobQueue(tmp_path / "lib")
+def test_stopping_a_worker_puts_its_job_back_in_the_queue(images, loader, tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib")
     job = queue.submit(TI, _cfg(images, name="s", steps=4), "tiny")
 
     class StopAtTwo(TrainCallbacks):
@@ -174,8 +176,8 @@ def test_stopping_a_worker_puts_its_job_back_in_the_queue(images, loader, tmp_pa
     assert any("resuming at step 2" in e.text() for e in queue.events(job.id, kinds=["log"]))
 
 
-def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(images, tmp_path):
-    queue = JobQueue(tmp_path / "lib", max_attempts=2)
+def test_a_job_whose_worker_keeps_dying_fails_instead_of_looping(images, tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib", max_attempts=2)
     job = queue.submit(TI, _cfg(images, name="oom"), "tiny")
     for attempt in (1, 2):
         assert queue.claim("doomed", "cpu", pid=GHOST_PID).id == job.id  # then the process "dies"
@@ -188,12 +190,12 @@ def _env():
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error")
 
 
-def test_kill_9_mid_job_then_restart_finishes_with_the_same_concept(images, loader, tiny, tmp_path):
+def test_kill_9_mid_job_then_restart_finishes_with_the_same_concept(images, loader, tiny, tmp_path, make_queue):
     lib = tmp_path / "lib"
-    queue = JobQueue(lib)
+    queue = make_queue(lib)
     job = queue.submit(TI, _cfg(images, name="k", steps=20, checkpoint_every=4), "tiny")
-    proc = start_worker_process(lib, device="cpu", once=True, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT)
+    proc = start_worker_process(lib, device="cpu", once=True, queue_url=queue.url, cwd=REPO, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 120
         while not queue.events(job.id, kinds=["checkpoint"]):  # the first checkpoint (step 4) is on disk
@@ -207,7 +209,7 @@ def test_kill_9_mid_job_then_restart_finishes_with_the_same_concept(images, load
     assert killed.state == "running" and 4 <= killed.step < 20, (killed.state, killed.step)
 
     # A new process tree: state is only in SQLite and the job folder (one thread, like the killed worker).
-    queue = JobQueue(lib)
+    queue = make_queue(lib)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -224,8 +226,8 @@ def test_kill_9_mid_job_then_restart_finishes_with_the_same_concept(images, load
     assert _library_files(queue) == ["k.safetensors"]
 
 
-def test_restart_after_training_or_publishing_completes_without_training_again(images, loader, tmp_path):
-    queue = JobQueue(tmp_path / "lib")
+def test_restart_after_training_or_publishing_completes_without_training_again(images, loader, tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib")
     job = queue.submit(TI, _cfg(images, name="once"), "tiny")
     Worker(queue, load_base=loader).run(once=True)
     published = Path(queue.get(job.id).result)
@@ -235,14 +237,14 @@ def test_restart_after_training_or_publishing_completes_without_training_again(i
         """The row as a worker that died before marking the job done leaves it."""
         if not publish:
             published.unlink()
-        with sqlite3.connect(queue.db_path) as conn:
-            conn.execute("UPDATE jobs SET state = 'running', worker = 'ghost', worker_pid = ?, worker_host = ?, "
-                         "run_device = 'cpu', heartbeat = ?, result = NULL, finished = NULL WHERE id = ?",
-                         (GHOST_PID, queue.host, time.time(), job.id))
+        with queue.backend.write() as tx:
+            tx.execute("UPDATE jobs SET state = 'running', worker = 'ghost', worker_pid = ?, worker_host = ?, "
+                       "run_device = 'cpu', heartbeat = ?, result = NULL, finished = NULL WHERE id = ?",
+                       (GHOST_PID, queue.host, time.time(), job.id))
 
     for publish in (True, False):
         die_after(publish=publish)
-        restarted = JobQueue(tmp_path / "lib")
+        restarted = make_queue(tmp_path / "lib")
         seen = max(e.seq for e in restarted.events(job.id))
         calls = len(loader.calls)
         Worker(restarted, load_base=loader).run(once=True)
@@ -256,7 +258,7 @@ def test_restart_after_training_or_publishing_completes_without_training_again(i
 RACER = """
 import json, sys, time
 from studio.jobs.queue import JobQueue
-queue, start, device = JobQueue(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+queue, start, device = JobQueue(sys.argv[1], url=sys.argv[4] or None), float(sys.argv[2]), sys.argv[3]
 time.sleep(max(0.0, start - time.time()))
 got = []
 while (job := queue.claim("racer-" + device, device)) is not None:
@@ -266,13 +268,14 @@ print(json.dumps(got))
 """
 
 
-def test_workers_started_at_once_never_take_the_same_job(images, tmp_path):
-    queue = JobQueue(tmp_path / "lib")
+def test_workers_started_at_once_never_take_the_same_job(images, tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib")
     ids = [queue.submit(TI, _cfg(images, name=f"r{i}"), "tiny").id for i in range(12)]
     script = tmp_path / "racer.py"
     script.write_text(RACER)
     start = time.time() + 1.5  # the racers import no torch: they start in well under that
-    procs = [subprocess.Popen([sys.executable, str(script), str(queue.library.folder), str(start), f"dev{i}"],
+    procs = [subprocess.Popen([sys.executable, str(script), str(queue.library.folder), str(start), f"dev{i}",
+                               queue.url or ""],
                               cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(3)]
     claimed = []
     for p in procs:
@@ -284,10 +287,10 @@ def test_workers_started_at_once_never_take_the_same_job(images, tmp_path):
     assert all(j.attempts == 1 and j.state == "done" for j in queue.list())
 
 
-def test_two_workers_on_one_device_take_turns(images, loader, tmp_path):
-    queue = JobQueue(tmp_path / "lib")
+def test_two_workers_on_one_device_take_turns(images, loader, tmp_path, make_queue):
+    queue = make_queue(tmp_path / "lib")
     ids = [queue.submit(TI, _cfg(images, name=f"t{i}", steps=2), "tiny").id for i in range(3)]
-    workers = [Worker(JobQueue(tmp_path / "lib"), device="cpu", load_base=loader) for _ in range(2)]
+    workers = [Worker(make_queue(tmp_path / "lib"), device="cpu", load_base=loader) for _ in range(2)]
     threads = [threading.Thread(target=w.run, kwargs={"once": True}) for w in workers]
     for t in threads:
         t.start()
@@ -299,7 +302,7 @@ def test_two_workers_on_one_device_take_turns(images, loader, tmp_path):
     assert all(end < next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))  # never two at once
 
 
-def test_cli_submit_queue_list_pause_cancel_and_work(images, tmp_path, capsys):
+def test_cli_submit_queue_list_pause_cancel_and_work(images, tmp_path, capsys, queue_url):
     from studio.cli import main
 
     lib = str(tmp_path / "lib")
@@ -331,12 +334,12 @@ def test_cli_submit_queue_list_pause_cancel_and_work(images, tmp_path, capsys):
     assert (tmp_path / "lib" / "one.safetensors").is_file()  # the concept stays in the library
 
 
-def test_a_whole_model_job_publishes_its_folder_once(images, loader, tmp_path):
+def test_a_whole_model_job_publishes_its_folder_once(images, loader, tmp_path, make_queue):
     try:
         get_trainer("dreambooth")
     except StudioError:
         pytest.skip("no whole-model trainer registered")
-    queue = JobQueue(tmp_path / "lib")
+    queue = make_queue(tmp_path / "lib")
     out = tmp_path / "models" / "dog"
     job = queue.submit("dreambooth", _cfg(images, class_word="dog", steps=2, full=True, prior_preservation=False,
                                           out=str(out)), "tiny")

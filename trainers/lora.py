@@ -48,6 +48,7 @@ from studio.methods.lora.keys import (
     te_path,
 )
 from studio.methods.runtime import text_encoders, token_table
+from studio.models.profile import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from trainers.conditioning import Conditioning, encode_prompts
 from trainers.data import Example, load_image_folder
 from trainers.entry import TrainerEntry
@@ -99,7 +100,7 @@ class DreamBoothConfig(CommonTrainConfig):
                                      path="folder")
     class_cache_dir: str | None = option(None, "class-image cache (default: ~/.cache/studio/class_images)", group="prior")
     class_steps: int = option(30, "sampling steps per generated class image", group="prior")
-    class_guidance: float = option(7.5, "guidance scale of generated class images", group="prior")
+    class_guidance: float = option(DEFAULT_GUIDANCE, "guidance scale of generated class images", group="prior")
     class_batch_size: int = option(4, "class images generated per pipeline call", group="prior")
     cache_text_embeddings: bool = option(True, "encode each prompt once when the text encoder is frozen", group="memory")
 
@@ -161,7 +162,7 @@ def class_image_folder(base: Any, prompt: str, resolution: int, root: str | os.P
 
 @torch.no_grad()
 def ensure_class_images(base: Any, prompt: str, resolution: int, count: int, *, root: str | os.PathLike[str] | None = None,
-                        steps: int = 30, guidance: float = 7.5, batch_size: int = 4) -> list[Path]:
+                        steps: int = DEFAULT_STEPS, guidance: float = DEFAULT_GUIDANCE, batch_size: int = 4) -> list[Path]:
     """The paths of ``count`` class images, generating only the missing ones.
 
     Image ``i`` is sampled from a generator seeded with ``i``, so a cache grows consistently (100

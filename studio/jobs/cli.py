@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -15,6 +16,23 @@ from collections.abc import Callable
 from typing import Any
 
 Flags = Callable[[argparse.ArgumentParser], None]
+
+
+def queue_flags(p: argparse.ArgumentParser) -> None:
+    """``--queue-url`` and ``--storage``: where the queue and the job folders are (default: beside the library)."""
+    p.add_argument("--queue-url", default=os.environ.get("STUDIO_QUEUE_URL") or None, metavar="URL",
+                   help="the job queue's database: postgresql://user@host/db for workers on several machines "
+                        "(default: STUDIO_QUEUE_URL, else SQLite in LIBRARY/.jobs)")
+    p.add_argument("--storage", default=os.environ.get("STUDIO_STORAGE") or None, metavar="PATH_OR_URL",
+                   help="where job folders (datasets, checkpoints) go: a path every worker can reach, or an fsspec "
+                        "URL such as s3://bucket/jobs (default: STUDIO_STORAGE, else LIBRARY/.jobs)")
+
+
+def open_queue(ns: argparse.Namespace, **kw: Any) -> Any:
+    """The :class:`~studio.jobs.queue.JobQueue` the flags name."""
+    from studio.jobs.queue import JobQueue
+
+    return JobQueue(ns.library, url=getattr(ns, "queue_url", None), storage=getattr(ns, "storage", None), **kw)
 
 
 def add_parser(sub: Any, *, base_flags: Flags, library_flag: Flags) -> None:
@@ -31,16 +49,19 @@ def add_parser(sub: Any, *, base_flags: Flags, library_flag: Flags) -> None:
         p = ssub.add_parser(entry.cli_name, help=entry.help, description=entry.help)
         base_flags(p)
         library_flag(p)
+        queue_flags(p)
         p.add_argument("--priority", type=int, default=0, help="higher runs first (default: 0, submission order)")
         add_cli_arguments(entry, p)
 
     p = jsub.add_parser("list", help="list jobs")
     library_flag(p)
+    queue_flags(p)
     p.add_argument("--state", action="append", default=None, help="only jobs in this state (repeatable)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = jsub.add_parser("show", help="one job: settings, progress, recent log")
     library_flag(p)
+    queue_flags(p)
     p.add_argument("id", type=int)
     p.add_argument("--follow", action="store_true", help="print its events as they happen, until it ends")
 
@@ -50,49 +71,57 @@ def add_parser(sub: Any, *, base_flags: Flags, library_flag: Flags) -> None:
                              ("rm", "delete jobs that are not running, with their folders")):
         p = jsub.add_parser(action, help=helptext)
         library_flag(p)
+        queue_flags(p)
         p.add_argument("ids", type=int, nargs="+", metavar="ID")
 
     p = jsub.add_parser("work", help="run queued jobs on one device (headless; Ctrl-C or SIGTERM stop cleanly)")
     library_flag(p)
+    queue_flags(p)
     p.add_argument("--device", default=None, help="cuda, cuda:N, mps or cpu (default: best available)")
     p.add_argument("--once", action="store_true", help="exit when the queue is empty instead of waiting for jobs")
+    p.add_argument("--lease", type=float, default=None, metavar="SECONDS",
+                   help="a job this worker runs is taken back after this long without a heartbeat (default: 60)")
+    p.add_argument("--machine", default=None, metavar="NAME",
+                   help="this machine's name in the queue: one job per device per machine (default: the host name)")
+    p.add_argument("--work-dir", default=None, metavar="DIR",
+                   help="local working copies of jobs kept in URL storage (default: ~/.cache/studio/jobs)")
 
 
 def submit(entry: Any, ns: argparse.Namespace, settings: Any) -> int:
     """``jobs submit METHOD …`` and ``train METHOD … --queue``: print the new job's id."""
-    from studio.jobs.queue import JobQueue
     from trainers.runner import config_from_cli
 
     cfg = config_from_cli(entry, ns, settings)
-    queue = JobQueue(ns.library)
-    job = queue.submit(entry.cli_name, cfg, settings, priority=getattr(ns, "priority", 0) or 0)
+    with open_queue(ns) as queue:
+        job = queue.submit(entry.cli_name, cfg, settings, priority=getattr(ns, "priority", 0) or 0)
     print(job.id)
+    where = f" --queue-url {queue.where}" if queue.url else ""
     print(f"queued job {job.id}: {job.name} {job.token}, {job.total} steps on {job.base['base']} "
-          f"(run the queue with `python -m studio jobs work --library {queue.library.folder}`)", file=sys.stderr)
+          f"(run the queue with `python -m studio jobs work --library {queue.library.folder}{where}`)", file=sys.stderr)
     return 0
 
 
 def run(ns: argparse.Namespace, settings: Any = None) -> int:
-    from studio.jobs.queue import JobQueue
-
     if ns.action == "submit":
         from trainers import get_trainer
 
         return submit(get_trainer(ns.method), ns, settings)
-    queue = JobQueue(ns.library)
-    if ns.action == "list":
-        return _list(queue, ns)
-    if ns.action == "show":
-        return _show(queue, ns.id, ns.follow)
     if ns.action == "work":
-        return _work(queue, ns)
-    for job_id in ns.ids:
-        if ns.action == "rm":
-            queue.remove(job_id)
-            print(f"removed job {job_id}")
-            continue
-        job = getattr(queue, ns.action)(job_id)
-        print(f"job {job.id}: {job.state}" + (f" ({job.request} requested)" if job.request else ""))
+        extra = {"work_dir": ns.work_dir, "host": ns.machine} | ({"lease": ns.lease} if ns.lease else {})
+        with open_queue(ns, **extra) as queue:
+            return _work(queue, ns)
+    with open_queue(ns) as queue:
+        if ns.action == "list":
+            return _list(queue, ns)
+        if ns.action == "show":
+            return _show(queue, ns.id, ns.follow)
+        for job_id in ns.ids:
+            if ns.action == "rm":
+                queue.remove(job_id)
+                print(f"removed job {job_id}")
+                continue
+            job = getattr(queue, ns.action)(job_id)
+            print(f"job {job.id}: {job.state}" + (f" ({job.request} requested)" if job.request else ""))
     return 0
 
 
@@ -103,7 +132,7 @@ def _list(queue: Any, ns: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print(f"no jobs in {queue.root}")
+        print(f"no jobs in {queue.root if queue.url is None else queue.where}")
         return 0
     cols = ["id", "state", "method", "name", "trigger", "progress", "loss", "eta_s", "base"]
     text = [[("" if r[c] is None else str(r[c])) for c in cols] for r in rows]
@@ -150,7 +179,7 @@ def _work(queue: Any, ns: argparse.Namespace) -> int:
     saved = {}
     if threading.current_thread() is threading.main_thread():
         saved = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-    print(f"worker {worker.id}: {queue.root}", file=sys.stderr)
+    print(f"worker {worker.id}: {queue.root if queue.url is None else queue.where}", file=sys.stderr)
     try:
         ran = worker.run(once=ns.once)
     finally:

@@ -1,6 +1,7 @@
 """Running one claimed job: train into its folder with checkpoints, then publish the concept once.
 
-The job folder (``<library>/.jobs/job-NNNNNN/``)::
+The job folder (``<library>/.jobs/job-NNNNNN/``, or the working copy of one in remote storage:
+:mod:`studio.jobs.storage`)::
 
     job.json               what was submitted (trainer, base settings, full config)
     dataset/               the copy of the image folder the job trains on
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, cast
 from studio.errors import StudioError
 from studio.jobs.prepare import CHECKPOINTS, PREVIEWS, default_checkpoint_every
 from studio.jobs.queue import Job, JobQueue
+from studio.jobs.storage import JobStorage
 
 if TYPE_CHECKING:
     from trainers.loop import TrainCallbacks, TrainControl
@@ -96,11 +98,13 @@ class JobCallbacks:
             path = self.job.folder / PREVIEWS / (f"step-{step:06d}.png" if i == 0 else f"step-{step:06d}-{i}.png")
             with atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")
+            self.queue.storage.push(self.job.id, self.job.location, path)
             self.queue.log(self.job.id, "preview", {"step": step, "path": str(path)}, preview=str(path))
         self._forward("on_preview", step, images)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.flush()
+        self.queue.storage.push(self.job.id, self.job.location, path)  # in shared storage before it is recorded
         self.queue.log(self.job.id, "checkpoint", {"step": step, "path": str(path)})
         self._forward("on_checkpoint", step, path)
 
@@ -213,10 +217,12 @@ def latest_preview(job: Job) -> Path | None:
 
 def train_job(queue: JobQueue, job: Job, *, base_for: Callable[[dict[str, Any]], Any], callbacks: JobCallbacks,
               control: JobControl) -> Path:
-    """Steps 1–2: the finished concept in the job folder (trained, or found from before a restart)."""
+    """Steps 1–2: the finished concept in the job folder (trained, or found from before a restart). A job
+    in remote storage is first brought to this machine (inputs, the newest recorded checkpoint, a finished result)."""
     from trainers import get_trainer
     from trainers.runner import train
 
+    queue.storage.fetch(job.id, job.location, queue.last_checkpoint(job.id))
     clean_temporaries(job.folder)
     finished = finished_output(job)
     if finished is not None:
@@ -233,6 +239,7 @@ def train_job(queue: JobQueue, job: Job, *, base_for: Callable[[dict[str, Any]],
     finished = finished_output(job)
     if finished is None:
         raise StudioError(f"Training ended without writing {cfg.out}.")
+    queue.storage.push(job.id, job.location, finished)
     return finished
 
 
@@ -279,9 +286,13 @@ def publish(job: Job, finished: Path) -> Path:
     return dest
 
 
-def tidy_done(job: Job) -> None:
+def tidy_done(job: Job, storage: JobStorage | None = None) -> None:
     """After the job is marked done: drop what only a resume needed (checkpoints; a model folder's
-    working copy — a full fine-tune's are gigabytes). The concept file, dataset and previews stay."""
+    working copy — a full fine-tune's are gigabytes), also from shared storage. The concept file,
+    dataset and previews stay."""
+    if storage is not None:
+        storage.drop(job.id, job.location, CHECKPOINTS, MODEL)
+        return
     shutil.rmtree(job.folder / CHECKPOINTS, ignore_errors=True)
     shutil.rmtree(job.folder / MODEL, ignore_errors=True)
 

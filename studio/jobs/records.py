@@ -1,5 +1,6 @@
-"""The job queue's data model: states, the SQLite schema, :class:`Job` and :class:`JobEvent`,
-and the host/process helpers a lease is judged with (from :mod:`studio.atomic`). No torch, no I/O."""
+"""The job queue's data model: states, :class:`Job` and :class:`JobEvent`, and the host/process
+helpers a lease is judged with (from :mod:`studio.atomic`); the tables are in :mod:`studio.jobs.schema`.
+No torch, no I/O."""
 
 from __future__ import annotations
 
@@ -19,54 +20,8 @@ EventKind = Literal["state", "progress", "log", "preview", "checkpoint"]
 
 JOBS_DIR = ".jobs"
 DB_NAME = "jobs.sqlite"
-SCHEMA_VERSION = 1
 DEFAULT_LEASE = 60.0  # seconds without a heartbeat before a running job counts as abandoned
 DEFAULT_MAX_ATTEMPTS = 3
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    trainer     TEXT    NOT NULL,              -- TrainerEntry.cli_name
-    name        TEXT    NOT NULL,              -- the concept's name
-    token       TEXT    NOT NULL,              -- its trigger token
-    destination TEXT    NOT NULL,              -- absolute path the finished concept is published to
-    state       TEXT    NOT NULL CHECK (state IN ('queued','running','paused','done','failed','cancelled')),
-    request     TEXT    CHECK (request IN ('pause','cancel')),  -- asked of the worker running it
-    priority    INTEGER NOT NULL DEFAULT 0,    -- higher first, then submission order
-    device      TEXT,                          -- device asked for; NULL = any worker
-    base        TEXT    NOT NULL,              -- JSON: base settings (spec, device, dtype, ...)
-    config      TEXT    NOT NULL,              -- JSON: the method's full config dataclass
-    inputs      TEXT    NOT NULL,              -- JSON: config field -> path inside the job folder
-    source      TEXT    NOT NULL,              -- the image folder as submitted (the job trains on a copy)
-    worker      TEXT,                          -- id of the worker holding the job (while running)
-    worker_pid  INTEGER,
-    worker_host TEXT,
-    run_device  TEXT,                          -- the device it runs on (while running)
-    heartbeat   REAL,                          -- unix time of the worker's last sign of life
-    attempts    INTEGER NOT NULL DEFAULT 0,    -- claims since it last stopped cleanly or died after a new checkpoint
-    step        INTEGER NOT NULL DEFAULT 0,
-    total       INTEGER NOT NULL,
-    loss        REAL,
-    eta         REAL,                          -- seconds left (while running)
-    preview     TEXT,                          -- latest preview image
-    result      TEXT,                          -- the published concept (done)
-    error       TEXT,                          -- why it failed
-    created     REAL    NOT NULL,
-    started     REAL,
-    updated     REAL    NOT NULL,
-    finished    REAL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_running_per_device ON jobs(run_device) WHERE state = 'running';
-CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, priority, id);
-CREATE TABLE IF NOT EXISTS events (
-    seq   INTEGER PRIMARY KEY AUTOINCREMENT,   -- global order; poll with after=<last seq seen>
-    job   INTEGER NOT NULL,
-    time  REAL    NOT NULL,
-    kind  TEXT    NOT NULL,                    -- state | progress | log | preview | checkpoint
-    data  TEXT    NOT NULL                     -- JSON
-);
-CREATE INDEX IF NOT EXISTS events_by_job ON events(job, seq);
-"""
 
 
 def device_key(device: str | None) -> str | None:
@@ -142,6 +97,8 @@ class Job:
     started: float | None
     updated: float
     finished: float | None
+    lease: float | None = None  # the lease its worker promised (seconds between heartbeats at most)
+    location: str | None = None  # where its files live in shared storage: a path or an fsspec URL
 
     @property
     def terminal(self) -> bool:

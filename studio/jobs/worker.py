@@ -58,7 +58,9 @@ class Worker:
             progress printer).
         load_base: how to load a job's base (default :func:`load_job_base`; tests pass a cached one).
         heartbeat_every: seconds between lease renewals (default: a quarter of the queue's lease).
-        poll_max: the longest sleep between looks at an empty queue (the sleep grows from 50 ms).
+        poll_max: the longest sleep between looks at an empty queue (the sleep grows from 50 ms). On
+            PostgreSQL a change wakes the worker at once, and it looks again at least every quarter
+            lease (a worker that dies elsewhere sends nothing).
         report: called with one line when a job starts and ends (the CLI prints it).
     """
 
@@ -73,6 +75,7 @@ class Worker:
         self.load_base = load_base or load_job_base
         self.heartbeat_every = heartbeat_every or min(10.0, queue.lease / 4)
         self.poll_max = poll_max
+        self.idle_max = max(poll_max, min(30.0, queue.lease / 4)) if queue.pushes_changes else poll_max
         self.report = report or (lambda message: None)
         self.current: int | None = None  # the job being run
         self._stop = threading.Event()
@@ -102,15 +105,21 @@ class Worker:
         ran, delay = 0, 0.05
         try:
             while not self._stop.is_set():
-                # Look before taking the write lock: an idle worker only reads.
-                wanted = self.queue.has_queued(self.device) or self.queue.recover()
-                job = self.queue.claim(self.id, self.device) if wanted else None
+                seen = self.queue.changes()
+                try:  # look before taking the write lock: an idle worker only reads
+                    wanted = self.queue.has_queued(self.device) or self.queue.recover()
+                    job = self.queue.claim(self.id, self.device) if wanted else None
+                except StudioError as err:  # the database is unreachable or busy for a moment: wait, look again
+                    self.report(f"cannot read the queue ({err}); trying again in {self.idle_max:.0f} s")
+                    self._stop.wait(self.idle_max)
+                    continue
                 if job is None:
                     self._release_base()  # idle: give the memory back
                     if once and not self.queue.has_queued(self.device):
                         break
-                    self.queue.wait_for_change(delay)  # woken early by changes made in this process
-                    delay = min(delay * 2, self.poll_max)
+                    # Woken by a change (any process's on PostgreSQL, this process's on SQLite).
+                    self.queue.wait_for_change(delay, since=seen)
+                    delay = min(delay * 2, self.idle_max)
                     continue
                 delay = 0.05
                 self.report(f"job {job.id} ({job.trainer}, {job.name}): running on {self.device}")
@@ -142,10 +151,12 @@ class Worker:
                 dest = publish(job, finished)
                 if not self.queue.finish(job.id, self.id, str(dest), note=verdict_of(dest)):
                     return self._lost(job)
-                tidy_done(job)
+                tidy_done(job, self.queue.storage)
                 return "done"
         except TrainingStopped as stopped:
             callbacks.flush()
+            if stopped.checkpoint is not None and self.queue.storage.remote and not lost.is_set():
+                callbacks.on_checkpoint(stopped.step, stopped.checkpoint)  # uploaded, so another machine resumes it
             return self._stopped(job, stopped.reason, stopped.step, lost)
         except Exception as err:  # continue-on-error: the job fails, the worker goes on
             self._release_base()  # a failure may leave the pipeline half-modified
@@ -206,13 +217,16 @@ class Worker:
 
 
 def start_worker_process(library: str | os.PathLike[str], *, device: str | None = None, once: bool = False,
-                         **popen: Any) -> subprocess.Popen[bytes]:
-    """Start ``python -m studio jobs work`` for ``library`` in a subprocess (``popen``: extra
-    :class:`subprocess.Popen` arguments, e.g. ``stdout``). Stop it with ``proc.terminate()``: the
-    running job checkpoints and goes back to the queue."""
+                         queue_url: str | None = None, storage: str | None = None, machine: str | None = None,
+                         lease: float | None = None, **popen: Any) -> subprocess.Popen[bytes]:
+    """Start ``python -m studio jobs work`` for ``library`` in a subprocess (``queue_url``, ``storage``,
+    ``machine``, ``lease``: its flags; ``popen``: extra :class:`subprocess.Popen` arguments, e.g.
+    ``stdout``). Stop it with ``proc.terminate()``: the running job checkpoints and goes back to the queue."""
     cmd = [sys.executable, "-m", "studio", "jobs", "work", "--library", str(Path(library).expanduser().resolve())]
-    if device:
-        cmd += ["--device", device]
+    for flag, value in (("--device", device), ("--queue-url", queue_url), ("--storage", storage),
+                        ("--machine", machine), ("--lease", lease)):
+        if value:
+            cmd += [flag, str(value)]
     if once:
         cmd.append("--once")
     env = dict(popen.pop("env", None) or os.environ)
