@@ -97,7 +97,7 @@ def test_the_train_form_is_the_config_dataclass_minus_what_a_job_manages(ctx):
     expected = {s.name for s in field_specs(TextualInversionConfig)} - {"images", "out", "checkpoint_dir", "resume"}
     assert set(ti) == expected
     assert ti["steps"].widget == "int" and ti["lr"].widget == "float" and ti["flip"].widget == "checkbox"
-    assert ti["init"].widget == "dropdown" and ti["init"].choices == ("cross", "names", "plain")
+    assert ti["init"].widget == "dropdown" and ti["init"].choices == ("auto", "cross", "names", "plain")
     assert ti["names_file"].widget == "file"  # *_file: an upload the job copies
     assert ti["resolution"].optional and ti["resolution"].default is None
     db = {f.name: f for f in forms["dreambooth"]}
@@ -105,7 +105,7 @@ def test_the_train_form_is_the_config_dataclass_minus_what_a_job_manages(ctx):
     assert "class_cache_dir" not in db  # a server path: never a web form field
     # presets fill the form: the default preset's values, or none
     values = train.preset_values(ctx, TI, "cross-init-fast")
-    assert values["steps"] == 25 and values["batch_size"] == 8 and values["init"] == "cross"
+    assert values["steps"] == 25 and values["batch_size"] == 8 and values["init"] == "auto"  # measured (issue 16)
     assert train.preset_choices(ctx, "dreambooth")[0] == train.NO_PRESET
     # the form opens on each method's default preset, or on its demo-world preset on the demo base
     assert train.default_preset(ctx, TI) == "cross-init" and train.default_preset(ctx, "dreambooth") == train.NO_PRESET
@@ -288,7 +288,8 @@ def test_start_training_from_the_form_then_the_concept_is_in_the_library(ctx, st
     job_id, text = train.start(ctx, form)
     assert "kitty" in text and "<kitty>" in text
     job = studio.jobs.get(job_id)
-    assert job.state == "queued" and job.config["steps"] == 3 and job.config["lr"] == 5e-3  # the preset's lr
+    assert job.state == "queued" and job.config["steps"] == 3 and job.config["lr"] is None \
+        and job.config["lr_scale"] == 0.35  # the preset's rate, in the base's units (issue 16)
     assert (job.folder / "dataset" / "photo 0.txt").read_text().strip() == "a cat on a mat"
     status = train.job_status(ctx, job_id)
     assert status["active"] and "queued" in status["text"]
