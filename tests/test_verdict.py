@@ -107,3 +107,19 @@ def test_the_auto_budget_stops_when_the_gain_stops_improving(tiny, photos, tmp_p
     assert [p[0] for p in budget["curve"]] == [2, 4, 6, 8] and budget["kept_step"] == 2
     with pytest.raises(Exception, match="--budget auto watches the probe"):
         entry.resolve(images=str(photos), class_word="cat", budget="auto", probe=False)
+
+
+def test_measuring_leaves_perfusions_running_statistics_alone(tiny, photos):
+    """Perfusion keeps an EMA of the concept's encodings seen in training prompts: the probe's forward
+    passes (concept and class prompts, the latter without the trigger) must neither feed it nor fail."""
+    from trainers.loop import run_training
+    from trainers.perfusion import PerfusionConfig, PerfusionTrainer
+
+    runs = []
+    for probe in (True, False):
+        cfg = PerfusionConfig(images=str(photos), class_word="cat", steps=2, batch_size=2, log_every=0, probe=probe)
+        runs.append(run_training(tiny, PerfusionTrainer(tiny, cfg, "<pf>"), cfg, method="perfusion",
+                                 save=False).concept)
+    for k, v in runs[1].tensors.items():
+        assert torch.equal(runs[0].tensors[k], v), k
+    assert runs[0].metrics["verdict"]["verdict"] in ("learned", "weak", "not learned")

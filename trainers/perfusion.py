@@ -173,12 +173,16 @@ class PerfusionTrainer:
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
         return fill_templates(templates, [ex.caption for ex in examples], self.token, self.token)
 
+    measuring = False  # set by the probe while it measures (no EMA bookkeeping then)
+
     def conditioning(self, prompts: list[str], resolution: int) -> Conditioning:
         """Encode ``prompts`` (B) → ``(B, 77, D)``; remember the states at the trigger for the EMA."""
         self.target.set_i_star(self.i_star)  # i* may have been restored from a checkpoint
         self.hook.invalidate()
         pipe = self.base.pipe
         cond = encode_prompts(pipe, prompts, resolution=resolution, device=self.base.device)
+        if self.measuring:  # the probe's forward passes (trainers/probe.py) leave the EMA alone
+            return cond
         tok = pipe.tokenizer
         ids = tokenize(tok, prompts, cond.encoder_hidden_states.device)
         where = ids == tok.convert_tokens_to_ids(self.token)  # (B, 77)

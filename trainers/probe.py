@@ -66,7 +66,18 @@ class DenoisingProbe:
 
     @torch.no_grad()
     def loss(self, trainer: Any, *, concept: bool = True) -> float:
-        """Mean denoising loss over the samples with the concept's prompts (or the class prompts)."""
+        """Mean denoising loss over the samples with the concept's prompts (or the class prompts).
+
+        While it measures, ``trainer.measuring`` is True: a trainer that keeps statistics of what it
+        encodes (Perfusion's EMA of the concept's encoding) leaves them alone."""
+        previous = getattr(trainer, "measuring", False)
+        trainer.measuring = True
+        try:
+            return self._loss(trainer, concept)
+        finally:
+            trainer.measuring = previous
+
+    def _loss(self, trainer: Any, concept: bool) -> float:
         s, pipe = self.samples, self.pipe
         device = pipe.unet.device
         total, count = 0.0, 0
