@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     script = Path(__file__).resolve()
     record.update({"image_encoder": "image_encoder", "build": {
         "script": str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else script.name,
-        "script_sha256": sha256(script), "settings": dataclasses.asdict(s), "base_dir": str(args.base),
+        "script_sha256": sha256(script), "settings": dataclasses.asdict(s),
+        "base_dir": str(Path(args.base).resolve().relative_to(ROOT)) if Path(args.base).resolve().is_relative_to(ROOT)
+        else Path(args.base).name,  # never a machine's absolute path
         "timings_s": times, "metrics": metrics}})
     record.pop("train", None)  # the trainer's record names temporary folders
     record_path.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
