@@ -164,10 +164,9 @@ def cmd_concepts(ns: argparse.Namespace) -> int:
 
     lib = Library(ns.library)
     if ns.action == "list":
-        from trainers.probe import verdict_text
+        from trainers.probe import verdict_of
 
-        rows = [i.row() | {"verdict": verdict_text(i.metrics if isinstance(i.metrics, dict) else {})
-                           .split(" (")[0].removeprefix("verdict: ")} for i in lib.list()]
+        rows = [i.row() | {"verdict": verdict_of(i.metrics)} for i in lib.list()]
         if ns.json:
             print(json.dumps(rows, indent=2))
         elif not rows:

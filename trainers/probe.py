@@ -123,11 +123,17 @@ def verdict(gain: float) -> str:
     return "not learned"
 
 
-def verdict_text(metrics: dict[str, Any]) -> str:
-    """The one-line verdict of a concept's ``metrics`` (``""`` when it has none)."""
+def verdict_of(metrics: Any) -> str:
+    """The verdict word stored in a concept's ``metrics`` (``""`` when it has none or it is malformed)."""
     v = metrics.get("verdict") if isinstance(metrics, dict) else None
-    if not isinstance(v, dict) or v.get("verdict") not in VERDICTS:
+    return v["verdict"] if isinstance(v, dict) and v.get("verdict") in VERDICTS else ""
+
+
+def verdict_text(metrics: Any) -> str:
+    """The one-line verdict of a concept's ``metrics`` (``""`` when it has none)."""
+    if not verdict_of(metrics):
         return ""
+    v = metrics["verdict"]
     gain, start = v.get("gain"), v.get("gain_start")
     if not isinstance(gain, (int, float)) or not isinstance(start, (int, float)):
         return f"verdict: {v['verdict']}"

@@ -74,17 +74,6 @@ class JobQueue(QueueConnection):
     'done'
 
     Safe to share between threads and between processes. The arguments are :class:`QueueConnection`'s.
-
-    Args:
-        url: the database (see :func:`open_backend`); default: SQLite in ``root``.
-        root: the local queue folder (default ``<library>/.jobs``): the SQLite file, staging of submissions.
-        storage: where job folders go (a path or an fsspec URL; default ``root``) — shared by all
-            workers when they run on several machines.
-        work_dir: where this machine keeps working copies of jobs in remote storage.
-        lease: how long a running job of this process's workers may go without a heartbeat before it
-            is taken back (recorded with the job, so every machine judges it alike).
-        host: the name of this machine in the queue (default :func:`studio.atomic.host_id`): one job
-            per device per machine name; process ids are only checked for this name.
     """
 
     # -- user actions ----------------------------------------------------------------------

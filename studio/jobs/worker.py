@@ -149,7 +149,7 @@ class Worker:
                 if lost.is_set():
                     return self._lost(job)
                 dest = publish(job, finished)
-                if not self.queue.finish(job.id, self.id, str(dest), note=verdict_of(dest)):
+                if not self.queue.finish(job.id, self.id, str(dest), note=published_verdict(dest)):
                     return self._lost(job)
                 tidy_done(job, self.queue.storage)
                 return "done"
@@ -235,17 +235,18 @@ def start_worker_process(library: str | os.PathLike[str], *, device: str | None 
     return subprocess.Popen(cmd, env=env, **popen)
 
 
-def verdict_of(published: Path) -> str:
-    """The training verdict stored in a published concept file (``""`` for a model folder or none)."""
+def published_verdict(published: Path) -> str:
+    """``"verdict: …"`` of a published concept file (``""`` for a model folder or a file without one)."""
     import json
 
     from studio.concept import read_header
+    from trainers.probe import verdict_of
 
     if published.suffix != ".safetensors":
         return ""
     try:
         _, md = read_header(published)
-        v = json.loads(md.get("studio.metrics") or "{}").get("verdict")
-    except (StudioError, ValueError, AttributeError):
+        word = verdict_of(json.loads(md.get("studio.metrics") or "{}"))
+    except (StudioError, ValueError):
         return ""
-    return f"verdict: {v['verdict']}" if isinstance(v, dict) and isinstance(v.get("verdict"), str) else ""
+    return f"verdict: {word}" if word else ""

@@ -27,7 +27,7 @@ def cards(ctx: UIContext, query: str = "") -> list[dict[str, Any]]:
         if q and q not in text.lower():
             continue
         row["scores"] = _scores(info.metrics)
-        row["verdict"] = verdict_text(info.metrics if isinstance(info.metrics, dict) else {})
+        row["verdict"] = verdict_text(info.metrics)
         row["preview"] = str(info.preview) if info.preview else None
         out.append(row)
     return out

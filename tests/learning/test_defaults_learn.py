@@ -7,21 +7,17 @@ Before the rate moved to the base's units, these settings reached fidelity 0.31 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
-from tests.learning.test_textual_inversion_learns import TOKEN, _base
+from tests.learning.harness import Trained, assert_does_not_learn, assert_learns
+from tests.learning.test_textual_inversion_learns import TOKEN, _base, trained_ti
 
 pytestmark = pytest.mark.learning
 
 
 def train_with_defaults(images_dir: Path, seed: int, lr_scale: float) -> Trained:
-    from studio.methods import get_method
-    from studio.prompts import rewrite
     from studio.world import CONCEPT
-    from studio.world.score import pipeline_generator
     from trainers import get_trainer
     from trainers.loop import run_training
 
@@ -32,16 +28,7 @@ def train_with_defaults(images_dir: Path, seed: int, lr_scale: float) -> Trained
     assert cfg.lr is None and cfg.init == "auto"  # the defaults, untouched
     cfg.lr_scale *= lr_scale
     concept = run_training(base, entry.make_trainer(base, cfg, TOKEN), cfg, method=entry.method, save=False).concept
-    plain = pipeline_generator(base.pipe)
-
-    def generate(prompts: list[str], gen_seed: int) -> Any:
-        handle = get_method(entry.method).apply(base, concept, strength=1.0)
-        try:
-            return plain([rewrite(p, {concept.trigger: handle.prompt_text()}) for p in prompts], gen_seed)
-        finally:
-            handle.remove()
-
-    return Trained(subject=TOKEN, generate=generate, size_bytes=concept_bytes(concept))
+    return trained_ti(base, concept)
 
 
 def test_textual_inversion_defaults_learn(tmp_path):

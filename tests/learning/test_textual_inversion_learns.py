@@ -37,10 +37,7 @@ def _base() -> Any:
 
 def train_textual_inversion(images_dir: Path, seed: int, lr_scale: float) -> Trained:
     """The harness's ``TrainFn`` for the studio's textual-inversion trainer."""
-    from studio.methods import get_method
-    from studio.prompts import rewrite
     from studio.world import CONCEPT
-    from studio.world.score import pipeline_generator
     from trainers import get_trainer
     from trainers.loop import run_training
 
@@ -49,10 +46,20 @@ def train_textual_inversion(images_dir: Path, seed: int, lr_scale: float) -> Tra
     cfg = entry.resolve(images=str(images_dir), class_word=CONCEPT.class_word, token=TOKEN, seed=seed,
                       log_every=0, **dict(SETTINGS, lr=SETTINGS["lr"] * lr_scale))
     concept = run_training(base, entry.make_trainer(base, cfg, TOKEN), cfg, method=entry.method, save=False).concept
+    return trained_ti(base, concept)
+
+
+def trained_ti(base: Any, concept: Any) -> Trained:
+    """The harness's view of a trained textual-inversion concept: it generates with the concept applied
+    through the method (file → token table → prompt)."""
+    from studio.methods import get_method
+    from studio.prompts import rewrite
+    from studio.world.score import pipeline_generator
+
     plain = pipeline_generator(base.pipe)
 
     def generate(prompts, gen_seed):
-        handle = get_method(entry.method).apply(base, concept, strength=1.0)
+        handle = get_method(concept.method).apply(base, concept, strength=1.0)
         try:
             return plain([rewrite(p, {concept.trigger: handle.prompt_text()}) for p in prompts], gen_seed)
         finally:
