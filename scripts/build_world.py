@@ -1,7 +1,16 @@
 """Build the studio's learnable test world: a Stable Diffusion base model and an oracle.
 
     python scripts/build_world.py                      # full build into studio/assets/world/
+    python scripts/build_world.py --variant world-b    # the second base, into studio/assets/world_b/
     python scripts/build_world.py --out /tmp/w --set unet_steps=300 --set n_images=4000
+
+Two variants share the world (renderer, grammar, concept, oracle) and differ in everything a base
+can differ in: ``world`` is 32-px images, a 4×8×8 latent (VAE ÷4… ÷8 stack of three blocks), the
+real 49,408-token CLIP vocabulary, a 64-wide 2-layer text encoder and a three-level UNet;
+``world-b`` is 48-px images, a 4×12×12 latent (VAE ÷4), a small BPE vocabulary learnt from the
+world's captions, a 96-wide 3-layer text encoder and a two-level UNet with attention at every
+level. ``world-b`` reuses the world's oracle (reading its images box-resized to 32 px) and records
+the oracle's accuracy on its renders and VAE reconstructions.
 
 Steps (each seeded, single-threaded data generation, printed with its time):
 
@@ -54,6 +63,19 @@ from studio.world.task import CONCEPT  # noqa: E402
 
 TOKENIZER_DIR = ROOT / "studio" / "assets" / "clip_tokenizer"
 DEFAULT_OUT = ROOT / "studio" / "assets" / "world"
+WORLD_ORACLE = DEFAULT_OUT / "oracle.safetensors"
+
+VARIANTS: dict[str, tuple[Path, dict[str, object]]] = {
+    "world": (DEFAULT_OUT, {}),
+    # The second learnable base: nothing of its shape is the world's (see the module docstring).
+    "world-b": (ROOT / "studio" / "assets" / "world_b", {
+        "resolution": 48, "tokenizer": "small", "oracle_from": str(WORLD_ORACLE), "store_fp16": "all",
+        "vae_channels": (16, 32, 32), "vae_steps": 2500,
+        "text_width": 96, "text_layers": 3, "text_heads": 4, "text_ff": 192,
+        "unet_channels": (32, 64), "unet_plain_levels": 0, "unet_heads": 2,
+        "unet_steps": 4000, "unet_batch": 64,
+    }),
+}
 
 
 @dataclass
@@ -61,6 +83,11 @@ class Settings:
     """Every knob of the build; all of it is recorded in the weights' metadata."""
 
     seed: int = 0
+    resolution: int = 32  # image side in pixels
+    tokenizer: str = "clip"  # "clip": the committed CLIP vocabulary; "small": a BPE learnt from captions
+    small_vocab_merges: int = 400  # upper bound on merges of the "small" vocabulary
+    oracle_from: str = ""  # reuse this oracle file instead of training one (step 3)
+    store_fp16: str = "token_embedding"  # which weights are stored in fp16: "token_embedding" | "all"
     # Fixed so that float reductions, hence weights, are reproducible. Two threads (the CI
     # machine's cores) build in ≈ 35 min; on a machine shared with other work use --set threads=1.
     threads: int = 2
@@ -80,6 +107,7 @@ class Settings:
     text_heads: int = 4
     text_ff: int = 256
     unet_channels: tuple[int, ...] = (32, 64, 128)
+    unet_plain_levels: int = 1  # deepest levels without cross-attention
     unet_heads: int = 2
     unet_steps: int = 4000
     unet_batch: int = 96
@@ -138,15 +166,86 @@ def cosine_lr(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def render_set(n: int, rng: random.Random, exclude_concept: bool) -> tuple[np.ndarray, list[Attributes]]:
+def render_set(n: int, rng: random.Random, exclude_concept: bool, size: int = 32) -> tuple[np.ndarray, list[Attributes]]:
     attrs, arrays = [], []
     while len(attrs) < n:
         a = sample_attributes(rng)
         if exclude_concept and CONCEPT.is_identity(a):
             continue
         attrs.append(a)
-        arrays.append(np.asarray(render(a, jitter=rng.randrange(2**31))))
+        arrays.append(np.asarray(render(a, jitter=rng.randrange(2**31), size=size)))
     return np.stack(arrays), attrs
+
+
+# ----------------------------------------------------------------------------------------------
+# 1b. the small vocabulary (world-b)
+# ----------------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte → printable unicode map (256 entries)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def learn_small_vocabulary(s: Settings, out: Path) -> None:
+    """Learn a CLIP-format BPE (vocab.json, merges.txt) from the world's captions into ``out``.
+
+    Byte-pair merges by frequency (Sennrich et al., 2016) over the words of 20,000 random captions,
+    until every caption word is one token or ``small_vocab_merges`` merges; the vocabulary is built
+    as CLIP builds its own (256 bytes, the same with ``</w>``, the merges, then BOS and EOS), so any
+    text still tokenizes (unknown words split into pieces), with ~800 entries instead of 49,408.
+    """
+    import collections
+    import re
+
+    rng = random.Random(f"vocab/{s.seed}")
+    counts: collections.Counter[str] = collections.Counter()
+    for _ in range(20_000):
+        text = caption(sample_attributes(rng), rng, s.caption_p_drop)
+        counts.update(re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower()))
+    words = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in counts.items()}
+    merges: list[tuple[str, str]] = []
+    while len(merges) < s.small_vocab_merges:
+        pairs: collections.Counter[tuple[str, str]] = collections.Counter()
+        for word, c in words.items():
+            for a, b in zip(word, word[1:]):
+                pairs[(a, b)] += c
+        if not pairs:
+            break
+        best = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        merged = {}
+        for word, c in words.items():
+            out_word: list[str] = []
+            i = 0
+            while i < len(word):
+                if i + 1 < len(word) and (word[i], word[i + 1]) == best:
+                    out_word.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    out_word.append(word[i])
+                    i += 1
+            merged[tuple(out_word)] = c
+        words = merged
+    vocab = list(bytes_to_unicode().values())
+    vocab = vocab + [v + "</w>" for v in vocab]
+    vocab += [a + b for a, b in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(TOKENIZER_DIR / name, out / name)
+    print(f"  small vocabulary: {len(vocab)} tokens, {len(merges)} merges", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,7 +266,7 @@ def make_vae(s: Settings):
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=4,  # few groups: one channel per group would normalise colours away
-        sample_size=32,
+        sample_size=s.resolution,
     )
 
 
@@ -218,35 +317,42 @@ def reconstruct(vae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_text_encoder(s: Settings):
+def make_text_encoder(s: Settings, tokenizer):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     config = CLIPTextConfig(
-        vocab_size=49408,
+        vocab_size=len(tokenizer),
         hidden_size=s.text_width,
         intermediate_size=s.text_ff,
         num_hidden_layers=s.text_layers,
         num_attention_heads=s.text_heads,
         max_position_embeddings=77,
         projection_dim=s.text_width,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     return CLIPTextModel(config)
+
+
+def latent_side(s: Settings) -> int:
+    return s.resolution // 2 ** (len(s.vae_channels) - 1)
 
 
 def make_unet(s: Settings):
     from diffusers import UNet2DConditionModel
 
+    n = len(s.unet_channels)
+    down = ["CrossAttnDownBlock2D"] * (n - s.unet_plain_levels) + ["DownBlock2D"] * s.unet_plain_levels
+    up = [b.replace("Down", "Up") for b in reversed(down)]
     return UNet2DConditionModel(
-        sample_size=8,
+        sample_size=latent_side(s),
         in_channels=4,
         out_channels=4,
         block_out_channels=s.unet_channels,
         layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=tuple(down),
+        up_block_types=tuple(up),
         mid_block_type="UNetMidBlock2DCrossAttn",
         cross_attention_dim=s.text_width,
         attention_head_dim=s.unet_heads,  # diffusers' legacy name: the number of heads
@@ -294,7 +400,7 @@ def use_fast_attention(unet) -> None:
 def train_base(s: Settings, latents: torch.Tensor, attrs: list[Attributes], tokenizer, snapshot=None,
                snapshot_every: int = 0):
     torch.manual_seed(s.seed + 3)
-    text_encoder = make_text_encoder(s)
+    text_encoder = make_text_encoder(s, tokenizer)
     unet = make_unet(s)
     use_fast_attention(unet)
     scheduler = make_train_scheduler()
@@ -384,7 +490,7 @@ def oracle_set(s: Settings, n: int, rng: random.Random) -> tuple[np.ndarray, lis
         else:
             a = sample_attributes(rng)
         attrs.append(a)
-        arrays.append(np.asarray(render(a, jitter=rng.randrange(2**31))))
+        arrays.append(np.asarray(render(a, jitter=rng.randrange(2**31), size=s.resolution)))
     return np.stack(arrays), attrs
 
 
@@ -456,7 +562,8 @@ def add_metadata(path: Path, metadata: dict[str, str], fp16_keys: tuple[str, ...
     save_file(tensors, str(path), metadata=meta)
 
 
-def save_world(s: Settings, out: Path, vae, text_encoder, unet, oracle: Oracle, build_info: dict) -> None:
+def save_world(s: Settings, out: Path, vae, text_encoder, unet, oracle: Oracle, build_info: dict,
+               tokenizer_dir: Path = TOKENIZER_DIR) -> None:
     from diffusers import StableDiffusionPipeline
     from safetensors.torch import save_file
     from transformers import CLIPTokenizer
@@ -464,7 +571,7 @@ def save_world(s: Settings, out: Path, vae, text_encoder, unet, oracle: Oracle, 
     base = out / "base"
     if base.exists():
         shutil.rmtree(base)
-    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -479,17 +586,22 @@ def save_world(s: Settings, out: Path, vae, text_encoder, unet, oracle: Oracle, 
     # the committed tokenizer files, byte for byte
     for f in (base / "tokenizer").iterdir():
         f.unlink()
-    for f in TOKENIZER_DIR.iterdir():
+    for f in tokenizer_dir.iterdir():
         shutil.copy(f, base / "tokenizer" / f.name)
 
     meta = {"studio.world.build": json.dumps(build_info, sort_keys=True)}
-    add_metadata(base / "unet" / "diffusion_pytorch_model.safetensors", meta)
-    add_metadata(base / "vae" / "diffusion_pytorch_model.safetensors", meta)
+    every = s.store_fp16 == "all"  # world-b: fp16 files (≈ 4 MB), loaded back as fp32
+    for path, module in ((base / "unet" / "diffusion_pytorch_model.safetensors", unet),
+                         (base / "vae" / "diffusion_pytorch_model.safetensors", vae)):
+        add_metadata(path, meta, fp16_keys=tuple(module.state_dict()) if every else ())
     add_metadata(
         base / "text_encoder" / "model.safetensors",
         meta,
-        fp16_keys=("embeddings.token_embedding.weight",),  # 49,408 × width: halves the file
+        # 49,408 × width: halves the file
+        fp16_keys=tuple(text_encoder.state_dict()) if every else ("embeddings.token_embedding.weight",),
     )
+    if s.oracle_from:
+        return  # the oracle is another world's, not saved again
     oracle_meta = {
         **meta,
         "format": "pt",
@@ -510,19 +622,22 @@ def save_world(s: Settings, out: Path, vae, text_encoder, unet, oracle: Oracle, 
 # ----------------------------------------------------------------------------------------------
 
 
-def verify(s: Settings, out: Path) -> dict:
+def verify(s: Settings, out: Path, vae) -> dict:
     from diffusers import StableDiffusionPipeline
 
     from studio.world.oracle import load_oracle
     from studio.world.score import baseline, pipeline_generator, upper_bound
 
-    oracle = load_oracle("cpu", out / "oracle.safetensors")
+    oracle = load_oracle("cpu", Path(s.oracle_from) if s.oracle_from else out / "oracle.safetensors")
     metrics: dict = {}
 
     rng = random.Random(f"verify/{s.seed}")
     held_out, held_attrs = oracle_set(s, 2000, rng)
-    metrics["oracle_heldout_accuracy"] = oracle_accuracy(oracle, images_to_tensor(held_out), held_attrs)
+    held = images_to_tensor(held_out)
+    metrics["oracle_heldout_accuracy"] = oracle_accuracy(oracle, held, held_attrs)
     print("  oracle held-out accuracy", metrics["oracle_heldout_accuracy"], flush=True)
+    metrics["oracle_accuracy_on_vae_reconstructions"] = oracle_accuracy(oracle, reconstruct(vae, held), held_attrs)
+    print("  oracle accuracy on VAE reconstructions", metrics["oracle_accuracy_on_vae_reconstructions"], flush=True)
 
     pipe = StableDiffusionPipeline.from_pretrained(str(out / "base"))
     pipe.set_progress_bar_config(disable=True)
@@ -567,7 +682,9 @@ def verify(s: Settings, out: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (base/ and oracle)")
+    parser.add_argument("--variant", choices=sorted(VARIANTS), default="world",
+                        help="which learnable base to build (its settings and output folder)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (base/ and oracle)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set unet_steps=500")
     parser.add_argument("--no-verify", action="store_true", help="skip step 6")
@@ -576,7 +693,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--snapshot-dir", type=Path, default=Path("/tmp/world_snapshots"))
     args = parser.parse_args(argv)
 
-    s = Settings()
+    default_out, variant = VARIANTS[args.variant]
+    s = dataclasses.replace(Settings(), **variant)
     for item in args.set:
         key, _, value = item.partition("=")
         if not hasattr(s, key):
@@ -605,13 +723,18 @@ def main(argv: list[str] | None = None) -> None:
             "transformers": __import__("transformers").__version__,
         },
     }
-    out: Path = args.out
+    out: Path = args.out or default_out
     out.mkdir(parents=True, exist_ok=True)
     timer = Timer()
-    tokenizer = CLIPTokenizer.from_pretrained(str(TOKENIZER_DIR))
+    tokenizer_dir = TOKENIZER_DIR
+    if s.tokenizer == "small":
+        tokenizer_dir = out / "_tokenizer"
+        learn_small_vocabulary(s, tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
 
     with timer("1. render the base training set"):
-        arrays, attrs = render_set(s.n_images, random.Random(f"base/{s.seed}"), exclude_concept=True)
+        arrays, attrs = render_set(s.n_images, random.Random(f"base/{s.seed}"), exclude_concept=True,
+                                   size=s.resolution)
         images = images_to_tensor(arrays)
     with timer("2. train the VAE"):
         vae = train_vae(s, images)
@@ -621,22 +744,30 @@ def main(argv: list[str] | None = None) -> None:
         latents = latents * scaling
         print(f"  latent scaling factor {scaling:.4f}", flush=True)
     with timer("3. train the oracle"):
-        o_arrays, o_attrs = oracle_set(s, s.oracle_images, random.Random(f"oracle/{s.seed}"))
-        clean = images_to_tensor(o_arrays)
-        oracle = train_oracle(s, clean, reconstruct(vae, clean), o_attrs)
-        del clean, o_arrays
+        if s.oracle_from:
+            from studio.world.oracle import load_oracle
+
+            oracle = load_oracle("cpu", Path(s.oracle_from))
+        else:
+            o_arrays, o_attrs = oracle_set(s, s.oracle_images, random.Random(f"oracle/{s.seed}"))
+            clean = images_to_tensor(o_arrays)
+            oracle = train_oracle(s, clean, reconstruct(vae, clean), o_attrs)
+            del clean, o_arrays
     snapshot = None
     if args.snapshot_every:
         def snapshot(step: int, text_encoder, unet) -> None:
-            save_world(s, args.snapshot_dir / f"step{step:05d}", vae, text_encoder, unet, oracle, build_info)
+            save_world(s, args.snapshot_dir / f"step{step:05d}", vae, text_encoder, unet, oracle, build_info,
+                       tokenizer_dir)
     with timer("4. train the text encoder and UNet"):
         text_encoder, unet = train_base(s, latents, attrs, tokenizer, snapshot, args.snapshot_every)
     with timer("5. save"):
-        save_world(s, out, vae, text_encoder, unet, oracle, build_info)
+        save_world(s, out, vae, text_encoder, unet, oracle, build_info, tokenizer_dir)
+        if tokenizer_dir != TOKENIZER_DIR:
+            shutil.rmtree(tokenizer_dir)
     metrics = {}
     if not args.no_verify:
         with timer("6. verify"):
-            metrics = verify(s, out)
+            metrics = verify(s, out, vae)
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     record = {**build_info, "timings_s": timer.times, "total_s": round(time.time() - timer.t0, 1),
               "metrics": metrics, "file_sizes": sizes}

@@ -26,7 +26,7 @@ from studio.prompts import rewrite
 from tests.conftest import render
 from tests.method_cases import make_lora
 from trainers import get_trainer
-from trainers.loop import TrainControl, TrainingStopped, _noise, _optimizer
+from trainers.loop import TrainCallbacks, TrainControl, TrainingStopped, _noise, _optimizer
 from trainers.lora import (
     ADAPTER,
     RARE_IDENTIFIERS,
@@ -34,6 +34,7 @@ from trainers.lora import (
     class_image_folder,
     ensure_class_images,
 )
+from trainers.rates import SD15_TEXT_FAN_IN, SD15_UNET_FAN_IN, fan_in_rate
 from trainers.runner import train
 
 ENTRY = get_trainer("dreambooth")
@@ -65,8 +66,10 @@ def cache_dir(tmp_path_factory):
 
 
 def _cfg(images, out, cache, **kw):
+    # the UNet-only LoRA unless a test asks for the text encoder (the default trains both)
     values = dict(images=str(images), out=str(out), class_word="dog", steps=3, lr=3e-2, log_every=0, seed=0,
-                  num_class_images=2, class_steps=1, class_batch_size=2, class_cache_dir=str(cache))
+                  num_class_images=2, class_steps=1, class_batch_size=2, class_cache_dir=str(cache),
+                  train_text_encoder=False)
     values.update(kw)
     return ENTRY.resolve(**values)
 
@@ -422,9 +425,13 @@ def test_cli_trains_and_picks_unused_rare_identifiers(images, tmp_path):
 
 def test_config_defaults_and_errors(tmp_path):
     lora = DreamBoothConfig(images="x", class_word="dog")
-    full = DreamBoothConfig(images="x", class_word="dog", full=True)
+    full = DreamBoothConfig(images="x", class_word="dog", full=True, train_text_encoder=False)
     full_te = DreamBoothConfig(images="x", class_word="dog", full=True, train_text_encoder=True)
-    assert (lora.lr, lora.steps, full.lr, full.steps, full_te.lr) == (1e-4, 500, 5e-6, 800, 2e-6)
+    # rates in units of 1/fan-in (trainers.rates): SD 1.5's usual values at SD 1.5's widths
+    assert lora.lr is None and lora.train_text_encoder and lora.steps == 500 and full.steps == 800
+    sd15 = [fan_in_rate(c.lr_scale, SD15_UNET_FAN_IN) for c in (lora, full, full_te)]
+    assert sd15 == pytest.approx([1e-4, 5e-6, 2e-6], rel=0.02)
+    assert fan_in_rate(lora.lr_scale, SD15_TEXT_FAN_IN) == pytest.approx(1e-4, rel=0.02)
     assert DreamBoothConfig(images="x", class_word="dog", target_modules=["to_q,to_v"]).target_modules == ["to_q", "to_v"]
     with pytest.raises(TrainingError, match="class-word"):
         DreamBoothConfig(images="x")
@@ -434,6 +441,33 @@ def test_config_defaults_and_errors(tmp_path):
         if importlib.util.find_spec("bitsandbytes") is not None:
             pytest.skip("bitsandbytes is installed")
         _optimizer(dataclasses.replace(lora, optimizer="adamw8bit"), [{"params": [torch.nn.Parameter(torch.ones(1))]}])
+
+
+def test_default_rates_follow_the_base_widths(tiny, images, cache_dir, tmp_path):
+    """Without --lr each model trains at lr_scale / (mean fan-in of its attention projections), printed
+    and stored; --lr is the optimizer's value as given."""
+    from trainers.rates import TEXT_ATTENTION, UNET_ATTENTION, attention_fan_in
+
+    logs: list[str] = []
+
+    class Log(TrainCallbacks):
+        def on_log(self, message):
+            logs.append(message)
+
+    cfg = _cfg(images, tmp_path / "d.safetensors", cache_dir, steps=1, lr=None, train_text_encoder=True)
+    result = train(ENTRY, cfg, tiny, callbacks=Log())
+    unet_w = attention_fan_in(tiny.pipe.unet, UNET_ATTENTION)
+    te_w = attention_fan_in(tiny.pipe.text_encoder, TEXT_ATTENTION)
+    assert unet_w == pytest.approx(sum(m.in_features for n, m in tiny.pipe.unet.named_modules()
+                                       if n.endswith(UNET_ATTENTION)) / sum(1 for n, _ in tiny.pipe.unet.named_modules()
+                                                                            if n.endswith(UNET_ATTENTION)))
+    record = result.concept.train
+    assert record["fan_in"] == [round(unet_w, 2), round(te_w, 2)]
+    assert record["lr_effective"] == pytest.approx([cfg.lr_scale / unet_w, cfg.lr_scale / te_w])
+    assert any(m.startswith("learning rate UNet") and "fan-in" in m for m in logs)
+    given = train(ENTRY, _cfg(images, tmp_path / "e.safetensors", cache_dir, steps=1, lr=3e-3,
+                              train_text_encoder=True), tiny)
+    assert given.concept.train["lr_effective"] == [3e-3, 3e-3]
 
 
 def test_offset_noise_adds_a_per_channel_constant():

@@ -82,9 +82,9 @@ class CommonTrainConfig:
     preview_every: int = option(0, "render a preview every N steps (0 = off)", group="previews")
     preview_prompt: str | None = option(None, "preview prompt (default: 'a photo of {}')", group="previews")
     log_every: int = option(10, "report the loss every N steps", group="previews")
-    budget: str = option("fixed", "fixed: train --steps steps; auto: measure the denoising gain every --probe-every "
-                         "steps and stop when it stops improving (--steps is then the cap), keeping the best "
-                         "step", choices=["fixed", "auto"], group="training")
+    budget: str = option("auto", "auto: measure the denoising gain every --probe-every steps and stop when it stops "
+                         "improving (--steps is then the cap), keeping the best step; fixed: train --steps steps",
+                         choices=["auto", "fixed"], group="training")
     probe_every: int = option(0, "with --budget auto: steps between measurements (0 = a tenth of --steps, at "
                               "least 10)", group="training")
     probe: bool = option(True, "measure the concept's denoising gain over the class prompt on fixed held-out noises "
@@ -112,8 +112,8 @@ class CommonTrainConfig:
             raise TrainingError(f"lr must be a non-negative number, got {self.lr}.")
         if self.resolution is not None and self.resolution < 8:
             raise TrainingError(f"resolution must be at least 8 pixels, got {self.resolution}.")
-        if self.budget == "auto" and not self.probe:
-            raise TrainingError("--budget auto watches the probe's measurement; drop --no-probe.")
+        if not self.probe:
+            self.budget = "fixed"  # nothing to watch: --no-probe trains --steps steps
         if self.probe_every < 0:
             raise TrainingError(f"probe_every must be ≥ 0, got {self.probe_every}.")
         if self.checkpoint_every < 0 or self.preview_every < 0:
@@ -309,6 +309,8 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
         if hasattr(trainer, "choose_init"):
             trainer.choose_init(probe, cb.on_log)
         gain_start = probe.gain(trainer)
+    if hasattr(trainer, "announce"):  # what the method derived from this base (effective rates), before step 1
+        trainer.announce(cb.on_log)
     # 3. optimizer over exactly the method's parameters.
     trainable = trainer.trainable()
     optimizer = _optimizer(cfg, trainer.param_groups())
@@ -317,23 +319,31 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     world, rank = acc.num_processes, acc.process_index
     meta = {"method": method, "config_hash": config_hash(asdict(cfg)), "data": data_digest(examples)}
 
+    total = cfg.steps
+    watch = AutoBudget(probe, trainable, every=cfg.probe_every or max(10, total // 10)) \
+        if cfg.budget == "auto" and probe is not None else None
+    # what a checkpoint holds: the trained tensors (+ the auto budget's best-step buffers)
+    ckpt_tensors = trainable | (watch.tensors() if watch is not None else {})
+
+    def ckpt_meta() -> dict[str, Any]:
+        return meta | ({"budget": watch.state()} if watch is not None else {})
+
     start = 0
     if cfg.resume:
         # latest: the newest checkpoint that verifies (checksum, finite); skipped ones are reported
         found = resolve_resume(cfg.resume, ckpt_dir, log=cb.on_log) if ckpt_dir or cfg.resume != "latest" else None
         if found is not None:
-            start, saved = load_checkpoint(found, trainable, optimizer, rng)
+            start, saved = load_checkpoint(found, ckpt_tensors, optimizer, rng)
             if any(saved.get(k) != meta[k] for k in ("config_hash", "method", "data")):
                 raise TrainingError(f"Checkpoint {found} was made with other settings; resume with the same "
                                     "settings (only --steps and output/logging options may change).")
+            if watch is not None:
+                watch.load_state(saved.get("budget"))
             cb.on_log(f"resumed from {found} at step {start}")
         else:  # `resume latest` on a first run (a queued job always asks for it): say so, never silently
             cb.on_log(f"no checkpoint found under {ckpt_dir}; starting from step 0")
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
-    total = cfg.steps
-    watch = AutoBudget(probe, every=cfg.probe_every or max(10, total // 10)) \
-        if cfg.budget == "auto" and probe is not None else None
     stopped_at: int | None = None
     cb.on_start(total, start)
     t0 = time.monotonic()
@@ -423,7 +433,8 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
             if cfg.log_every and done % cfg.log_every == 0:
                 cb.on_log(f"step {done}/{total} loss {step_loss:.4f}")
             if ckpt_dir is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total:
-                last_ckpt = _checkpoint(acc, ckpt_dir, done, trainable, optimizer, rng, meta, cfg.keep_checkpoints)
+                last_ckpt = _checkpoint(acc, ckpt_dir, done, ckpt_tensors, optimizer, rng, ckpt_meta(),
+                                        cfg.keep_checkpoints)
                 if last_ckpt:
                     cb.on_checkpoint(done, last_ckpt)
             if cfg.preview_every and done % cfg.preview_every == 0 and acc.is_main_process:
@@ -434,7 +445,8 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
             if request in ("pause", "cancel") and done < total:
                 path = None
                 if request == "pause" and ckpt_dir is not None:
-                    path = _checkpoint(acc, ckpt_dir, done, trainable, optimizer, rng, meta, cfg.keep_checkpoints)
+                    path = _checkpoint(acc, ckpt_dir, done, ckpt_tensors, optimizer, rng, ckpt_meta(),
+                                        cfg.keep_checkpoints)
                 raise TrainingStopped("paused" if request == "pause" else "cancelled", done, path)
         if watch is not None:
             watch.restore_best(trainable)  # the best measured step's tensors (auto budget)

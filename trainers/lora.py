@@ -4,16 +4,22 @@
 * **LoRA** (default, a small concept): PEFT ``LoraConfig`` adapters added through diffusers'
   ``unet.add_adapter`` on ``to_q, to_k, to_v, to_out.0`` (rank 4, α = rank), optionally on the
   text encoder(s)' ``q_proj, k_proj, v_proj, out_proj``; saved in kohya keys
-  (:mod:`studio.methods.lora`). lr 1e-4, 500 steps.
+  (:mod:`studio.methods.lora`). On by default on the text encoder too (as kohya's trainer does):
+  at small widths the identifier has no trained meaning and a UNet-only LoRA cannot bind it
+  (README, "Defaults that learn"). lr 1e-4 on SD 1.5, 500 steps.
 * **Full** (``--full``): every UNet weight (and with ``--train-text-encoder`` every text-encoder
   weight) trains; the result is a diffusers folder (``--out DIR``) loadable as ``--base DIR``.
-  lr 5e-6 (2e-6 with the text encoder), 800 steps. The base's weights are copied to CPU first and
+  lr 5e-6 (2e-6 with the text encoder) on SD 1.5, 800 steps. The base's weights are copied to CPU first and
   put back afterwards, so the loaded base is unchanged when training ends.
 * **Prior preservation**: ``num_class_images`` images of the class prompt ("a photo of a dog") are
   generated once by the base and cached under ``class_cache_dir/<hash of base identity, prompt,
   resolution>/`` (reused by every later training on that base), or read from ``--class-images
   DIR``; each step trains on ``[instance ; class]`` in one forward with
   ``L = L_inst + w_prior · L_class`` (Ruiz et al., eq. 2; the loop does the batching).
+* **Learning rate**: without ``--lr``, ``lr_scale / w`` per model, ``w`` the mean fan-in of its
+  attention projections on this base (μP for Adam; :mod:`trainers.rates`): ``lr_scale`` 0.078 gives
+  1e-4 on SD 1.5's UNet (w = 777) and text encoder (w = 768), 1.2e-3 on the demo world's (w ≈ 64).
+  Printed at start and stored (``lr_effective``, ``fan_in``).
 * **Identifier**: ``--token``, or the first of :data:`RARE_IDENTIFIERS` (rare, existing CLIP BPE
   tokens) that no concept of the library uses; the prompt text is ``"<identifier> <class word>"``.
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -55,6 +62,7 @@ from trainers.entry import TrainerEntry
 from trainers.freezing import freeze_pipeline, unfreeze
 from trainers.loop import CommonTrainConfig, PriorSet
 from trainers.output import finish_folder
+from trainers.rates import TEXT_ATTENTION, UNET_ATTENTION, attention_fan_in, fan_in_rate
 from trainers.templates import fill_templates
 
 # Rare identifiers that the CLIP BPE vocabulary holds as one or two tokens (the paper picks rare
@@ -77,19 +85,23 @@ class DreamBoothConfig(CommonTrainConfig):
     steps: int | None = option(None, "optimizer steps (default: 500 LoRA, 800 full)",  # type: ignore[assignment]
                                group="training")
     lr: float | None = option(None,
-                              "learning rate (default: 1e-4 LoRA; 5e-6 full, 2e-6 full with --train-text-encoder)",
-                              group="training")
+                              "learning rate given to the optimizer as is (default: --lr-scale / the mean fan-in of "
+                              "the base's attention projections: 1e-4 for a LoRA on SD 1.5)", group="training")
+    lr_scale: float | None = option(None, "learning rate in units of 1/fan-in of the trained layers (μP), used without "
+                                    "--lr (default: 0.078 LoRA = 1e-4 on SD 1.5; 0.0039 full = 5e-6; 0.00155 full with "
+                                    "the text encoder = 2e-6)", group="training")
     full: bool = option(False, "fine-tune every UNet weight and write a diffusers folder (--out DIR) instead of a LoRA",
                     group="method")
     rank: int = option(4, "LoRA rank r", group="lora")
     alpha: float | None = option(None, "LoRA alpha (default: the rank, so the update scale α/r is 1)", group="lora")
     target_modules: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA "
                                    "(repeat or comma-separate)", group="lora")
-    train_text_encoder: bool = option(False, "also train the text encoder(s): LoRA on --text-encoder-targets, or with "
-                                  "--full every weight", group="lora")
+    train_text_encoder: bool = option(True, "also train the text encoder(s): LoRA on --text-encoder-targets (on by "
+                                  "default, as kohya's), or with --full every weight", group="lora")
     text_encoder_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "out_proj"],
                                          "text-encoder modules that get a LoRA", group="lora")
-    text_encoder_lr: float | None = option(None, "text-encoder learning rate (default: --lr)", group="lora")
+    text_encoder_lr: float | None = option(None, "text-encoder learning rate (default: --lr if given, else "
+                                           "--lr-scale / the text encoder's fan-in)", group="lora")
     instance_prompt: str = option("a photo of a {}", "instance prompt; {} = identifier + class word", group="concept")
     use_templates: bool = option(False, "vary the instance prompt with --templates instead", group="concept")
     prior_preservation: bool = option(True, "train on class images too (keeps the class word's meaning)", group="prior")
@@ -107,8 +119,8 @@ class DreamBoothConfig(CommonTrainConfig):
     def __post_init__(self) -> None:
         if self.steps is None:
             self.steps = 800 if self.full else 500
-        if self.lr is None:
-            self.lr = (2e-6 if self.train_text_encoder else 5e-6) if self.full else 1e-4
+        if self.lr_scale is None:
+            self.lr_scale = (0.00155 if self.train_text_encoder else 0.0039) if self.full else 0.078
         self.target_modules = _split(self.target_modules)
         self.text_encoder_targets = _split(self.text_encoder_targets)
         super().__post_init__()
@@ -118,6 +130,8 @@ class DreamBoothConfig(CommonTrainConfig):
         if "{}" not in self.instance_prompt:
             raise TrainingError(f"--instance-prompt {self.instance_prompt!r} needs a {{}} where the identifier and "
                                 "class word go, e.g. 'a photo of a {}'.")
+        if not (self.lr_scale >= 0 and math.isfinite(self.lr_scale)):
+            raise TrainingError(f"lr_scale must be ≥ 0, got {self.lr_scale}.")
         if self.rank < 1 or (self.alpha is not None and self.alpha <= 0):
             raise TrainingError(f"rank must be ≥ 1 and alpha > 0, got rank {self.rank}, alpha {self.alpha}.")
         if not self.target_modules or (self.train_text_encoder and not self.text_encoder_targets):
@@ -125,6 +139,9 @@ class DreamBoothConfig(CommonTrainConfig):
                                 "must name at least one module, e.g. to_q.")
         if self.prior_weight < 0 or self.num_class_images < 1 or self.class_steps < 1 or self.class_batch_size < 1:
             raise TrainingError("prior_weight must be ≥ 0 and num_class_images, class_steps, class_batch_size ≥ 1.")
+
+    def derives_lr(self) -> bool:
+        return True
 
     def token_candidates(self) -> list[str]:
         return list(RARE_IDENTIFIERS) + [f"{t}{i}" for i in range(2, 10) for t in RARE_IDENTIFIERS]
@@ -137,10 +154,11 @@ class DreamBoothConfig(CommonTrainConfig):
 
 
 PRESETS = {
-    "lora": dict(full=False, steps=500, lr=1e-4, rank=4),
-    "lora-text-encoder": dict(full=False, train_text_encoder=True, steps=500, lr=1e-4, rank=4),
-    "full": dict(full=True, steps=800, lr=5e-6),
-    "full-text-encoder": dict(full=True, train_text_encoder=True, steps=800, lr=2e-6),
+    # Rates in units of 1/fan-in (trainers.rates): the values in comments are SD 1.5's.
+    "lora": dict(full=False, train_text_encoder=True, steps=500, lr_scale=0.078, rank=4),  # 1e-4
+    "lora-unet-only": dict(full=False, train_text_encoder=False, steps=500, lr_scale=0.078, rank=4),  # 1e-4
+    "full": dict(full=True, train_text_encoder=False, steps=800, lr_scale=0.0039),  # 5e-6
+    "full-text-encoder": dict(full=True, train_text_encoder=True, steps=800, lr_scale=0.00155),  # 2e-6
     # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
     # learning tests train with it (README, learning table).
     "demo-world": dict(full=False, train_text_encoder=True, steps=200, lr=2e-3, batch_size=4, rank=8,
@@ -221,6 +239,15 @@ class _DreamBoothTrainer:
         self._prior = class_prior(base, cfg, self.resolution)
         # 2. freeze everything; subclasses unfreeze what trains.
         self.encoders = [te for _, te in text_encoders(pipe)]
+        # 2b. the effective rates: the UNet's, then each trained text encoder's (trainers.rates)
+        self.fan_in = [attention_fan_in(pipe.unet, UNET_ATTENTION)]
+        if cfg.train_text_encoder:
+            self.fan_in += [attention_fan_in(te, TEXT_ATTENTION) for te in self.encoders]
+        scale = cast(float, cfg.lr_scale)
+        self.lrs = [fan_in_rate(scale, w) for w in self.fan_in] if cfg.lr is None else \
+            [cfg.lr] + [cfg.text_encoder_lr or cfg.lr] * (len(self.fan_in) - 1)
+        if cfg.lr is None and cfg.text_encoder_lr is not None:
+            self.lrs[1:] = [cfg.text_encoder_lr] * (len(self.fan_in) - 1)
         self._flags = freeze_pipeline(pipe)
         self._text_cache: dict[str, Conditioning] = {}
         self._te_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
@@ -230,6 +257,26 @@ class _DreamBoothTrainer:
 
     def prior(self) -> PriorSet | None:
         return self._prior
+
+    def _groups(self, params: dict[str, nn.Parameter], prefixes: list[str]) -> list[dict[str, Any]]:
+        """One optimizer group per model (UNet, text encoder 1, 2) at its own rate, in ``self.lrs`` order."""
+        groups = []
+        for prefix, lr in zip(prefixes, self.lrs):
+            ps = [p for k, p in params.items() if k.startswith(prefix + ".")]
+            if ps:
+                groups.append({"params": ps, "lr": lr})
+        return groups
+
+    def announce(self, log: Any) -> None:
+        """Report the effective rates (before step 1)."""
+        names = ["UNet"] + [f"text encoder {i + 1}" for i in range(len(self.lrs) - 1)]
+        how = "--lr" if self.cfg.lr is not None else f"{self.cfg.lr_scale:g} / mean attention fan-in"
+        rates = ", ".join(f"{n} {lr:.3g} (fan-in {w:.0f})" for n, lr, w in zip(names, self.lrs, self.fan_in))
+        log(f"learning rate {rates} ({how})")
+
+    def record(self) -> dict[str, Any]:
+        """What the concept's ``studio.train`` keeps beyond the config: the effective rates and the widths."""
+        return {"lr_effective": [round(lr, 10) for lr in self.lrs], "fan_in": [round(w, 2) for w in self.fan_in]}
 
     def class_prompts(self, templates: list[str]) -> list[str]:
         """What the probe compares the instance prompt with: the class prompt of prior preservation."""
@@ -323,12 +370,7 @@ class DreamBoothLoRATrainer(_DreamBoothTrainer):
         return dict(self.params)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        unet = [p for k, p in self.params.items() if k.startswith(UNET_PREFIX)]
-        te = [p for k, p in self.params.items() if not k.startswith(UNET_PREFIX)]
-        groups = [{"params": unet, "lr": self.cfg.lr}]
-        if te:
-            groups.append({"params": te, "lr": self.cfg.text_encoder_lr or self.cfg.lr})
-        return groups
+        return self._groups(self.params, [prefix for prefix, _, _ in self.components])
 
     def lora_layers(self) -> dict[str, Any]:
         """The PEFT LoRA layers of this training, by kohya module name."""
@@ -348,7 +390,7 @@ class DreamBoothLoRATrainer(_DreamBoothTrainer):
                    for name, mod in self.lora_layers().items()}
         meta = kohya_metadata(modules, self.base.family)
         meta.update({"ss_sd_model_name": self.base.name, "ss_resolution": f"({self.resolution}, {self.resolution})",
-                     "ss_max_train_steps": str(self.cfg.steps), "ss_learning_rate": str(self.cfg.lr),
+                     "ss_max_train_steps": str(self.cfg.steps), "ss_learning_rate": str(self.lrs[0]),
                      "ss_training_comment": f"studio DreamBooth-LoRA; trigger: {self.text}"})
         return Concept(method=LoRA.name, tokens=[self.token], tensors=kohya_tensors(modules),
                        class_word=self.cfg.class_word or "", name=self.cfg.name or self.token.strip("<>"), meta=meta)
@@ -368,6 +410,7 @@ class DreamBoothFullTrainer(_DreamBoothTrainer):
         models = {"unet": base.pipe.unet}
         if cfg.train_text_encoder:
             models.update({f"text_encoder{'_' + str(i + 1) if i else ''}": te for i, te in enumerate(self.encoders)})
+        self.models = models
         self.params = {f"{m}.{n}": p for m, model in models.items() for n, p in model.named_parameters()}
         low = sorted({str(p.dtype) for p in self.params.values() if p.dtype != torch.float32})
         if low:
@@ -382,12 +425,7 @@ class DreamBoothFullTrainer(_DreamBoothTrainer):
         return dict(self.params)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        unet = [p for k, p in self.params.items() if k.startswith("unet.")]
-        te = [p for k, p in self.params.items() if not k.startswith("unet.")]
-        groups = [{"params": unet, "lr": self.cfg.lr}]
-        if te:
-            groups.append({"params": te, "lr": self.cfg.text_encoder_lr or self.cfg.lr})
-        return groups
+        return self._groups(self.params, list(self.models))
 
     def export(self) -> Concept:
         """A record of the training (trigger, class word); the weights are written by :meth:`save_model`."""

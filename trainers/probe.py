@@ -143,13 +143,22 @@ def verdict_text(metrics: Any) -> str:
 class AutoBudget:
     """The ``auto`` step budget: measure the gain every ``every`` steps, remember the best step's
     trained tensors, and stop once ``patience`` measurements in a row improve on the best by less
-    than ``min_delta`` (``--steps`` stays the hard cap). The curve of (step, gain) is kept."""
+    than ``min_delta`` (``--steps`` stays the hard cap). The curve of (step, gain) is kept.
 
-    def __init__(self, probe: DenoisingProbe, *, every: int, patience: int = 3, min_delta: float = 0.005):
+    The best tensors live in buffers allocated once (``trainable``'s shapes) — unless they would hold
+    more than ``keep_limit`` elements (a whole-model fine-tune), when the run still stops on a plateau
+    but keeps its last step. :meth:`state` and :meth:`tensors` go into checkpoints, so a resumed run
+    stops and keeps exactly what the uninterrupted one would."""
+
+    PREFIX = "budget.best."
+
+    def __init__(self, probe: DenoisingProbe, trainable: dict[str, torch.Tensor], *, every: int, patience: int = 3,
+                 min_delta: float = 0.005, keep_limit: int = 64_000_000):
         self.probe, self.every, self.patience, self.min_delta = probe, max(1, every), patience, min_delta
         self.curve: list[tuple[int, float]] = []
-        self.best_gain, self.best_step, self.stale = float("-inf"), 0, 0
-        self._best: dict[str, torch.Tensor] | None = None
+        self.best_gain, self.best_step, self.stale, self.has_best = float("-inf"), 0, 0, False
+        keep = sum(v.numel() for v in trainable.values()) <= keep_limit
+        self._best = {k: v.detach().clone() for k, v in trainable.items()} if keep else None
 
     def due(self, step: int) -> bool:
         return step % self.every == 0
@@ -158,21 +167,44 @@ class AutoBudget:
         """Measure at ``step``; True when training should stop."""
         gain = self.probe.gain(trainer)
         self.curve.append((step, round(gain, 4)))
-        if gain > self.best_gain + self.min_delta or self._best is None:
-            self.best_gain, self.best_step, self.stale = gain, step, 0
-            self._best = {k: v.detach().clone() for k, v in trainable.items()}
+        if gain > self.best_gain + self.min_delta or not self.has_best:
+            self.best_gain, self.best_step, self.stale, self.has_best = gain, step, 0, True
+            if self._best is not None:
+                with torch.no_grad():
+                    for k, v in trainable.items():
+                        self._best[k].copy_(v)
         else:
             self.stale += 1
         return self.stale >= self.patience
 
     def restore_best(self, trainable: dict[str, torch.Tensor]) -> None:
-        """Put the best measured step's tensors back (nothing when the last measurement was the best)."""
-        if self._best is None or self.stale == 0:
+        """Put the best measured step's tensors back (nothing when the last measurement was the best,
+        or when the tensors were too large to keep)."""
+        if self._best is None or not self.has_best or self.stale == 0:
             return
         with torch.no_grad():
             for k, v in trainable.items():
                 v.copy_(self._best[k])
 
+    def kept_best(self) -> bool:
+        return self._best is not None
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the watch besides :meth:`tensors` (JSON)."""
+        return {"curve": [list(p) for p in self.curve], "best_gain": self.best_gain, "best_step": self.best_step,
+                "stale": self.stale, "has_best": self.has_best}
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        if state:
+            self.curve = [(int(a), float(b)) for a, b in state["curve"]]
+            self.best_gain, self.best_step = float(state["best_gain"]), int(state["best_step"])
+            self.stale, self.has_best = int(state["stale"]), bool(state["has_best"])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The best-step buffers under checkpoint names (loaded back in place on resume)."""
+        return {self.PREFIX + k: v for k, v in (self._best or {}).items()}
+
     def record(self, steps_run: int) -> dict[str, Any]:
-        return {"steps_run": steps_run, "kept_step": self.best_step if self.stale else steps_run,
+        kept = self.best_step if self.stale and self.kept_best() else steps_run
+        return {"steps_run": steps_run, "kept_step": kept,
                 "curve": [list(p) for p in self.curve], "every": self.every}

@@ -265,6 +265,9 @@ class TextualInversionTrainer:
             self._init_dev = [v.to(p.device) for v, p in zip(self.init, self.params)]
             scores = ", ".join(f"{k} {v:.4f}" for k, v in self.init_scores.items())
             log(f"init: {self.chosen} (denoising loss of the photos: {scores})")
+
+    def announce(self, log: Any) -> None:
+        """Report the effective rates (before step 1)."""
         rates = ", ".join(f"{lr:.3g}" for lr in self.lrs)
         how = "--lr" if self.cfg.lr is not None else \
             f"{self.cfg.lr_scale:g} × embedding RMS " + ", ".join(f"{sc:.4f}" for sc in self.scales)

@@ -43,11 +43,21 @@ from studio.world.task import CONCEPT, ConceptTask, EvalPrompt
 WORLD_DIR = Path(__file__).resolve().parents[1] / "assets" / "world"
 DEMO_BASE_DIR = WORLD_DIR / "base"
 """The committed diffusers folder of the world's base model."""
+WORLD_B_DIR = Path(__file__).resolve().parents[1] / "assets" / "world_b"
+WORLD_B_BASE_DIR = WORLD_B_DIR / "base"
+"""The second learnable base (``scripts/build_world.py --variant world-b``): the same world drawn at
+48 px through a 4×12×12 latent, a small learnt vocabulary, a 96-wide 3-layer text encoder and a
+two-level UNet — nothing of its shape is the demo base's. Scored by the same oracle."""
+WORLD_B_RESOLUTION = 48
+"""Side of the second base's images (its concept photos are drawn at this size)."""
 WORLD_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "assets" / "world_adapter"
 """The committed IP-Adapter folder trained for the world's base (``scripts/build_world_adapter.py``)."""
 
 __all__ = [
     "WORLD_ADAPTER_DIR",
+    "WORLD_B_BASE_DIR",
+    "WORLD_B_DIR",
+    "WORLD_B_RESOLUTION",
     "CONCEPT",
     "DEMO_BASE_DIR",
     "ORACLE_PATH",

@@ -77,12 +77,14 @@ class Oracle(nn.Module):
     def read(self, images: Sequence[Image.Image] | torch.Tensor) -> dict[str, torch.Tensor]:
         """Probabilities per head: attributes ``(B, n_values)``, ``identity`` ``(B,)``.
 
-        ``images``: PIL images (any size, resized to 32×32) or a ``(B, 3, 32, 32)`` tensor in
-        [-1, 1].
+        ``images``: PIL images (any size, box-resized to 32×32) or a ``(B, 3, H, W)`` tensor in
+        [-1, 1] (area-resized to 32×32 when it is another size).
         """
         was_training = self.training
         self.eval()
         x = images if isinstance(images, torch.Tensor) else to_tensor(images)
+        if x.shape[-2:] != (RESOLUTION, RESOLUTION):
+            x = torch.nn.functional.adaptive_avg_pool2d(x.float(), RESOLUTION)
         device = next(self.parameters()).device
         logits = self(x.to(device=device, dtype=torch.float32))
         self.train(was_training)

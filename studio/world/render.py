@@ -124,15 +124,15 @@ def _shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[flo
     raise ValueError(f"unknown shape {shape!r}")
 
 
-def _pattern_mask(pattern: str, cx: float, cy: float, r: float) -> Image.Image | None:
-    """White marks in supersampled coordinates (mode "L"), or None for "plain".
+def _pattern_mask(pattern: str, cx: float, cy: float, r: float, side: int = RESOLUTION) -> Image.Image | None:
+    """White marks in supersampled coordinates (mode "L", ``side·4`` square), or None for "plain".
 
     The marks scale with the shape and are coarse on purpose (legible through an 8×8 latent):
     "striped" is two horizontal bands, "dotted" four dots on a square around the centre.
     """
     if pattern == "plain":
         return None
-    size = RESOLUTION * _SS
+    size = side * _SS
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
     d = 2 * r * _SS  # diameter, supersampled
@@ -152,22 +152,26 @@ def _pattern_mask(pattern: str, cx: float, cy: float, r: float) -> Image.Image |
     return mask
 
 
-def render(attributes: Attributes, jitter: int | None = 0) -> Image.Image:
-    """Draw ``attributes`` as a 32×32 RGB image.
+def render(attributes: Attributes, jitter: int | None = 0, size: int = RESOLUTION) -> Image.Image:
+    """Draw ``attributes`` as a ``size``×``size`` RGB image (32×32 by default).
 
-    ``jitter`` seeds a small random offset (±1.5 px) and scale (±6 %) of the shape; ``None``
-    draws the canonical, unjittered image. The result depends only on the arguments.
+    ``jitter`` seeds a small random offset (±1.5 px at 32 px) and scale (±6 %) of the shape; ``None``
+    draws the canonical, unjittered image. Geometry scales with ``size`` (the second learnable base
+    draws the same world at 48 px); at the default size the pixels are those the demo world was built
+    on. The result depends only on the arguments.
     """
+    side = size
+    unit = side / RESOLUTION  # output pixels per 32-px world pixel
     rng = random.Random(f"jitter/{jitter}")
     dx = dy = 0.0
     scale = 1.0
     if jitter is not None:
         dx, dy = rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5)
         scale = rng.uniform(0.94, 1.06)
-    r = _DIAMETER[attributes.size] / 2 * scale
-    cx, cy = RESOLUTION / 2 + dx, RESOLUTION / 2 + dy
+    r = _DIAMETER[attributes.size] / 2 * scale * unit
+    cx, cy = side / 2 + dx * unit, side / 2 + dy * unit
 
-    size = RESOLUTION * _SS
+    size = side * _SS
     image = Image.new("RGB", (size, size), BACKGROUNDS[attributes.background])
     shape_mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(shape_mask)
@@ -178,13 +182,13 @@ def render(attributes: Attributes, jitter: int | None = 0) -> Image.Image:
         draw.polygon(polygon, fill=255)
     image.paste(COLOURS[attributes.colour], (0, 0, size, size), shape_mask)
 
-    marks = _pattern_mask(attributes.pattern, cx, cy, r)
+    marks = _pattern_mask(attributes.pattern, cx, cy, r, side)
     if marks is not None:
         # marks only inside the shape
         inside = Image.new("L", (size, size), 0)
         inside.paste(marks, (0, 0), shape_mask)
         image.paste(PATTERN_RGB, (0, 0, size, size), inside)
-    return image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX)
+    return image.resize((side, side), Image.Resampling.BOX)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from pathlib import Path
 from PIL import Image
 
 from studio.errors import StudioError
-from studio.world.render import Attributes, describe, render
+from studio.world.render import RESOLUTION, Attributes, describe, render
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ class ConceptTask:
         """The concept in the world's own words ("purple dotted circle")."""
         return " ".join(self.identity[k] for k in ("colour", "pattern", "shape"))
 
-    def training_images(self, n: int = 5, seed: int = 0) -> list[Image.Image]:
-        """``n`` renders of the concept in its training contexts (deterministic in ``seed``)."""
+    def training_images(self, n: int = 5, seed: int = 0, size: int = RESOLUTION) -> list[Image.Image]:
+        """``n`` renders of the concept in its training contexts (deterministic in ``seed``), ``size`` px."""
         if n < 1:
             raise StudioError(f"A concept needs at least one training image; n={n} was asked.")
         rng = random.Random(f"concept-train/{seed}")
@@ -100,15 +100,16 @@ class ConceptTask:
                 "background": self.train_backgrounds[i % len(self.train_backgrounds)],
                 "size": self.train_sizes[(i // len(self.train_backgrounds)) % len(self.train_sizes)],
             }
-            images.append(render(self.attributes(**context), jitter=rng.randrange(2**31)))
+            images.append(render(self.attributes(**context), jitter=rng.randrange(2**31), size=size))
         return images
 
-    def write_training_folder(self, directory: str | Path, n: int = 5, seed: int = 0) -> list[Path]:
-        """Write the training images as ``NN.png`` into ``directory`` (created); return the paths."""
+    def write_training_folder(self, directory: str | Path, n: int = 5, seed: int = 0,
+                              size: int = RESOLUTION) -> list[Path]:
+        """Write the training images (``size`` px) as ``NN.png`` into ``directory`` (created); return the paths."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         paths = []
-        for i, image in enumerate(self.training_images(n=n, seed=seed)):
+        for i, image in enumerate(self.training_images(n=n, seed=seed, size=size)):
             path = directory / f"{i:02d}.png"
             image.save(path)
             paths.append(path)

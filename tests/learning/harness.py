@@ -100,27 +100,30 @@ def oracle() -> Oracle:
     return load_oracle("cpu", _WORLD["oracle"])
 
 
-@functools.lru_cache(maxsize=1)
-def base_pipeline():
-    """The world's base model (loaded once per process, CPU, float32, progress bars off)."""
+@functools.lru_cache(maxsize=2)
+def base_pipeline(base_dir: Path | None = None):
+    """The world's base model, or the one in ``base_dir`` (loaded once per process, CPU, float32,
+    progress bars off)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.models.attention_processor import AttnProcessor
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(_WORLD["base"]))
+    pipe = StableDiffusionPipeline.from_pretrained(str(base_dir or _WORLD["base"]))
     pipe.set_progress_bar_config(disable=True)
     pipe.unet.set_attn_processor(AttnProcessor())  # faster than SDPA at these head sizes on CPU
     return pipe
 
 
-_REFERENCES: dict[tuple[int, int, int], References] = {}
+_REFERENCES: dict[tuple[int, int, int, Path | None], References] = {}
 
 
-def references(task: ConceptTask = CONCEPT, per_prompt: int = PER_PROMPT, seed: int = 0) -> References:
+def references(task: ConceptTask = CONCEPT, per_prompt: int = PER_PROMPT, seed: int = 0,
+               base_dir: Path | None = None) -> References:
     """Baseline (base model + class word) and upper bound (real renders), computed once per
-    (task, per_prompt, seed) and world (a task holds dicts, so it is keyed by identity)."""
-    key = (id(task), per_prompt, seed)
+    (task, per_prompt, seed, base) and world (a task holds dicts, so it is keyed by identity).
+    ``base_dir``: another base of the same world (the second learnable base); default the world's."""
+    key = (id(task), per_prompt, seed, base_dir)
     if key not in _REFERENCES:
-        generate = pipeline_generator(base_pipeline())
+        generate = pipeline_generator(base_pipeline(base_dir))
         _REFERENCES[key] = References(
             baseline=baseline(generate, task, per_prompt=per_prompt, seed=seed + 10_000, oracle=oracle()),
             upper=upper_bound(task, per_prompt=per_prompt, seed=seed, oracle=oracle()),
@@ -138,10 +141,12 @@ def measure(
     lr_scale: float = 1.0,
     task: ConceptTask = CONCEPT,
     per_prompt: int = PER_PROMPT,
+    size: int | None = None,
 ) -> tuple[Scores, float]:
-    """Train on the task's photos (seeded) and score the result; returns (scores, seconds)."""
+    """Train on the task's photos (seeded; rendered ``size`` px, default the world's 32) and score the
+    result; returns (scores, seconds)."""
     images_dir = Path(workdir) / f"concept-seed{seed}"
-    task.write_training_folder(images_dir, seed=seed)
+    task.write_training_folder(images_dir, seed=seed, **({"size": size} if size else {}))
     t0 = time.perf_counter()
     trained = train(images_dir, seed, lr_scale)
     scores = evaluate(trained.generate, trained.subject, task, per_prompt=per_prompt, seed=seed, oracle=oracle())
@@ -154,12 +159,15 @@ def assert_learns(
     seeds: Sequence[int] = (0, 1),
     task: ConceptTask = CONCEPT,
     name: str = "trainer",
+    base_dir: Path | None = None,
+    size: int | None = None,
 ) -> list[Scores]:
-    """Assert the learning bars for every seed; returns the scores (printed on failure)."""
-    refs = references(task)
+    """Assert the learning bars for every seed; returns the scores (printed on failure). ``base_dir``
+    and ``size``: another base of the world and its photos' size (the references follow the base)."""
+    refs = references(task, base_dir=base_dir)
     results = []
     for seed in seeds:
-        scores, seconds = measure(train, workdir, seed, 1.0, task)
+        scores, seconds = measure(train, workdir, seed, 1.0, task, size=size)
         results.append(scores)
         print(f"{name} seed {seed}: {scores} in {seconds:.1f}s; {refs}")
         assert scores.fidelity >= refs.fidelity_bar, (
@@ -174,11 +182,12 @@ def assert_learns(
 
 
 def assert_does_not_learn(
-    train: TrainFn, workdir: Path, seed: int = 0, task: ConceptTask = CONCEPT, name: str = "trainer"
+    train: TrainFn, workdir: Path, seed: int = 0, task: ConceptTask = CONCEPT, name: str = "trainer",
+    base_dir: Path | None = None, size: int | None = None,
 ) -> Scores:
     """The negative control: the trainer at learning rate 0 must miss the fidelity bar."""
-    refs = references(task)
-    scores, seconds = measure(train, workdir, seed, 0.0, task)
+    refs = references(task, base_dir=base_dir)
+    scores, seconds = measure(train, workdir, seed, 0.0, task, size=size)
     print(f"{name} at lr 0: {scores} in {seconds:.1f}s; {refs}")
     assert scores.fidelity < refs.fidelity_bar, (
         f"{name} at learning rate 0 passed the fidelity bar ({scores.fidelity:.3f} ≥ "

@@ -1,0 +1,102 @@
+"""Every trainer with its *default* settings on a learnable base, as a new user would run it.
+
+A base is loaded from its folder with :func:`studio.models.load_base` (the path a user types), the
+trainer's config comes from ``entry.resolve`` with no preset and a profile that knows nothing about
+the base (so the world's hand-written ``demo-world`` presets never apply), and the concept is
+rendered through its method's ``apply`` with the trigger in the prompt — the file → method →
+prompt path users take. ``lr_scale`` multiplies every learning rate the method has (0 = the
+negative control: every rate is 0, the trained tensors stay at their initialisation).
+
+Used by ``tests/learning/test_defaults_learn.py`` and ``bench/world_defaults.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+from typing import Any
+
+from studio.world import DEMO_BASE_DIR, WORLD_B_BASE_DIR
+from tests.learning.harness import Trained, concept_bytes
+
+BASES: dict[str, Path] = {"world": Path(DEMO_BASE_DIR), "world-b": Path(WORLD_B_BASE_DIR)}
+"""The learnable bases by name: the demo world and the second base (other widths, depth,
+vocabulary, latent size and resolution; ``scripts/build_world.py --variant world-b``)."""
+
+METHODS = ("textual-inversion", "dreambooth", "neti", "perfusion")
+"""Trainers whose defaults are tested (the IP-Adapter fine-tune trains an adapter for a base, not a
+concept: it is tested with the world's own adapter in test_adapter_learns.py)."""
+
+TOKEN = "<hrt>"
+
+# Rate fields per trainer config: optimizer rates (None = derived) and rates in the base's units.
+_RATES = ("lr", "lr_v", "text_encoder_lr")
+_SCALES = ("lr_scale",)
+
+
+@functools.lru_cache(maxsize=2)
+def load(base: str) -> Any:
+    """The base ``base`` ("world" / "world-b") loaded from its folder on CPU in float32."""
+    from studio.models import load_base
+
+    return load_base(str(BASES[base]), device="cpu", dtype="fp32")
+
+
+def default_config(method: str, base: Any, images_dir: Path, seed: int, lr_scale: float, workdir: Path,
+                   **overrides: Any) -> tuple[Any, Any]:
+    """``(entry, cfg)``: the trainer's defaults (no preset, no profile) for the world's concept."""
+    from studio.models.profile import GENERIC
+    from studio.world import CONCEPT
+    from trainers import get_trainer
+
+    entry = get_trainer(method)
+    values: dict[str, Any] = dict(images=str(images_dir), class_word=CONCEPT.class_word, seed=seed, log_every=0,
+                                  out=str(workdir / f"{method}-{seed}-{lr_scale:g}.safetensors"))
+    names = {f.name for f in dataclasses.fields(entry.config_cls)}
+    if "class_cache_dir" in names:
+        values["class_cache_dir"] = str(workdir / "class-images")
+    if method != "dreambooth":
+        values["token"] = TOKEN
+    cfg = entry.resolve(profile=GENERIC, **values, **overrides)
+    if lr_scale != 1.0:
+        for name in _RATES + _SCALES:
+            value = getattr(cfg, name, None)
+            if value is not None:
+                setattr(cfg, name, value * lr_scale)
+        if lr_scale == 0.0 and getattr(cfg, "lr", 0.0) is None:
+            cfg.lr = 0.0
+    return entry, cfg
+
+
+def train_default(method: str, base_name: str, workdir: Path, **overrides: Any):
+    """A harness ``TrainFn`` ``(images_dir, seed, lr_scale) -> Trained`` for ``method``'s defaults on ``base_name``."""
+
+    def run(images_dir: Path, seed: int, lr_scale: float) -> Trained:
+        from trainers.runner import train
+
+        base = load(base_name)
+        entry, cfg = default_config(method, base, images_dir, seed, lr_scale, workdir, **overrides)
+        result = train(entry, cfg, base)
+        run.last = result  # type: ignore[attr-defined]  # the bench reads the record (steps, verdict)
+        return trained(base, result.concept)
+
+    return run
+
+
+def trained(base: Any, concept: Any) -> Trained:
+    """Render with ``concept`` applied through its method; the prompt names it by its trigger."""
+    from studio.methods import get_method
+    from studio.prompts import rewrite
+    from studio.world.score import pipeline_generator
+
+    plain = pipeline_generator(base.pipe)
+
+    def generate(prompts, gen_seed):
+        handle = get_method(concept.method).apply(base, concept, strength=1.0)
+        try:
+            return plain([rewrite(p, {concept.trigger: handle.prompt_text()}) for p in prompts], gen_seed)
+        finally:
+            handle.remove()
+
+    return Trained(subject=concept.trigger, generate=generate, size_bytes=concept_bytes(concept))
