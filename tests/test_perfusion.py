@@ -3,6 +3,8 @@ LoRA interplay, training, the file size, multi-concept prompts and the C⁻¹ ca
 
 from __future__ import annotations
 
+import dataclasses
+
 import copy
 import json
 from pathlib import Path
@@ -361,8 +363,19 @@ def test_training_changes_only_the_embedding_and_value_targets(tiny, tmp_path):
     cfg = PerfusionConfig(images=str(tmp_path), class_word="cat", steps=3, batch_size=2, log_every=0)
     trainer = PerfusionTrainer(tiny, cfg, "<pf>")
     groups = trainer.param_groups()
-    assert [g["lr"] for g in groups] == [0.006, 0.03] and len(groups[1]["params"]) == 7
+    # rates in the base's units: the class word's embedding RMS, each layer's o*_V RMS (trainers.rates)
+    ids = pipe.tokenizer("cat", add_special_tokens=False).input_ids
+    rms = float(pipe.text_encoder.get_input_embeddings().weight[ids].pow(2).mean().sqrt())
+    assert groups[0]["lr"] == pytest.approx(cfg.lr_scale * rms) and len(groups) == 1 + 7
+    assert [g["lr"] for g in groups[1:]] == pytest.approx([cfg.lr_v_scale * float(g["params"][0].pow(2).mean().sqrt())
+                                                          for g in groups[1:]])
     result = run_training(tiny, trainer, cfg, method="perfusion", save=False)
+    # measured initialisation: both candidates scored on the probe, the lower loss chosen
+    scores = result.concept.train["init_scores"]
+    assert set(scores) == {"plain", "cross"} and result.concept.train["init_chosen"] == min(scores, key=scores.get)
+    given = PerfusionTrainer(tiny, dataclasses.replace(cfg, lr=0.006, lr_v=0.03), "<pg>")
+    assert {g["lr"] for g in given.param_groups()} == {0.006, 0.03}
+    given.teardown()
     for m, mod in mods.items():
         for k, v in mod.state_dict().items():
             assert torch.equal(v, before[m][k]), f"{m}.{k} changed"

@@ -10,11 +10,18 @@ Per step (the shared loop does data, noise, masked loss, accumulation and checkp
    ``o*_K = W_K i*_super`` (no gradient);
 3. ``L = ‖ε − ε̂‖²`` — masked by the subject mask when the images have one (alpha or
    ``name.mask.png``; the loop weights the squared error by the mask), unmasked otherwise;
-4. two parameter groups: the embedding (lr ``--lr``, 0.006) and ``o*_V`` (lr ``--lr-v``, 0.03);
+4. two parameter groups: the embedding and ``o*_V`` (the paper's 0.006 and 0.03 on SD 1.5). Without
+   ``--lr`` / ``--lr-v`` the rates are in the base's units (:mod:`trainers.rates`): the embedding's
+   ``lr_scale × s`` (``s`` = RMS of the class word's input-embedding entries; 0.43 × 0.014 = 0.006 on
+   SD 1.5) and, per layer, ``lr_v_scale × RMS(o*_V at init)`` (0.05: the paper's 0.03 at a value
+   RMS of 0.6 — an estimate for SD 1.5, whose weights we could not measure here);
 5. after the optimizer step, ``i* ← 0.99 · i* + 0.01 · mean(encoder output at the concept token of
    the step's prompts)`` (EMA, initialised from the superclass prompts' encoding ``i*_super``).
 
-Initialisation: the embedding from the class word's input embedding (mean over its tokens),
+Initialisation (measured, as textual inversion's: ``--init auto``): the embedding starts from the
+candidate that denoises the photos best on the probe's fixed noises — the class word's input
+embedding (mean over its tokens; the paper's) or its encoder output (Cross Initialization's); all
+scores go into the concept's metadata. Then
 ``i* = i*_super`` = the mean context state at the class word in the training templates filled with
 the class word, and ``o*_V = W_V i*_super`` per layer. ``i*`` is handed to the loop as a (gradient-free)
 state tensor so checkpoints resume bit-identically. Under multi-process training every process
@@ -23,6 +30,7 @@ keeps its own EMA over its slice of the batch (they differ by sampling noise onl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,15 +67,22 @@ from trainers.data import Example
 from trainers.entry import TrainerEntry
 from trainers.freezing import freeze_pipeline, unfreeze
 from trainers.loop import CommonTrainConfig
+from trainers.rates import embedding_rms
 from trainers.templates import fill_templates
 
 
 @dataclass
 class PerfusionConfig(CommonTrainConfig):
     steps: int = option(400, "optimizer steps", group="training")
-    lr: float = option(0.006, "learning rate of the token's input embedding", group="training")
+    lr: float | None = option(None, "learning rate of the token's input embedding, given to the optimizer as is "
+                              "(default: --lr-scale × the class word's embedding RMS)", group="training")
+    lr_scale: float = option(0.43, "embedding learning rate in units of the class word's embedding RMS on this base "
+                             "(0.43 = the paper's 0.006 on SD 1.5); used without --lr", group="training")
     batch_size: int = option(16, "images per step per process", group="training")
-    lr_v: float = option(0.03, "learning rate of the value targets o*_V", group="training")
+    lr_v: float | None = option(None, "learning rate of the value targets o*_V, as is (default: --lr-v-scale × each "
+                                "layer's initial o*_V RMS)", group="training")
+    lr_v_scale: float = option(0.05, "value-target learning rate in units of each layer's o*_V RMS at init; used "
+                               "without --lr-v", group="training")
     beta: float = option(TRAIN_BETA, "training gate threshold β in σ((sim/energy − β)/τ)", group="perfusion")
     tau: float = option(TRAIN_TAU, "training gate temperature τ", group="perfusion")
     ema: float = option(0.99, "EMA decay of i* (the concept's encoding)", group="perfusion")
@@ -75,6 +90,9 @@ class PerfusionConfig(CommonTrainConfig):
                            group="perfusion")
     infer_tau: float = option(TAU, "τ stored as the concept's inference default", group="perfusion")
     infer_beta_global: float = option(BETA_GLOBAL, "β stored for global locking (paper 0.4–0.6)", group="perfusion")
+    init: str = option("auto", "embedding initialisation: auto (the candidate that denoises the photos best), plain "
+                       "(the class word's input embedding, the paper's) or cross (its encoder output)",
+                       choices=["auto", "plain", "cross"], group="perfusion")
     corpus: str | None = option(None, "caption corpus for C⁻¹ (one caption per line; default: the generated corpus)",
                             group="perfusion", path="file")
 
@@ -86,15 +104,20 @@ class PerfusionConfig(CommonTrainConfig):
             raise TrainingError(f"τ must be positive, got tau={self.tau}, infer_tau={self.infer_tau}.")
         if not 0 <= self.ema < 1:
             raise TrainingError(f"ema must be in [0, 1), got {self.ema}.")
-        if self.lr_v < 0:
-            raise TrainingError(f"lr_v must be non-negative, got {self.lr_v}.")
+        rates = (self.lr_v, self.lr_scale, self.lr_v_scale)
+        if any(r is not None and not (r >= 0 and math.isfinite(r)) for r in rates):
+            raise TrainingError(f"lr_v, lr_scale and lr_v_scale must be ≥ 0, got {rates}.")
+
+    def derives_lr(self) -> bool:
+        return True
 
 
 PRESETS = {
-    # The paper: batch 16, 400 steps, lr 0.006 (embedding) / 0.03 (value targets).
-    "paper": dict(batch_size=16, steps=400, lr=0.006, lr_v=0.03),
-    # CPU-friendly: a quarter of the batch, 150 steps (same learning rates).
-    "cpu": dict(batch_size=4, steps=150, lr=0.006, lr_v=0.03),
+    # The paper: batch 16, 400 steps, lr 0.006 (embedding) / 0.03 (value targets) on SD 1.5 — here in the
+    # base's units (module docstring).
+    "paper": dict(batch_size=16, steps=400, lr_scale=0.43, lr_v_scale=0.05),
+    # CPU-friendly: a quarter of the batch, 150 steps (same rates).
+    "cpu": dict(batch_size=4, steps=150, lr_scale=0.43, lr_v_scale=0.05),
     # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
     # learning tests train with it (README, learning table).
     # lr_v 0.03 over-wrote the backgrounds there (editability 0.78); give masks (NAME.mask.png).
@@ -133,8 +156,9 @@ class PerfusionTrainer:
     def _install(self, class_word: str) -> None:
         """3. the trigger token with trainable embedding rows; 4. trainable ``o*_V``; the hook."""
         pipe = self.base.pipe
-        init = [class_embedding(tok, emb, class_word)[None]
-                for tok, emb in zip(self.table.pristine_tokenizers, self.table.original_embeddings)]
+        self.init_scores: dict[str, float] = {}
+        self.chosen = "cross" if self.cfg.init == "cross" else "plain"
+        init = self._candidate(self.chosen)
         try:
             self.table.set(self.key, [self.token], init)
         except ValueError as err:
@@ -153,10 +177,44 @@ class PerfusionTrainer:
                 attn = unet.get_submodule(layer.name)
                 w = linear_part(attn.to_v, self.i_super[None].to(attn.to_v.weight.dtype))[0]
                 self.v_targets.append(nn.Parameter(w.float().clone()))
+        cfg = self.cfg
+        self.embedding_rms = [embedding_rms(e, t(class_word, add_special_tokens=False).input_ids)
+                              for t, e in zip(self.table.pristine_tokenizers, self.table.original_embeddings)]
+        self.v_rms = [float(v.detach().pow(2).mean().sqrt()) for v in self.v_targets]
+        self.lr_embedding = [cfg.lr if cfg.lr is not None else cfg.lr_scale * s for s in self.embedding_rms]
+        self.lr_values = [cfg.lr_v if cfg.lr_v is not None else cfg.lr_v_scale * s for s in self.v_rms]
         self.target = PerfusionTarget(i_star=self.i_star, i_super=self.i_super, v_targets=list(self.v_targets),
                                       beta=self.cfg.beta, tau=self.cfg.tau, c_inv=self.c_inv)
         self.hook = ensure_hook(unet)
         self.hook.add(self.key, self.target)
+
+    def _candidate(self, kind: str) -> list[torch.Tensor]:
+        """Per encoder, the ``(1, D_e)`` starting embedding of kind ``plain`` or ``cross`` (module docstring)."""
+        class_word = self.cfg.class_word or ""
+        if kind == "plain":
+            return [class_embedding(tok, emb, class_word)[None]
+                    for tok, emb in zip(self.table.pristine_tokenizers, self.table.original_embeddings)]
+        from trainers.textual_inversion import TextualInversionConfig, initial_vectors
+
+        return initial_vectors(self.base.pipe, TextualInversionConfig(class_word=class_word, num_vectors=1), "cross")
+
+    def choose_init(self, probe: Any, log: Any) -> None:
+        """Measured initialisation: score ``plain`` and ``cross`` by the probe's denoising loss, keep the lower."""
+        if self.cfg.init != "auto":
+            return
+        candidates = {kind: self._candidate(kind) for kind in ("plain", "cross")}
+        for kind, vecs in candidates.items():
+            self._load(vecs)
+            self.init_scores[kind] = round(probe.loss(self), 6)
+        self.chosen = min(self.init_scores, key=lambda k: self.init_scores[k])
+        self._load(candidates[self.chosen])
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.init_scores.items())
+        log(f"init: {self.chosen} (denoising loss of the photos: {scores})")
+
+    def _load(self, vectors: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(self.embeddings, vectors):
+                p.copy_(v.to(p.device, p.dtype))
 
     def trainable(self) -> dict[str, torch.Tensor]:
         """The parameters by their concept names, plus ``i*`` (a state tensor without gradient,
@@ -167,8 +225,22 @@ class PerfusionTrainer:
         return out
 
     def param_groups(self) -> list[dict[str, Any]]:
-        return [{"params": list(self.embeddings), "lr": self.cfg.lr},
-                {"params": list(self.v_targets), "lr": self.cfg.lr_v}]
+        """One group per encoder's embedding and per layer's ``o*_V``, each at its effective rate."""
+        return [{"params": [p], "lr": lr} for p, lr in zip(self.embeddings, self.lr_embedding)] + \
+               [{"params": [p], "lr": lr} for p, lr in zip(self.v_targets, self.lr_values)]
+
+    def announce(self, log: Any) -> None:
+        """Report the effective rates (before step 1)."""
+        emb = ", ".join(f"{lr:.3g}" for lr in self.lr_embedding)
+        vals = f"{min(self.lr_values):.3g}–{max(self.lr_values):.3g}" if self.lr_values else "—"
+        log(f"learning rate: embedding {emb}, value targets {vals} over {len(self.lr_values)} layers")
+
+    def record(self) -> dict[str, Any]:
+        """What the concept's ``studio.train`` keeps beyond the config: the effective rates and scales."""
+        return {"init_chosen": self.chosen, "init_scores": dict(self.init_scores),
+                "lr_effective": [round(lr, 8) for lr in self.lr_embedding],
+                "lr_v_effective": [round(lr, 8) for lr in self.lr_values],
+                "embedding_rms": [round(s, 6) for s in self.embedding_rms], "v_rms": [round(s, 6) for s in self.v_rms]}
 
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
         return fill_templates(templates, [ex.caption for ex in examples], self.token, self.token)

@@ -1,8 +1,14 @@
-"""Defaults that learn on a base nobody tuned them for: textual inversion with its *default* settings
-(the generic ``cross-init`` preset: measured initialisation, learning rate in the base's units, 320
-steps) learns the demo world's concept — the preset was written for SD 1.5 and never tuned here
-(the hand-tuned ``demo-world`` preset is what tests/learning/test_textual_inversion_learns.py runs).
-Before the rate moved to the base's units, these settings reached fidelity 0.31 here."""
+"""Defaults that learn on a base nobody tuned them for: every trainer's *default* settings — no preset,
+no hand-set rate or step count — learn the world's concept on both learnable bases, 2 seeds each, and
+the same runs at learning rate 0 do not.
+
+The two bases share nothing of their shape: the demo world (32 px, 4×8×8 latents, the 49,408-token
+CLIP vocabulary, a 64-wide 2-layer text encoder, a three-level UNet) and world-b (48 px, 4×12×12
+latents, a 665-token vocabulary learnt from the world's captions, a 96-wide 3-layer text encoder, a
+two-level UNet). The defaults adapt by measurement (initialisation, rates in the base's units, the
+``auto`` step budget; docs/methods.md, "Measured defaults"). Runs go through the real paths: the base
+loaded from its folder, the CLI's resolve, the runner, the concept applied by its method.
+"""
 
 from __future__ import annotations
 
@@ -10,30 +16,36 @@ from pathlib import Path
 
 import pytest
 
-from tests.learning.harness import Trained, assert_does_not_learn, assert_learns
-from tests.learning.test_textual_inversion_learns import TOKEN, _base, trained_ti
+from tests.learning.defaults import BASES, METHODS, train_default
+from tests.learning.harness import assert_does_not_learn, assert_learns
 
 pytestmark = pytest.mark.learning
 
 
-def train_with_defaults(images_dir: Path, seed: int, lr_scale: float) -> Trained:
-    from studio.world import CONCEPT
-    from trainers import get_trainer
-    from trainers.loop import run_training
+def _where(base: str) -> dict:
+    from studio.world import WORLD_B_RESOLUTION
 
-    base = _base()  # described without the world's profile: a base the presets know nothing about
-    entry = get_trainer("textual-inversion")
-    cfg = entry.resolve(profile=base.profile, images=str(images_dir), class_word=CONCEPT.class_word, token=TOKEN,
-                        seed=seed, log_every=0)
-    assert cfg.lr is None and cfg.init == "auto"  # the defaults, untouched
-    cfg.lr_scale *= lr_scale
-    concept = run_training(base, entry.make_trainer(base, cfg, TOKEN), cfg, method=entry.method, save=False).concept
-    return trained_ti(base, concept)
+    return {} if base == "world" else {"base_dir": BASES[base], "size": WORLD_B_RESOLUTION}
 
 
-def test_textual_inversion_defaults_learn(tmp_path):
-    assert_learns(train_with_defaults, tmp_path, seeds=(0, 1), name="textual inversion (defaults)")
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """One folder per module: DreamBooth's generated class images are cached there per base and shared
+    by every seed and the control, as a user's cache is shared by their trainings."""
+    return tmp_path_factory.mktemp("defaults")
 
 
-def test_textual_inversion_defaults_at_learning_rate_zero_do_not_learn(tmp_path):
-    assert_does_not_learn(train_with_defaults, tmp_path, name="textual inversion (defaults)")
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("method", METHODS)
+def test_defaults_learn(method, base, workdir):
+    work = workdir / base / method
+    assert_learns(train_default(method, base, work), work, seeds=(0, 1), name=f"{method} defaults on {base}",
+                  **_where(base))
+
+
+@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("method", METHODS)
+def test_defaults_at_learning_rate_zero_do_not_learn(method, base, workdir):
+    work = workdir / base / method
+    assert_does_not_learn(train_default(method, base, work), work, name=f"{method} defaults on {base}",
+                          **_where(base))
