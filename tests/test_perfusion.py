@@ -3,9 +3,8 @@ LoRA interplay, training, the file size, multi-concept prompts and the C⁻¹ ca
 
 from __future__ import annotations
 
-import dataclasses
-
 import copy
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
