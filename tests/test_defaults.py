@@ -1,10 +1,11 @@
 """One source for every setting: the CLI, the UI and the Python API end up with the same defaults,
 field by field, for every command and every training method, on a generic base and on the demo
-world (whose profile opens every trainer on its measured ``demo-world`` preset)."""
+world (whose profile opens every trainer on its own defaults, as on any base)."""
 
 from __future__ import annotations
 
 import dataclasses
+from types import MappingProxyType
 from typing import Any
 
 import pytest
@@ -71,14 +72,16 @@ def test_train_defaults_agree_in_cli_jobs_ui_and_python(cli_name, base, tmp_path
     assert dataclasses.asdict(from_ui) == dataclasses.asdict(python)
 
 
-def test_the_demo_world_opens_trainers_on_its_measured_presets():
+def test_the_demo_world_opens_trainers_on_their_defaults():
+    """No hand-tuned preset on the demo base: the defaults adapt by measurement (issue 16); a profile
+    can still name presets (the mechanism stays), and an explicit choice wins."""
     profile = profile_for_spec("demo")
-    assert profile.kind == "world" and profile == world_profile()
+    assert profile.kind == "world" and profile == world_profile() and not profile.presets
     for entry in trainer_registry().values():
-        name = entry.preset_name(None, profile)
-        assert name == ("demo-world" if "demo-world" in entry.presets else entry.default_preset)
-        assert entry.preset_name(None, GENERIC) == entry.default_preset
-        assert entry.preset_name("", profile) == ""  # an explicit "no preset" wins over the profile
+        assert entry.preset_name(None, profile) == entry.preset_name(None, GENERIC) == entry.default_preset
+        assert entry.preset_name("", profile) == ""  # an explicit "no preset"
+    named = dataclasses.replace(profile, presets=MappingProxyType({"textual-inversion": "demo-world"}))
+    assert trainer_registry()["textual-inversion"].preset_name(None, named) == "demo-world"
 
 
 @pytest.mark.parametrize("base", ["tiny", "demo"])

@@ -107,12 +107,12 @@ def test_the_train_form_is_the_config_dataclass_minus_what_a_job_manages(ctx):
     values = train.preset_values(ctx, TI, "cross-init-fast")
     assert values["steps"] == 25 and values["batch_size"] == 8 and values["init"] == "auto"  # measured (issue 16)
     assert train.preset_choices(ctx, "dreambooth")[0] == train.NO_PRESET
-    # the form opens on each method's default preset, or on its demo-world preset on the demo base
+    # the form opens on each method's default preset, on the demo base too (defaults adapt by measurement)
     assert train.default_preset(ctx, TI) == "cross-init" and train.default_preset(ctx, "dreambooth") == train.NO_PRESET
     demo = UIContext.create(Studio(BaseSettings(base="demo"), library=ctx.studio.library.folder, base=ctx.studio.base),
                             out_dir=ctx.out_dir)
-    assert {train.default_preset(demo, m) for m in (TI, "dreambooth", "neti", "perfusion")} == {"demo-world"}
-    assert train.preset_values(demo, TI, "demo-world")["lr"] == 2e-2
+    assert train.default_preset(demo, TI) == "cross-init" and train.default_preset(demo, "neti") == "paper"
+    assert train.preset_values(demo, TI, "demo-world")["lr"] == 2e-2  # still there by name: a quick look
 
 
 def test_a_field_added_to_a_config_appears_in_the_train_form_with_no_ui_change(ctx, monkeypatch):

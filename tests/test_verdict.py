@@ -103,8 +103,8 @@ def test_the_auto_budget_stops_when_the_gain_stops_improving(tiny, photos, tmp_p
                         batch_size=1, log_every=0, budget="auto", probe_every=2, lr=0.0)
     result = train(entry, cfg, tiny)
     budget = load_concept(result.path).metrics["verdict"]["budget"]
-    assert result.steps == budget["steps_run"] == 8  # measured at 2 (best), then 3 without improvement
-    assert [p[0] for p in budget["curve"]] == [2, 4, 6, 8] and budget["kept_step"] == 2
+    assert result.steps == budget["steps_run"] == 6  # measured at 2 (best), then 2 without improvement
+    assert [p[0] for p in budget["curve"]] == [2, 4, 6] and budget["kept_step"] == 2
     # nothing to watch without the probe: a fixed budget
     assert entry.resolve(images=str(photos), class_word="cat", budget="auto", probe=False).budget == "fixed"
 
@@ -117,7 +117,9 @@ def test_measuring_leaves_perfusions_running_statistics_alone(tiny, photos):
 
     runs = []
     for probe in (True, False):
-        cfg = PerfusionConfig(images=str(photos), class_word="cat", steps=2, batch_size=2, log_every=0, probe=probe)
+        # the initialisation forced: with the probe, --init auto could choose another start
+        cfg = PerfusionConfig(images=str(photos), class_word="cat", steps=2, batch_size=2, log_every=0, probe=probe,
+                              init="plain")
         runs.append(run_training(tiny, PerfusionTrainer(tiny, cfg, "<pf>"), cfg, method="perfusion",
                                  save=False).concept)
     for k, v in runs[1].tensors.items():

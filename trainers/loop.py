@@ -424,7 +424,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
             trainer.after_step()
             done = step + 1
             losses.append(step_loss)
-            if watch is not None and watch.due(done) and watch.measure(done, trainer, trainable):
+            if watch is not None and watch.due(done) and watch.measure(done, trainer, trainable, cb.on_log):
                 cb.on_log(f"step {done}: the denoising gain stopped improving (best {watch.best_gain:+.3f} at step "
                           f"{watch.best_step}); stopping")
                 stopped_at = done

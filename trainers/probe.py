@@ -137,7 +137,13 @@ def verdict_text(metrics: Any) -> str:
     gain, start = v.get("gain"), v.get("gain_start")
     if not isinstance(gain, (int, float)) or not isinstance(start, (int, float)):
         return f"verdict: {v['verdict']}"
-    return f"verdict: {v['verdict']} (denoising gain over the class prompt {gain:+.3f}, {start:+.3f} at the start)"
+    text = f"verdict: {v['verdict']} (denoising gain over the class prompt {gain:+.3f}, {start:+.3f} at the start)"
+    budget = v.get("budget")
+    if isinstance(budget, dict) and budget.get("curve"):
+        curve = ", ".join(f"{int(step)}: {g:+.2f}" for step, g in budget["curve"])
+        text += (f"; auto budget: {budget.get('steps_run')} steps, kept step {budget.get('kept_step')} "
+                 f"(gain by step: {curve})")
+    return text
 
 
 class AutoBudget:
@@ -152,7 +158,7 @@ class AutoBudget:
 
     PREFIX = "budget.best."
 
-    def __init__(self, probe: DenoisingProbe, trainable: dict[str, torch.Tensor], *, every: int, patience: int = 3,
+    def __init__(self, probe: DenoisingProbe, trainable: dict[str, torch.Tensor], *, every: int, patience: int = 2,
                  min_delta: float = 0.005, keep_limit: int = 64_000_000):
         self.probe, self.every, self.patience, self.min_delta = probe, max(1, every), patience, min_delta
         self.curve: list[tuple[int, float]] = []
@@ -163,10 +169,12 @@ class AutoBudget:
     def due(self, step: int) -> bool:
         return step % self.every == 0
 
-    def measure(self, step: int, trainer: Any, trainable: dict[str, torch.Tensor]) -> bool:
-        """Measure at ``step``; True when training should stop."""
+    def measure(self, step: int, trainer: Any, trainable: dict[str, torch.Tensor], log: Any = None) -> bool:
+        """Measure at ``step`` (reported through ``log`` when given); True when training should stop."""
         gain = self.probe.gain(trainer)
         self.curve.append((step, round(gain, 4)))
+        if log is not None:
+            log(f"step {step}: denoising gain {gain:+.3f} (best so far {max(gain, self.best_gain):+.3f})")
         if gain > self.best_gain + self.min_delta or not self.has_best:
             self.best_gain, self.best_step, self.stale, self.has_best = gain, step, 0, True
             if self._best is not None:

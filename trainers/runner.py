@@ -220,8 +220,8 @@ def add_cli_arguments(entry: TrainerEntry, parser: argparse.ArgumentParser) -> N
     preset fills them: see :meth:`TrainerEntry.resolve`)."""
     if entry.presets:
         parser.add_argument("--preset", choices=sorted(entry.presets), default=None,
-                            help=f"settings preset (default: {entry.default_preset}; the demo world's bases open "
-                                 "on demo-world)")
+                            help=f"settings preset (default: {entry.default_preset or 'none'}; a base's profile "
+                                 "may name another)")
     add_arguments(parser, entry.config_cls, suppress_defaults=True)
 
 

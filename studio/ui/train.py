@@ -28,8 +28,7 @@ def preset_choices(ctx: UIContext, method: str) -> list[str]:
 
 
 def default_preset(ctx: UIContext, method: str) -> str:
-    """The preset the form opens with: the one the base's profile names (on the demo world, the
-    ``demo-world`` presets measured there), else the method's default."""
+    """The preset the form opens with: the one the base's profile names, else the method's default."""
     return ctx.studio.training_methods()[method].preset_name(ctx.studio.settings.profile()) or NO_PRESET
 
 

@@ -19,7 +19,9 @@ from studio.world.task import CONCEPT
 from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
 from trainers.lora import PRESETS as DREAMBOOTH_PRESETS
 
-pytestmark = pytest.mark.learning
+# The hand-tuned ``demo-world`` preset: opt-in (``pytest -m slow``) since the default settings are what CI
+# learns with, on two bases (test_defaults_learn.py); kept as the library of bench/world_compare.py.
+pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 # The trainer's "demo-world" preset: the toy world's UNet is small and its images are 32 px, so a
 # higher learning rate than SD's 1e-4 and a text-encoder LoRA so that the identifier (an untrained

@@ -20,7 +20,9 @@ import pytest
 
 from trainers.neti import PRESETS as NETI_PRESETS
 
-pytestmark = pytest.mark.learning
+# The hand-tuned ``demo-world`` preset: opt-in (``pytest -m slow``) since the default settings are what CI
+# learns with, on two bases (test_defaults_learn.py); kept as the library of bench/world_compare.py.
+pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 PLACEHOLDER = "<hrt>"
 CLASS_WORD = "circle"

@@ -17,7 +17,9 @@ import pytest
 from studio.world import DEMO_BASE_DIR
 from trainers.perfusion import PRESETS as PERFUSION_PRESETS
 
-pytestmark = pytest.mark.learning
+# The hand-tuned ``demo-world`` preset: opt-in (``pytest -m slow``) since the default settings are what CI
+# learns with, on two bases (test_defaults_learn.py); kept as the library of bench/world_compare.py.
+pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 TOKEN = "<hrt>"
 # The trainer's "demo-world" preset: batch 16, 100 steps, lr 0.006 (embedding) / 0.01 (o*_V)
