@@ -129,6 +129,39 @@ def test_demo_base_is_a_standalone_diffusers_folder(world_pipe):
     assert out.images[0].size == (32, 32)
 
 
+def test_second_base_is_committed_stamped_and_shares_nothing_of_the_first_shape():
+    """world-b: its own build record and stamps; with the world it stays within 30 MiB; another
+    resolution, latent size, vocabulary, text width and depth, and UNet layout."""
+    from diffusers import StableDiffusionPipeline
+
+    from studio.world import WORLD_B_BASE_DIR, WORLD_B_RESOLUTION
+
+    record = json.loads((WORLD_B_BASE_DIR / "world_build.json").read_text())
+    assert record["settings"]["resolution"] == WORLD_B_RESOLUTION and record["settings"]["tokenizer"] == "small"
+    for name in WEIGHT_FILES:
+        with safe_open(str(WORLD_B_BASE_DIR / name), framework="pt") as f:
+            assert json.loads(f.metadata()["studio.world.build"])["script_sha256"] == record["script_sha256"]
+    files = [ORACLE_PATH, *DEMO_BASE_DIR.rglob("*"), *WORLD_B_BASE_DIR.rglob("*")]
+    total = sum(p.stat().st_size for p in files if p.is_file())
+    assert total <= 30 * 2**20, f"the two learnable bases take {total / 2**20:.1f} MiB"
+    b = StableDiffusionPipeline.from_pretrained(str(WORLD_B_BASE_DIR))
+    a = StableDiffusionPipeline.from_pretrained(str(DEMO_BASE_DIR))
+    assert len(b.tokenizer) < 1000 < len(a.tokenizer)
+    assert b.text_encoder.config.hidden_size != a.text_encoder.config.hidden_size
+    assert b.text_encoder.config.num_hidden_layers != a.text_encoder.config.num_hidden_layers
+    assert b.unet.config.block_out_channels != a.unet.config.block_out_channels
+    assert b.unet.config.sample_size * b.vae_scale_factor == WORLD_B_RESOLUTION != 32
+    assert b.unet.config.sample_size != a.unet.config.sample_size
+    assert b.text_encoder.get_input_embeddings().weight.dtype == torch.float32  # fp16 on disk, fp32 loaded
+    b.set_progress_bar_config(disable=True)
+    out = b(["a photo of a red square"], num_inference_steps=4, guidance_scale=4.0,
+            generator=torch.Generator().manual_seed(0))
+    assert out.images[0].size == (WORLD_B_RESOLUTION, WORLD_B_RESOLUTION)
+    verify = record["metrics"]
+    assert verify["base_vocabulary_accuracy"]["mean_attribute"] >= 0.9
+    assert min(verify["oracle_accuracy_on_vae_reconstructions"].values()) >= 0.9
+
+
 def test_oracle_reads_held_out_renders(oracle):
     """> 95 % on every head, on renders with seeds the build never used."""
     rng = random.Random("test-heldout")

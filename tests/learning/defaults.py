@@ -5,7 +5,8 @@ trainer's config comes from ``entry.resolve`` with no preset and a profile that 
 the base (so the world's hand-written ``demo-world`` presets never apply), and the concept is
 rendered through its method's ``apply`` with the trigger in the prompt — the file → method →
 prompt path users take. ``lr_scale`` multiplies every learning rate the method has (0 = the
-negative control: every rate is 0, the trained tensors stay at their initialisation).
+negative control: every rate is 0, the trained tensors stay at their initialisation, so it runs
+one step).
 
 Used by ``tests/learning/test_defaults_learn.py`` and ``bench/world_defaults.py``.
 """
@@ -76,9 +77,18 @@ def train_default(method: str, base_name: str, workdir: Path, **overrides: Any):
         from trainers.runner import train
 
         base = load(base_name)
-        entry, cfg = default_config(method, base, images_dir, seed, lr_scale, workdir, **overrides)
+        # At learning rate 0 nothing the optimizer holds changes, however long it runs: the control
+        # trains one step (its concept is the method's initialisation, measured choice included).
+        extra = {"steps": 1} if lr_scale == 0.0 else {}
+        entry, cfg = default_config(method, base, images_dir, seed, lr_scale, workdir, **(overrides | extra))
         result = train(entry, cfg, base)
         run.last = result  # type: ignore[attr-defined]  # the bench reads the record (steps, verdict)
+        verdict = result.concept.metrics.get("verdict", {})
+        budget = verdict.get("budget") or {}
+        print(f"[{method} defaults on {base_name}, seed {seed}, lr ×{lr_scale:g}] steps run "
+              f"{budget.get('steps_run', cfg.steps)} (kept {budget.get('kept_step', 'last')}), verdict "
+              f"{verdict.get('verdict')} ({verdict.get('gain', float('nan')):+.3f}), init "
+              f"{result.concept.train.get('init_chosen', '—')}, lr {result.concept.train.get('lr_effective', cfg.lr)}")
         return trained(base, result.concept)
 
     return run
