@@ -170,9 +170,9 @@ def test_saved_keys_are_exactly_the_modules_peft_targeted(trained):
     targeted = {"lora_unet_" + n.replace(".", "_") for n, m in unet.named_modules() if isinstance(m, BaseTunerLayer)}
     modules = lora_modules(result.concept.tensors)
     assert set(modules) == targeted and len(targeted) == 56
-    assert all(m.rank == 4 and m.alpha == 4.0 for m in modules.values())
+    assert all(m.rank == 8 and m.alpha == 8.0 for m in modules.values())  # the default rank, alpha = rank
     md = result.concept.metadata()
-    assert md["ss_network_dim"] == "4" and md["ss_network_alpha"] == "4" and md["ss_base_model_version"] == "sd_v1"
+    assert md["ss_network_dim"] == "8" and md["ss_network_alpha"] == "8" and md["ss_base_model_version"] == "sd_v1"
 
 
 def test_class_images_are_cached_per_base(trained, tiny_bases, images, cache_dir, tmp_path, monkeypatch):

@@ -95,16 +95,43 @@ def test_the_verdict_shows_on_the_cli_in_the_list_and_on_the_card(photos, tmp_pa
     assert card["verdict"].split(" (")[0] in concepts.cards_html([card])
 
 
-def test_the_auto_budget_stops_when_the_gain_stops_improving(tiny, photos, tmp_path):
-    """On the random tiny base nothing is learned: the gain stays flat, so the auto budget stops after
-    ``patience`` measurements without improvement, far below the cap, and records its curve."""
+def test_the_auto_budget_stops_on_a_plateau_only_once_learned_and_keeps_the_best_step():
+    """A flat start (nothing learned yet) never stops the run; after the gain says "learned", two stale
+    measurements do, and the best measured step's tensors come back. Its state survives a checkpoint."""
+    from trainers.probe import AutoBudget
+
+    class Probe:
+        def __init__(self, gains):
+            self.gains = iter(gains)
+
+        def gain(self, trainer):
+            return next(self.gains)
+
+    x = torch.zeros(3)
+    flat = AutoBudget(Probe([0.001] * 20), {"x": x}, every=10)
+    assert not any(flat.measure(10 * (i + 1), None, {"x": x}) for i in range(20))  # never learned: to the cap
+    gains = [0.0, 0.01, 0.02, LEARNED_GAIN + 0.05, LEARNED_GAIN + 0.052, LEARNED_GAIN + 0.04, LEARNED_GAIN + 0.03]
+    watch = AutoBudget(Probe(gains), {"x": x}, every=10)
+    stops = []
+    for i, _ in enumerate(gains):
+        x.fill_(float(i))  # the trained tensor at step 10 (i + 1)
+        stops.append(watch.measure(10 * (i + 1), None, {"x": x}))
+    assert stops == [False] * 6 + [True]  # best at 40, then 3 stale
+    watch.restore_best({"x": x})
+    assert torch.equal(x, torch.full((3,), 3.0)) and watch.record(70)["kept_step"] == 40
+    again = AutoBudget(Probe([]), {"x": x}, every=10)
+    again.load_state(json.loads(json.dumps(watch.state())))
+    assert again.state() == watch.state()
+
+
+def test_auto_budget_runs_record_their_curve(tiny, photos, tmp_path):
     entry = get_trainer("textual-inversion")
-    cfg = entry.resolve(images=str(photos), out=str(tmp_path / "c.safetensors"), class_word="cat", steps=200,
+    cfg = entry.resolve(images=str(photos), out=str(tmp_path / "c.safetensors"), class_word="cat", steps=6,
                         batch_size=1, log_every=0, budget="auto", probe_every=2, lr=0.0)
     result = train(entry, cfg, tiny)
     budget = load_concept(result.path).metrics["verdict"]["budget"]
-    assert result.steps == budget["steps_run"] == 6  # measured at 2 (best), then 2 without improvement
-    assert [p[0] for p in budget["curve"]] == [2, 4, 6] and budget["kept_step"] == 2
+    assert result.steps == budget["steps_run"] == 6  # flat, never learned: the cap (3 stale would stop a learned run)
+    assert [p[0] for p in budget["curve"]] == [2, 4, 6] and budget["kept_step"] == 2  # the best measured
     # nothing to watch without the probe: a fixed budget
     assert entry.resolve(images=str(photos), class_word="cat", budget="auto", probe=False).budget == "fixed"
 

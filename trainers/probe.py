@@ -148,8 +148,11 @@ def verdict_text(metrics: Any) -> str:
 
 class AutoBudget:
     """The ``auto`` step budget: measure the gain every ``every`` steps, remember the best step's
-    trained tensors, and stop once ``patience`` measurements in a row improve on the best by less
-    than ``min_delta`` (``--steps`` stays the hard cap). The curve of (step, gain) is kept.
+    trained tensors, and stop once the concept is learned (best gain ≥ ``LEARNED_GAIN``) and
+    ``patience`` measurements in a row improve on the best by less than ``min_delta`` (``--steps``
+    stays the hard cap). A run that has not learned yet never stops early: DreamBooth's gain stays
+    flat for its first hundred-odd steps and then rises — a plateau rule alone stopped it there
+    (world-b seed 0: stopped at step 150, gain +0.006, fidelity 0.00). The curve of (step, gain) is kept.
 
     The best tensors live in buffers allocated once (``trainable``'s shapes) — unless they would hold
     more than ``keep_limit`` elements (a whole-model fine-tune), when the run still stops on a plateau
@@ -158,7 +161,7 @@ class AutoBudget:
 
     PREFIX = "budget.best."
 
-    def __init__(self, probe: DenoisingProbe, trainable: dict[str, torch.Tensor], *, every: int, patience: int = 2,
+    def __init__(self, probe: DenoisingProbe, trainable: dict[str, torch.Tensor], *, every: int, patience: int = 3,
                  min_delta: float = 0.005, keep_limit: int = 64_000_000):
         self.probe, self.every, self.patience, self.min_delta = probe, max(1, every), patience, min_delta
         self.curve: list[tuple[int, float]] = []
@@ -183,7 +186,7 @@ class AutoBudget:
                         self._best[k].copy_(v)
         else:
             self.stale += 1
-        return self.stale >= self.patience
+        return self.stale >= self.patience and self.best_gain >= LEARNED_GAIN
 
     def restore_best(self, trainable: dict[str, torch.Tensor]) -> None:
         """Put the best measured step's tensors back (nothing when the last measurement was the best,

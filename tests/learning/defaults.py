@@ -8,7 +8,7 @@ prompt path users take. ``lr_scale`` multiplies every learning rate the method h
 negative control: every rate is 0, the trained tensors stay at their initialisation, so it runs
 one step).
 
-Used by ``tests/learning/test_defaults_learn.py`` and ``bench/world_defaults.py``.
+Used by ``tests/learning/test_defaults_*.py`` and ``bench/world_defaults.py``.
 """
 
 from __future__ import annotations
@@ -85,10 +85,10 @@ def train_default(method: str, base_name: str, workdir: Path, **overrides: Any):
         run.last = result  # type: ignore[attr-defined]  # the bench reads the record (steps, verdict)
         verdict = result.concept.metrics.get("verdict", {})
         budget = verdict.get("budget") or {}
-        print(f"[{method} defaults on {base_name}, seed {seed}, lr ×{lr_scale:g}] steps run "
-              f"{budget.get('steps_run', cfg.steps)} (kept {budget.get('kept_step', 'last')}), verdict "
-              f"{verdict.get('verdict')} ({verdict.get('gain', float('nan')):+.3f}), init "
-              f"{result.concept.train.get('init_chosen', '—')}, lr {result.concept.train.get('lr_effective', cfg.lr)}")
+        report(f"[{method} defaults on {base_name}, seed {seed}, lr ×{lr_scale:g}] steps run "
+               f"{budget.get('steps_run', cfg.steps)} (kept {budget.get('kept_step', 'last')}), verdict "
+               f"{verdict.get('verdict')} ({verdict.get('gain', float('nan')):+.3f}), init "
+               f"{result.concept.train.get('init_chosen', '—')}, lr {result.concept.train.get('lr_effective', cfg.lr)}")
         return trained(base, result.concept)
 
     return run
@@ -110,3 +110,42 @@ def trained(base: Any, concept: Any) -> Trained:
             handle.remove()
 
     return Trained(subject=concept.trigger, generate=generate, size_bytes=concept_bytes(concept))
+
+
+def report(line: str) -> None:
+    """Print ``line``, and append it to the file ``$STUDIO_LEARNING_LOG`` names (parallel test workers'
+    prints are not shown: the README's numbers are read from that file)."""
+    import os
+
+    print(line, flush=True)
+    path = os.environ.get("STUDIO_LEARNING_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def _where(base: str) -> dict[str, Any]:
+    from studio.world import WORLD_B_RESOLUTION
+
+    return {} if base == "world" else {"base_dir": BASES[base], "size": WORLD_B_RESOLUTION}
+
+
+def check_learns(method: str, base: str, workdir: Path, seeds: tuple[int, ...] = (0, 1)) -> None:
+    """The learning bars on ``seeds`` for ``method``'s defaults on ``base``."""
+    from tests.learning.harness import assert_learns
+
+    work = workdir / base / method
+    scores = assert_learns(train_default(method, base, work), work, seeds=seeds, name=f"{method} defaults on {base}",
+                           **_where(base))
+    for seed, sc in zip(seeds, scores):
+        report(f"[{method} defaults on {base}, seed {seed}] fidelity {sc.fidelity:.3f}, editability {sc.editability:.3f}")
+
+
+def check_control(method: str, base: str, workdir: Path) -> None:
+    """The same defaults at learning rate 0 miss the fidelity bar."""
+    from tests.learning.harness import assert_does_not_learn
+
+    work = workdir / base / method
+    sc = assert_does_not_learn(train_default(method, base, work), work, name=f"{method} defaults on {base}",
+                               **_where(base))
+    report(f"[{method} defaults on {base}, lr 0] fidelity {sc.fidelity:.3f}, editability {sc.editability:.3f}")

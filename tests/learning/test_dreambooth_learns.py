@@ -20,7 +20,7 @@ from tests.learning.harness import Trained, assert_does_not_learn, assert_learns
 from trainers.lora import PRESETS as DREAMBOOTH_PRESETS
 
 # The hand-tuned ``demo-world`` preset: opt-in (``pytest -m slow``) since the default settings are what CI
-# learns with, on two bases (test_defaults_learn.py); kept as the library of bench/world_compare.py.
+# learns with, on two bases (test_defaults_*.py); kept as the library of bench/world_compare.py.
 pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 # The trainer's "demo-world" preset: the toy world's UNet is small and its images are 32 px, so a

@@ -21,7 +21,7 @@ import pytest
 from trainers.neti import PRESETS as NETI_PRESETS
 
 # The hand-tuned ``demo-world`` preset: opt-in (``pytest -m slow``) since the default settings are what CI
-# learns with, on two bases (test_defaults_learn.py); kept as the library of bench/world_compare.py.
+# learns with, on two bases (test_defaults_*.py); kept as the library of bench/world_compare.py.
 pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 PLACEHOLDER = "<hrt>"

@@ -18,7 +18,7 @@ from studio.world import DEMO_BASE_DIR
 from trainers.perfusion import PRESETS as PERFUSION_PRESETS
 
 # The hand-tuned ``demo-world`` preset: opt-in (``pytest -m slow``) since the default settings are what CI
-# learns with, on two bases (test_defaults_learn.py); kept as the library of bench/world_compare.py.
+# learns with, on two bases (test_defaults_*.py); kept as the library of bench/world_compare.py.
 pytestmark = [pytest.mark.learning, pytest.mark.slow]
 
 TOKEN = "<hrt>"
