@@ -93,7 +93,7 @@ class DreamBoothConfig(CommonTrainConfig):
     full: bool = option(False, "fine-tune every UNet weight and write a diffusers folder (--out DIR) instead of a LoRA",
                     group="method")
     rank: int = option(8, "LoRA rank r (8: measured on the learnable bases, where 4 under-fits one seed and 16 "
-                           "over-fits the photos' backgrounds; README, \"Defaults that learn\")", group="lora")
+                           "over-fits the photos' backgrounds in 3 of 4 runs; README, \"Defaults that learn\")", group="lora")
     alpha: float | None = option(None, "LoRA alpha (default: the rank, so the update scale α/r is 1)", group="lora")
     target_modules: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA "
                                    "(repeat or comma-separate)", group="lora")

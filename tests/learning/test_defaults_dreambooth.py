@@ -32,8 +32,8 @@ def workdir(tmp_path_factory) -> Path:
 
 # The one cell the defaults miss, measured (README, "Defaults that learn"): on the demo world, seed 1
 # renders the concept (fidelity 0.876) but one image of 40 too many keeps the photos' background
-# (editability 0.875 < bar 0.878). Rank 4 misses it by fidelity (0.18), rank 16 over-fits every seed's
-# background (editability 0.58–0.88). Strict: the day it passes, this mark must go.
+# (editability 0.875 < bar 0.878). Rank 4 misses it by fidelity (0.18); rank 16 over-fits the backgrounds
+# of three of four runs (editability 0.575, 0.875, 0.725). Strict: the day it passes, this mark must go.
 MISS = pytest.mark.xfail(strict=True, raises=AssertionError,
                          reason="DreamBooth-LoRA defaults on the demo world, seed 1: editability 0.875 < 0.878")
 
