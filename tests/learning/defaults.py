@@ -8,7 +8,11 @@ prompt path users take. ``lr_scale`` multiplies every learning rate the method h
 negative control: every rate is 0, the trained tensors stay at their initialisation, so it runs
 one step).
 
-Used by ``tests/learning/test_defaults_*.py`` and ``bench/world_defaults.py``.
+The two bases share nothing of their shape (the demo world: 32 px, 4×8×8 latents, CLIP's 49,408-token
+vocabulary, a 64-wide 2-layer text encoder, a three-level UNet; world-b: 48 px, 4×12×12 latents, a
+665-token learnt vocabulary, a 96-wide 3-layer text encoder, a two-level UNet); the defaults adapt by
+measurement (docs/methods.md, "Measured defaults"). Used by ``tests/learning/test_defaults_*.py`` (one
+file per trainer, so parallel test workers share them out) and ``bench/world_defaults.py``.
 """
 
 from __future__ import annotations

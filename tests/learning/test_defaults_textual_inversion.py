@@ -1,19 +1,7 @@
-"""Defaults that learn on a base nobody tuned them for: textual inversion's *default* settings — no preset, no
-hand-set rate or step count — learn the world's concept on both learnable bases, 2 seeds each, and the
-same defaults at learning rate 0 do not.
-
-The two bases share nothing of their shape: the demo world (32 px, 4×8×8 latents, the 49,408-token
-CLIP vocabulary, a 64-wide 2-layer text encoder, a three-level UNet) and world-b (48 px, 4×12×12
-latents, a 665-token vocabulary learnt from the world's captions, a 96-wide 3-layer text encoder, a
-two-level UNet). The defaults adapt by measurement (initialisation, rates in the base's units, the
-``auto`` step budget; docs/methods.md, "Measured defaults"). Runs take the user's path: the base loaded
-from its folder, the CLI's resolve, the runner, the concept applied by its method
-(:mod:`tests.learning.defaults`). One file per trainer, so parallel test workers share them out.
-"""
+"""textual inversion's default settings learn on both learnable bases; at learning rate 0 they do not
+(what, why and how: :mod:`tests.learning.defaults`)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
@@ -21,13 +9,6 @@ from tests.learning.defaults import BASES, check_control, check_learns
 
 pytestmark = pytest.mark.learning
 METHOD = "textual-inversion"
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    """One folder per module: generated class images are cached there per base and shared by every
-    seed and the control, as a user's cache is shared by their trainings."""
-    return tmp_path_factory.mktemp("defaults")
 
 
 @pytest.mark.parametrize("base", sorted(BASES))

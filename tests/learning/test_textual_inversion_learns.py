@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
+from tests.learning.harness import Trained, assert_does_not_learn, assert_learns
 from trainers.textual_inversion import PRESETS
 
 # The hand-tuned ``demo-world`` preset: opt-in (``pytest -m slow``) since the default settings are what CI
@@ -53,22 +53,10 @@ def train_textual_inversion(images_dir: Path, seed: int, lr_scale: float) -> Tra
 
 def trained_ti(base: Any, concept: Any) -> Trained:
     """The harness's view of a trained textual-inversion concept: it generates with the concept applied
-    through the method (file → token table → prompt)."""
-    from studio.methods import get_method
-    from studio.prompts import rewrite
-    from studio.world.score import pipeline_generator
+    through the method (file → token table → prompt); classic TI's prompts name it by the token alone."""
+    from tests.learning.defaults import trained
 
-    plain = pipeline_generator(base.pipe)
-
-    def generate(prompts, gen_seed):
-        handle = get_method(concept.method).apply(base, concept, strength=1.0)
-        try:
-            return plain([rewrite(p, {concept.trigger: handle.prompt_text()}) for p in prompts], gen_seed)
-        finally:
-            handle.remove()
-
-    # classic TI: the trained prompts are "a photo of <hrt>", so the token alone names the concept
-    return Trained(subject=TOKEN, generate=generate, size_bytes=concept_bytes(concept))
+    return trained(base, concept)
 
 
 def test_textual_inversion_learns(tmp_path):
