@@ -24,6 +24,14 @@ Tensors named ``ref.<role>`` (``ref.clip``, ``ref.dino``: ``(N, D)`` float32 emb
 training photos, see :mod:`studio.evaluation`) belong to no method: they are kept out of
 :attr:`Concept.tensors` (in :attr:`Concept.refs`) and out of method validation, and written back
 to the file, so a concept can be re-scored without its photos.
+
+The tensor :data:`GUARD_TENSOR` (``_studio.not_an_embedding``, one float32 zero) is written into the
+files of methods that are not embeddings but could be mistaken for one (Perfusion, NeTI: see
+:func:`write_concept`'s ``guard``). Other tools' embedding loaders take a ``.safetensors`` file's
+first tensor when it has no name they know (ComfyUI) or refuse a file with several (A1111); the
+guard is the first tensor in every order a reader lists them in, and its width of 1 fits no text
+encoder, so those loaders skip the file instead of loading a garbage embedding. Reading drops it;
+files written before it existed read unchanged (docs/architecture.md, "The concept file").
 """
 
 from __future__ import annotations
@@ -50,6 +58,11 @@ DEFAULT_LIMITS = sio.Limits(dtypes=sio.FLOATS, max_bytes=4 * sio.GIB)
 # ref.<role>: (N, D) float32 image embeddings (CLIP / DINO features: |x| of a few units, normalised or
 # not); 1e4 leaves two orders of magnitude and still refuses garbage.
 REF_MAX_ABS = 1e4
+# Marks a file as "not an embedding" for other tools' embedding loaders (module docstring). The name
+# sorts before every method's tensor names ("_" precedes the lowercase letters they start with), and
+# float32 is the widest dtype a concept file holds, so it is first in safetensors' name order and in
+# its data order alike (load_file lists tensors by dtype width, then by name).
+GUARD_TENSOR = "_studio.not_an_embedding"
 
 
 @dataclass
@@ -102,8 +115,11 @@ class Concept:
 _ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base"}
 
 
-def write_concept(concept: Concept, path: str | os.PathLike[str]) -> Path:
+def write_concept(concept: Concept, path: str | os.PathLike[str], *, guard: bool = False) -> Path:
     """Write ``concept`` atomically to ``path`` (a ``.safetensors`` file) and return the path.
+
+    ``guard``: also write :data:`GUARD_TENSOR`, so that other tools' embedding loaders skip the file
+    (for methods whose files are not embeddings; the module docstring says how).
 
     The format alone: validating the tensors against the concept's method is
     :func:`studio.methods.save_concept`, which every caller outside the methods uses."""
@@ -115,6 +131,10 @@ def write_concept(concept: Concept, path: str | os.PathLike[str]) -> Path:
     final = Path(path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in method_tensors.items()}
     tensors.update({REF_PREFIX + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in refs.items()})
+    tensors.pop(GUARD_TENSOR, None)
+    if guard:
+        _check_guardable(tensors, final)
+        tensors = {GUARD_TENSOR: torch.zeros(1, dtype=torch.float32)} | tensors
     metadata = concept.metadata()
     sio.check_strings(metadata | {k: "" for k in tensors}, sio.label(final))  # no lone surrogates reach the file
     with atomic_path(final) as tmp:
@@ -207,6 +227,7 @@ def read_concept(path: str | os.PathLike[str], *,
     lim = limits(fields.method) if callable(limits) else (limits or DEFAULT_LIMITS)
     sio.check_limits(header, lim, sio.label(p))
     tensors, refs = split_refs(sio.read_tensors(header, p))
+    tensors.pop(GUARD_TENSOR, None)  # a marker for other tools (module docstring), not the method's
     _check_refs(refs, p)
     md = header.metadata
     return Concept(
@@ -230,6 +251,18 @@ def split_refs(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor
     method = {k: v for k, v in tensors.items() if not k.startswith(REF_PREFIX)}
     refs = {k[len(REF_PREFIX):]: v for k, v in tensors.items() if k.startswith(REF_PREFIX)}
     return method, refs
+
+
+def _check_guardable(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The guard is only first in every listing order if no tensor sorts before it by name or by
+    dtype width (safetensors orders data by width, widest first): refuse what would break that."""
+    early = [k for k in tensors if k < GUARD_TENSOR]
+    wide = [k for k, v in tensors.items() if v.element_size() > 4]
+    if early or wide:
+        name = (early or wide)[0]
+        raise ConceptFormatError(f"{sio.label(path)}: tensor {sio.q(name)} would come before the "
+                                 f"{GUARD_TENSOR} marker ({'its name sorts first' if early else 'it is wider than float32'}); "
+                                 "name method tensors in lowercase and store them as float16/bfloat16/float32.")
 
 
 def _check_refs(refs: dict[str, torch.Tensor], path: Path) -> None:

@@ -12,6 +12,7 @@ import json
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,19 +24,41 @@ from studio.configs import option
 from studio.errors import StudioError
 from studio.methods import get_method
 from studio.methods.zeroshot.adapter import PRESETS as ADAPTER_PRESETS
+from studio.models.keys import file_sha256
 from studio.prompts import MAX_STRENGTH, check_strength, find_triggers, rewrite
 
-# Scheduler names → (diffusers class name, A1111 sampler name, extra config).
-SCHEDULERS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", "DDIM", {}),
-    "euler": ("EulerDiscreteScheduler", "Euler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", "Euler a", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", "DPM++ 2M", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", "DPM++ 2M Karras", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", "UniPC", {}),
-    "heun": ("HeunDiscreteScheduler", "Heun", {}),
-    "pndm": ("PNDMScheduler", "PNDM", {}),
+# Scheduler names → (diffusers class name, extra config). What A1111 calls each: :func:`a1111_sampler`.
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {}),
 }
+# diffusers scheduler class → the sampler name A1111 writes (its labels in modules/sd_samplers_kdiffusion.py,
+# sd_samplers_timesteps.py and sd_samplers_lcm.py; the pairing is diffusers' own table of A1111 equivalents).
+# A name A1111 does not know would be read as its default sampler, so a class without an equivalent
+# (DDPM, DEIS …) writes no Sampler field. DPMSolverMultistepScheduler depends on its config: see a1111_sampler.
+A1111_SAMPLERS: dict[str, str] = {
+    "DDIMScheduler": "DDIM",
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "KDPM2DiscreteScheduler": "DPM2",
+    "KDPM2AncestralDiscreteScheduler": "DPM2 a",
+    "DPMSolverSDEScheduler": "DPM++ SDE",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE",
+    "UniPCMultistepScheduler": "UniPC",
+    "LCMScheduler": "LCM",
+}
+# diffusers' sigma-schedule switches → A1111's "Schedule type" label (modules/sd_schedulers.py).
+A1111_SCHEDULE_TYPES = {"use_karras_sigmas": "Karras", "use_exponential_sigmas": "Exponential",
+                        "use_beta_sigmas": "Beta"}
 MAX_IMAGES = 64
 
 
@@ -210,12 +233,68 @@ def _remove_all(handles: Sequence[Any], *, quiet: bool = False) -> None:
             raise first
 
 
+def a1111_sampler(class_name: str, config: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """``(Sampler, Schedule type)`` as A1111 writes them for a diffusers scheduler class and config, e.g.
+    ``("DPM++ 2M", "Karras")`` for ``DPMSolverMultistepScheduler(use_karras_sigmas=True)``. ``None``
+    where A1111 has no equivalent (the field is then left out: A1111 would read an unknown sampler name
+    as its default) or the schedule is the sampler's own."""
+    if class_name == "DPMSolverMultistepScheduler":
+        order = int(config.get("solver_order", 2) or 2)
+        if str(config.get("algorithm_type", "dpmsolver++")).startswith("sde-"):
+            sampler: str | None = ("DPM++ 3M SDE" if order == 3 else
+                                   "DPM++ 2M SDE Heun" if config.get("solver_type") == "heun" else "DPM++ 2M SDE")
+        else:
+            sampler = "DPM++ 2M" if order <= 2 else None  # A1111 has no deterministic third-order multistep
+    else:
+        sampler = A1111_SAMPLERS.get(class_name)
+    schedule = next((label for key, label in A1111_SCHEDULE_TYPES.items() if config.get(key)), None)
+    return sampler, (schedule if sampler else None)
+
+
+def model_hash(base: Any) -> str | None:
+    """A1111's "Model hash" of ``base``: the first 10 hex digits of the sha256 of its checkpoint file,
+    for a base loaded from one file (hashed once, then remembered: :func:`studio.models.keys.file_sha256`
+    and ``base.extra``). ``None`` for folders, hub ids and built-in bases, for which A1111 has no such hash."""
+    extra = getattr(base, "extra", None)
+    if isinstance(extra, dict) and isinstance(extra.get("sha256"), str):
+        return str(extra["sha256"])[:10]
+    spec = getattr(base, "spec", "")
+    if not str(getattr(base, "identity", "")).startswith("file:") or not isinstance(spec, str):
+        return None
+    try:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            return None
+        digest = file_sha256(path)
+    except OSError:
+        return None  # the file moved or became unreadable since loading: no hash rather than a wrong one
+    if isinstance(extra, dict):
+        extra["sha256"] = digest
+    return digest[:10]
+
+
+def _quote(value: str) -> str:
+    """A settings value as A1111 writes one: JSON-quoted when it holds a comma, colon or newline."""
+    return json.dumps(value, ensure_ascii=False) if any(c in value for c in ",:\n") else value
+
+
 def parameters_text(cfg: GenerateConfig, *, seed: int, base: Any, width: int, height: int,
                     resolved: Sequence[ResolvedConcept]) -> str:
-    """The A1111-style ``parameters`` PNG text: prompt, negative prompt, then a settings line."""
-    sampler = SCHEDULERS[cfg.scheduler][1] if cfg.scheduler != "default" else type(base.pipe.scheduler).__name__
-    parts = [f"Steps: {cfg.steps}", f"Sampler: {sampler}", f"CFG scale: {cfg.guidance:g}", f"Seed: {seed}",
-             f"Size: {width}x{height}", f"Model: {base.name}", f"Model hash: {base.identity}"]
+    """The A1111-style ``parameters`` PNG text: prompt, negative prompt, then a settings line with A1111's
+    field names, order and values (sampler names per :func:`a1111_sampler`, "Model hash" per
+    :func:`model_hash`; a field A1111 would misread is left out) and the studio's concepts."""
+    if cfg.scheduler != "default":
+        cls_name, extra = SCHEDULERS[cfg.scheduler]
+        sampler, schedule = a1111_sampler(cls_name, {**base.pipe.scheduler.config, **extra})
+    else:
+        sampler, schedule = a1111_sampler(type(base.pipe.scheduler).__name__, base.pipe.scheduler.config)
+    digest = model_hash(base)
+    parts = [f"Steps: {cfg.steps}"]
+    parts += [f"Sampler: {sampler}"] if sampler else []
+    parts += [f"Schedule type: {schedule}"] if schedule else []
+    parts += [f"CFG scale: {cfg.guidance:g}", f"Seed: {seed}", f"Size: {width}x{height}"]
+    parts += [f"Model hash: {digest}"] if digest else []
+    parts += [f"Model: {_quote(str(base.name))}"]
     if resolved:
         parts.append("Concepts: " + json.dumps(", ".join(f"{r.concept.trigger}:{r.strength:g} ({r.concept.name})"
                                                          for r in resolved)))
@@ -253,7 +332,7 @@ def _scheduler(pipe: Any, name: str) -> Iterator[None]:
         return
     import diffusers
 
-    cls_name, _, extra = SCHEDULERS[name]
+    cls_name, extra = SCHEDULERS[name]
     original = pipe.scheduler
     pipe.scheduler = getattr(diffusers, cls_name).from_config(original.config, **extra)
     try:

@@ -9,12 +9,16 @@ Importers are tried in order; each recognises a file by its tensor names and ret
 (textual inversion: A1111 / diffusers / Cross-Initialization; LoRA: kohya / PEFT …).
 
 Pickled files (``.pt``, ``.bin``) are read only here — an explicit ``concepts import`` — and only
-with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
+with ``torch.load(weights_only=True)``, which refuses arbitrary objects. Besides tensors, numbers and
+plain containers, it is allowed exactly the classes of :data:`PICKLE_CLASSES` (old A1111 embeddings
+keep their vectors in a ``torch.nn.ParameterDict``), for that call only.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import threading
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +38,16 @@ Exporter = Callable[[Concept, Path], Path]
 # Other tools' files: float weights only (their fp8 / integer variants are refused, not converted),
 # at most 4 GiB of tensors (checked from the header or the file size, before loading).
 FOREIGN_LIMITS = sio.Limits(dtypes=sio.FLOATS, max_bytes=4 * sio.GIB)
+# What a weights-only load of a foreign pickle may build besides tensors, numbers and plain containers:
+# A1111's textual-inversion .pt files saved by its first versions hold ``string_to_param`` as a
+# ``torch.nn.ParameterDict`` (its state is plain data: an OrderedDict of Parameters). Nothing else.
+PICKLE_CLASSES: tuple[type, ...] = (torch.nn.ParameterDict,)
+# torch keeps its allow-list in a process-wide set: one weights-only load of ours at a time, so one
+# call's cleanup never removes a class from under another call.
+_PICKLE_LOCK = threading.Lock()
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+) was not an allowed global")
+_UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:Check the documentation|$)", re.S)
 
 
 def _method_limits(method: str) -> sio.Limits:
@@ -72,15 +86,37 @@ def load_concept(path: str | os.PathLike[str]) -> Concept:
 
 
 def save_concept(concept: Concept, path: str | os.PathLike[str]) -> Path:
-    """Validate ``concept`` against its method, then write it atomically (:func:`studio.concept.write_concept`)."""
+    """Validate ``concept`` against its method, then write it atomically (:func:`studio.concept.write_concept`).
+
+    A method whose files are not embeddings but could pass for one (``embedding_guard = True``:
+    Perfusion, NeTI) gets the :data:`studio.concept.GUARD_TENSOR` marker, which makes A1111's and
+    ComfyUI's embedding loaders skip the file (docs/architecture.md, "The concept file")."""
+    method = get_method(concept.method)
     method_tensors, _ = split_refs(concept.tensors)
-    get_method(concept.method).validate(replace(concept, tensors=method_tensors))  # ref.* belong to no method
-    return write_concept(concept, path)
+    method.validate(replace(concept, tensors=method_tensors))  # ref.* belong to no method
+    return write_concept(concept, path, guard=bool(getattr(method, "embedding_guard", False)))
 
 
 def export_formats(method: str) -> list[str]:
     """``studio`` and the formats ``method`` declares exporters for."""
     return ["studio"] + sorted(get_method(method).exporters)
+
+
+def export_formats_by_method() -> dict[str, list[str]]:
+    """Every method's export formats (:func:`export_formats`), in registry order — what
+    ``concepts export --help`` and the README list."""
+    return {name: export_formats(name) for name in METHODS}
+
+
+def export_formats_help() -> str:
+    """One line naming every export format and the methods it applies to, e.g. ``studio (any concept,
+    the default); a1111 (textual_inversion); diffusers (textual_inversion, lora); kohya (lora)``."""
+    by_format: dict[str, list[str]] = {}
+    for method, formats in export_formats_by_method().items():
+        for fmt in formats[1:]:  # "studio" applies to every concept
+            by_format.setdefault(fmt, []).append(method)
+    return "; ".join(["studio (any concept, the default)"] +
+                     [f"{fmt} ({', '.join(methods)})" for fmt, methods in sorted(by_format.items())])
 
 
 def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -94,15 +130,53 @@ def read_tensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             raise ConceptFormatError(f"{sio.label(path)} is larger than the {FOREIGN_LIMITS.max_bytes:,} bytes a concept "
                                      "file may hold.")
         try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = load_weights_only(path)
         except Exception as err:  # noqa: BLE001 - unpickling errors vary; report one line
-            detail = (str(err).splitlines() or [type(err).__name__])[0][:200]
-            raise ConceptFormatError(f"{sio.label(path)} could not be read as a weights-only pickle "
-                                     f"({sio.label(detail)}); files holding code or arbitrary objects are refused.") from None
+            raise pickle_refusal(path, err) from None
         if not isinstance(obj, dict):
             raise ConceptFormatError(f"{sio.label(path)} does not hold a dictionary of tensors.")
-        return obj, {}
+        return {k: _parameter_dict(v, path) if isinstance(v, torch.nn.ParameterDict) else v for k, v in obj.items()}, {}
     raise StudioError(f"{path.name}: unsupported file type {path.suffix!r}; use .safetensors, or .pt/.bin.")
+
+
+def load_weights_only(path: str | os.PathLike[str]) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU, with :data:`PICKLE_CLASSES` allowed for this
+    call only (torch's allow-list is left as it was found, also on errors)."""
+    with _PICKLE_LOCK:
+        extra: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [
+            c for c in PICKLE_CLASSES if c not in torch.serialization.get_safe_globals()]
+        with torch.serialization.safe_globals(extra):
+            return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+
+
+def pickle_refusal(path: str | os.PathLike[str], err: BaseException) -> ConceptFormatError:
+    """The one-line refusal of a pickle that a weights-only load rejected: torch's multi-line text
+    (with terminal colour codes) reduced to the global it refused, or to its first fact, and what to do."""
+    text = _ANSI.sub("", str(err))
+    where = sio.label(path)
+    found = _UNSUPPORTED_GLOBAL.search(text)
+    if found:
+        name = found.group(1).rstrip(".")
+        return ConceptFormatError(
+            f"{where} was refused: unpickling it needs {sio.q(name)}, which the weights-only loader does not allow "
+            "(a pickle that builds arbitrary objects can run code); convert the file to .safetensors with the tool "
+            "that made it and import that.")
+    detail = _UNPICKLER_DETAIL.search(text)
+    lines = [" ".join(line.split()) for line in (detail.group(1) if detail else text).splitlines()]
+    first = next((line for line in lines if line), type(err).__name__)
+    return ConceptFormatError(
+        f"{where} could not be read as a weights-only pickle (torch: {sio.q(first, 160)}); it may be damaged, or hold "
+        "code or objects other than tensors — convert it to .safetensors with the tool that made it and import that.")
+
+
+def _parameter_dict(params: torch.nn.ParameterDict, path: Path) -> dict[str, torch.Tensor]:
+    """An unpickled ``ParameterDict`` as a plain ``{name: tensor}``: read from its state (what the pickle
+    set), never through its methods, and refused unless that state is names → tensors."""
+    raw = vars(params).get("_parameters")
+    if not isinstance(raw, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in raw.items()):
+        raise ConceptFormatError(f"{sio.label(path)} holds a torch ParameterDict that is not a map of names to "
+                                 "tensors; re-save the embedding from the tool that made it.")
+    return {k: v.detach() for k, v in raw.items()}
 
 
 def import_concept(path: Path, *, token: str | None = None, class_word: str | None = None) -> Concept:

@@ -6,6 +6,10 @@
 * **identity key** — which weights exactly: hub id + revision, or a content fingerprint of the
   weight files. It keys caches (class images, Perfusion's C⁻¹, latents) so two fine-tunes of one
   family never share a cache.
+
+And the full sha256 of a single-file checkpoint (:func:`file_sha256`), which A1111 shows as the
+"Model hash" of a generation (its first 10 hex digits), remembered on disk because it reads the
+whole file.
 """
 
 from __future__ import annotations
@@ -13,11 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
+from studio.atomic import atomic_path
+from studio.errors import StudioError
+
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
 _SAMPLE = 1 << 20  # bytes read at the start, middle and end of each weight file
+_HASH_CHUNK = 8 << 20
+_HASH_CACHE_MAX = 8 << 20  # a hash cache larger than this is not ours to parse: it is ignored (and rewritten)
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def cross_attention_layers(unet: Any) -> list[str]:
@@ -72,3 +83,51 @@ def fingerprint_files(folder: str | os.PathLike[str]) -> str:
                 fh.seek(off)
                 h.update(fh.read(_SAMPLE))
     return h.hexdigest()[:16]
+
+
+def hash_cache_file() -> Path:
+    """Where :func:`file_sha256` remembers hashes: ``$STUDIO_HASH_CACHE``, else
+    ``$XDG_CACHE_HOME/studio/hashes.json`` (``~/.cache/studio/hashes.json``)."""
+    explicit = os.environ.get("STUDIO_HASH_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "studio" / "hashes.json"
+
+
+def file_sha256(path: str | os.PathLike[str], *, cache: str | os.PathLike[str] | None = None) -> str:
+    """The sha256 (64 hex digits) of a whole file — what A1111 hashes a checkpoint with.
+
+    Reading a multi-GB checkpoint takes seconds, so the digest is remembered in ``cache`` (default
+    :func:`hash_cache_file`), keyed by the file's resolved path, size and modification time: a file
+    changed since is hashed again. A missing, unreadable or damaged cache costs a re-hash, never an
+    error; a cache that cannot be written is skipped."""
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache_file = Path(cache).expanduser() if cache is not None else hash_cache_file()
+    entries = _read_hash_cache(cache_file)
+    hit = entries.get(str(p))
+    if isinstance(hit, dict) and hit.get("stamp") == stamp and _SHA256.fullmatch(str(hit.get("sha256", ""))):
+        return str(hit["sha256"])
+    h = hashlib.sha256()
+    with open(p, "rb") as fh:
+        while chunk := fh.read(_HASH_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    entries[str(p)] = {"stamp": stamp, "sha256": digest}
+    try:
+        with atomic_path(cache_file) as tmp:
+            Path(tmp).write_text(json.dumps(entries, indent=0, sort_keys=True), encoding="utf-8")
+    except (OSError, StudioError):
+        pass  # a read-only or full cache folder only means hashing again next time
+    return digest
+
+
+def _read_hash_cache(cache_file: Path) -> dict[str, Any]:
+    try:
+        if cache_file.stat().st_size > _HASH_CACHE_MAX:
+            return {}
+        data = json.loads(cache_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}

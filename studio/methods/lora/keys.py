@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +188,38 @@ def kohya_metadata(modules: dict[str, LoraModule], family: str) -> dict[str, str
         md.update({"ss_base_model_version": KOHYA_VERSION[family], "ss_v2": str(family == "sd2"),
                    "modelspec.architecture": f"{_ARCH[family]}/lora"})
     return md
+
+
+_UPSAMPLER = re.compile(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv")
+
+
+def a1111_dropped(modules: Iterable[str], *, family: str, up_block_types: Sequence[str] = ()) -> list[str]:
+    """The kohya module names (sorted) whose LoRA A1111 leaves out on an SDXL base: its loader
+    (``extensions-builtin/Lora/networks.py``: ``convert_diffusers_name_to_compvis``, then a lookup in
+    the SGM model's modules) finds no layer for
+
+    * ``lora_unet_add_embedding_linear_1`` / ``_2`` (SDXL's size/crop embedding; no conversion rule),
+    * ``lora_te2_text_projection`` (a bare parameter, not a layer, in A1111's OpenCLIP encoder),
+    * ``lora_unet_up_blocks_N_upsamplers_0_conv`` where the rule's guess of the upsampler's place —
+      second in block 0, third in later blocks, right for SD 1/2 — is wrong: up block 0 has
+      attentions in SDXL, so its upsampler is third (``up_block_types``: the UNet's, default SDXL's).
+
+    ComfyUI, diffusers and the studio apply them all; only non-default target modules reach them.
+    Other families: ``[]`` (A1111's rules fit their layouts)."""
+    if family != "sdxl":
+        return []
+    types = list(up_block_types) or ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"]
+    dropped = set()
+    for name in modules:
+        up = _UPSAMPLER.fullmatch(name)
+        if up:
+            block = int(up.group(1))
+            has_attention = block < len(types) and "CrossAttn" in types[block]
+            if has_attention != (block > 0):
+                dropped.add(name)
+        elif name.startswith("lora_unet_add_embedding_") or name == "lora_te2_text_projection":
+            dropped.add(name)
+    return sorted(dropped)
 
 
 # -- foreign names → kohya (import) ---------------------------------------------------------------

@@ -139,6 +139,9 @@ class NeTI:
     name: ClassVar[str] = METHOD
     importers: ClassVar[tuple] = ()  # no other tool writes this method's files
     exporters: ClassVar[dict] = {}
+    # Its files are no embedding, yet ComfyUI would load their first tensor as one: mark them
+    # (studio.concept.GUARD_TENSOR) so embedding loaders skip them.
+    embedding_guard: ClassVar[bool] = True
     trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "a neural space-time mapper: one token per timestep and UNet layer (NeTI)"
     # Files: float16/bfloat16/float32; an SD 1.x mapper is 2.3 MB and an SDXL one ~8 MB, so 256 MiB

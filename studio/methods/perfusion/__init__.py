@@ -174,6 +174,9 @@ class Perfusion:
     name: ClassVar[str] = "perfusion"
     importers: ClassVar[tuple] = ()  # no other tool writes this method's files
     exporters: ClassVar[dict] = {}
+    # Its files are no embedding, yet ComfyUI would load their first tensor as one: mark them
+    # (studio.concept.GUARD_TENSOR) so embedding loaders skip them.
+    embedding_guard: ClassVar[bool] = True
     trigger_is_subject: ClassVar[bool] = True  # trained as "a photo of <tok>"
     description: ClassVar[str] = "key-locked gated rank-one K/V edits (~60 KB, combines with other concepts)"
     # Files: float16/bfloat16/float32; an SDXL concept is 364 KB, so 64 MiB (ref.* embeddings

@@ -131,6 +131,7 @@ class ZeroShot:
     name: ClassVar[str] = "zeroshot"
     importers: ClassVar[tuple] = ()  # no other tool writes this method's files
     exporters: ClassVar[dict] = {}
+    embedding_guard: ClassVar[bool] = True  # its first tensor could pass for an embedding in ComfyUI (docs/architecture.md)
     trigger_is_subject: ClassVar[bool] = False  # the trigger goes with the class noun
     description: ClassVar[str] = "IP-Adapter image prompt: reference-image embeddings, no training (kilobytes to a few MB)"
     # Files: float16/bfloat16/float32. A "plus" adapter keeps (257, 1280) floats per photo (1.3 MB);
