@@ -37,12 +37,14 @@ class Runners:
     evaluate: Callable[[list[Any], dict[str, Any]], Any]
     sweep: Callable[[Any, list[float], dict[str, Any]], Any]
     train_chunk: Callable[[float], str] | None = None  # ZeroGPU: run queued jobs for N seconds
+    compare: Callable[[list[Any], dict[str, Any]], Any] | None = None  # A/B: arms, options (None: the studio's)
 
     @classmethod
     def direct(cls, studio: Any) -> Runners:
         return cls(render=studio.generate,
                    evaluate=lambda concepts, options: studio.evaluate(concepts, **options),
-                   sweep=lambda concept, strengths, options: studio.sweep(concept, strengths, **options))
+                   sweep=lambda concept, strengths, options: studio.sweep(concept, strengths, **options),
+                   compare=lambda arms, options: studio.compare(arms, **options))
 
 
 @dataclass
