@@ -106,6 +106,12 @@ def sweep(concept: Any, strengths: list[float], options: dict[str, Any]) -> Any:
     return _studio().sweep(concept, strengths, **options)
 
 
+@gpu(duration=300)
+def compare(arms: list[Any], options: dict[str, Any]) -> Any:
+    """An A/B comparison (:meth:`~studio.service.Studio.compare`): arms → a :class:`~studio.compare.Comparison`."""
+    return _studio().compare(arms, **options)
+
+
 @gpu(duration=290)
 def train_chunk(seconds: float) -> str:
     """ZeroGPU: run queued training jobs for ``seconds`` (they checkpoint and continue at the next chunk)."""
@@ -123,7 +129,8 @@ def create(base: str | None = None, library: str | None = None, *, worker: bool 
 
     studio, banner = make_studio(base, library, allow_paths, queue_url=queue_url, storage=storage)
     _SERVED["studio"] = studio
-    runners = Runners(render=render, evaluate=evaluate, sweep=sweep, train_chunk=train_chunk if zero_gpu() else None)
+    runners = Runners(render=render, evaluate=evaluate, sweep=sweep, train_chunk=train_chunk if zero_gpu() else None,
+                      compare=compare)
     demo = build_app(studio, banner=banner, runners=runners)
     if worker is None:
         worker = os.environ.get("STUDIO_WORKER", "1") != "0" and not zero_gpu()
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
     auth = parse_auth(args.auth)
     if (args.listen or args.share) and not auth:
         print("warning: the studio is reachable by others (--listen/--share) without --auth.", file=sys.stderr)
+    from studio.ui import CSS
+
     demo = create(args.base, args.library, worker=False if args.no_worker else None, allow_paths=args.allow_paths,
                   queue_url=args.queue_url, storage=args.storage)
 
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         demo.queue(default_concurrency_limit=4).launch(
             server_name=server_name(args.listen), server_port=args.port, share=args.share, auth=auth,
             max_file_size=os.environ.get("STUDIO_MAX_FILE_SIZE", "512mb"), footer_links=["api", "settings"],
-            show_error=True)
+            show_error=True, css=CSS)
     except KeyboardInterrupt:
         pass
     finally:

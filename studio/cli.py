@@ -1,4 +1,4 @@
-"""``python -m studio``: generate, manage concepts, train, queue training jobs, evaluate.
+"""``python -m studio``: generate, manage concepts, train, queue training jobs, evaluate, compare.
 
 User mistakes print one line on stderr and exit with status 2 — never a traceback.
 """
@@ -88,12 +88,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-scales", default=None, metavar="JSON",
                    help='per-layer scales as for diffusers set_ip_adapter_scale, e.g. \'{"up": {"block_0": [0, 1, 0]}}\'')
     p.add_argument("--force", action="store_true")
-    p = csub.add_parser("export", help="export a concept (studio, a1111, diffusers, …)")
+    from studio.methods.interop import export_formats_by_method, export_formats_help
+
+    formats = list(dict.fromkeys(f for fs in export_formats_by_method().values() for f in fs))
+    p = csub.add_parser("export", help=f"export a concept ({', '.join(formats)})",
+                        description="Write a library concept as a studio file or in another tool's format. Formats "
+                        f"(and the methods they take): {export_formats_help()}.")
     _library_flag(p)
-    p.add_argument("name")
-    p.add_argument("out")
-    p.add_argument("--format", default="studio")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("name", help="the concept's name in the library")
+    p.add_argument("out", help="output .safetensors file (for a diffusers LoRA also a folder)")
+    p.add_argument("--format", default="studio", metavar="FORMAT",
+                   help=f"one of: {export_formats_help()}")
+    p.add_argument("--force", action="store_true", help="replace an existing output file")
+    _hub_parsers(csub)
 
     t = sub.add_parser("train", help="train a concept")
     tsub = t.add_subparsers(dest="method", required=True)
@@ -115,7 +122,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_jobs_parser(sub, base_flags=_base_flags, library_flag=_library_flag)
     _evaluate_parser(sub)
+    _compare_parser(sub)
     return parser
+
+
+def _hub_parsers(csub: Any) -> None:
+    """``concepts push`` / ``concepts pull``: share concepts on the Hugging Face Hub (:mod:`studio.hub`)."""
+    endpoint_help = "hub URL (default: HF_ENDPOINT or https://huggingface.co)"
+    p = csub.add_parser("push", help="upload a concept, its preview and a model card to a Hugging Face Hub repo")
+    _library_flag(p)
+    p.add_argument("name", help="the concept's name in the library")
+    p.add_argument("--repo", required=True, metavar="USER/REPO", help="the hub model repo (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
+                   "visibility)")
+    p.add_argument("--token", default=None, help="token with write access (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--endpoint", default=None, help=endpoint_help)
+    p = csub.add_parser("pull", help="download a concept from a Hugging Face Hub repo into the library")
+    _library_flag(p)
+    p.add_argument("spec", metavar="USER/REPO[/FILE]", help="the repo (its one .safetensors file) or a file in it; "
+                   "@REVISION after the repo or the file picks a branch, tag or commit")
+    p.add_argument("--name", default=None, help="library name (default: the concept's own)")
+    p.add_argument("--token", default=None, help="for private or gated repos (default: HF_TOKEN or `hf auth login`)")
+    p.add_argument("--endpoint", default=None, help=endpoint_help)
+    p.add_argument("--force", action="store_true", help="replace a concept of the same name")
 
 
 def _evaluate_parser(sub: Any) -> None:
@@ -192,6 +221,14 @@ def cmd_concepts(ns: argparse.Namespace) -> int:
         print(lib.import_file(ns.file, ns.name, token=ns.token, class_word=ns.class_word, force=ns.force))
     elif ns.action == "export":
         print(lib.export(ns.name, ns.out, ns.format, force=ns.force))
+    elif ns.action == "push":
+        from studio.hub import push
+
+        print(push(lib, ns.name, ns.repo, token=ns.token, private=ns.private, endpoint=ns.endpoint))
+    elif ns.action == "pull":
+        from studio.hub import pull
+
+        print(pull(lib, ns.spec, name=ns.name, token=ns.token, endpoint=ns.endpoint, force=ns.force))
     elif ns.action == "create-zeroshot":
         from studio.service import Studio
 
@@ -255,6 +292,59 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_parser(sub: Any) -> None:
+    from studio.configs import add_arguments
+    from studio.evaluation.config import EvaluateConfig
+
+    p = sub.add_parser("compare", help="A/B: concepts (or one concept at several strengths, or the base alone) with "
+                       "the same prompts and seeds, side by side with their scores")
+    _base_flags(p)
+    _library_flag(p)
+    p.add_argument("--concept", action="append", required=True, metavar="FILE[:STRENGTH]",
+                   help="concept file or library name, a column each (repeat: A, B …)")
+    p.add_argument("--strengths", default=None, metavar="S1,S2,...",
+                   help="one --concept at each of these strengths, a column each, e.g. 0,0.5,1")
+    p.add_argument("--baseline", action="store_true", help="add a first column with the base alone")
+    p.add_argument("--images", default=None, metavar="REFDIR",
+                   help="reference photos of the subject, for every column (default: the embeddings stored in the "
+                        "concepts)")
+    # --prompts, --protocol, --seeds, --steps, --scorer … --out: the evaluation's flags
+    add_arguments(p, EvaluateConfig, skip=("sweep", "store_refs", "write_back"))
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from studio.compare import arms_for_concepts, arms_for_strengths
+    from studio.configs import from_namespace
+    from studio.evaluation import EvaluateConfig
+    from studio.generation import ConceptUse
+    from studio.prompts import split_concept_spec
+    from studio.service import Studio
+
+    cfg = from_namespace(EvaluateConfig, ns)
+    if not cfg.out_dir:
+        raise StudioError("--out DIR is required: the folder for compare.png and compare.json.")
+    uses = [ConceptUse(*split_concept_spec(s)) for s in ns.concept]
+    if ns.strengths is not None:
+        if len(uses) != 1:
+            raise StudioError("--strengths compares one --concept at several strengths; give exactly one --concept.")
+        arms = arms_for_strengths(uses[0].source, ns.strengths, baseline=ns.baseline)
+    else:
+        if len(uses) < 2 and not ns.baseline:
+            raise StudioError("Give two --concept (A and B), or one with --strengths 0,0.5,1 or --baseline.")
+        arms = arms_for_concepts(uses, baseline=ns.baseline)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of the scoring models
+    studio = Studio(_settings(ns), library=ns.library)
+    result = studio.compare(arms, cfg, references=ns.images)
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    print(result.format_table())
+    print(result.paths["image"])
+    print(result.paths["json"])
+    return 0
+
+
 def cmd_jobs(ns: argparse.Namespace) -> int:
     from studio.jobs.cli import run
 
@@ -270,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         ns = parser.parse_args(argv)
         handler = {"generate": cmd_generate, "concepts": cmd_concepts, "train": cmd_train, "jobs": cmd_jobs,
-                   "evaluate": cmd_evaluate}[ns.command]
+                   "evaluate": cmd_evaluate, "compare": cmd_compare}[ns.command]
         return handler(ns)
     except StudioError as err:
         print(f"error: {err}", file=sys.stderr)

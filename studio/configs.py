@@ -131,5 +131,40 @@ def from_namespace(cls: type, ns: argparse.Namespace, base: dict[str, Any] | Non
     return cls(**(dict(base or {}) | namespace_values(cls, ns) | extra))
 
 
+def to_flags(cls: type, values: dict[str, Any], reference: dict[str, Any] | None = None, *,
+             skip: tuple[str, ...] = ()) -> list[str]:
+    """The command-line words that give ``values`` for the fields of ``cls`` — the inverse of
+    :func:`add_arguments` + :func:`namespace_values`: only fields whose value differs from ``reference``
+    (the values the command resolves to without the flag, e.g. a preset over the defaults) are written.
+
+    Booleans become ``--x`` / ``--no-x``, lists one ``--x item`` per item, other values ``--x value``.
+    A value the flags cannot express (``None`` over a set default, an empty list over a non-empty one)
+    raises :class:`~studio.errors.StudioError` naming the field. Returns the words unquoted
+    (``shlex.join`` them for a shell)."""
+    from studio.errors import StudioError
+
+    reference = reference or {}
+    words: list[str] = []
+    for spec in field_specs(cls):
+        if spec.name in skip or spec.name not in values:
+            continue
+        value = values[spec.name]
+        if spec.name in reference and reference[spec.name] == value:
+            continue
+        if spec.name not in reference and spec.default is not dataclasses.MISSING and spec.default == value:
+            continue
+        if value is None or (spec.type is list and not value):
+            raise StudioError(f"{spec.name} = {value!r} cannot be written as a {spec.flag} flag; leave it at its "
+                              f"default ({reference.get(spec.name, spec.default)!r}) or give a value.")
+        if spec.type is bool:
+            words.append(spec.flag if value else "--no-" + spec.flag[2:])
+        elif spec.type is list:
+            for item in value:
+                words += [spec.flag, str(item)]
+        else:
+            words += [spec.flag, str(value)]
+    return words
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)

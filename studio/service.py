@@ -40,6 +40,8 @@ class Studio:
         self._lock = threading.RLock()  # one pipeline: one call at a time
         self.notes: list[str] = []
         self._jobs: JobQueue | None = None
+        # fits(): file -> ((size, mtime_ns, base identity, base compatibility), reason)
+        self._fits: dict[Path, tuple[tuple[int, int, str, str], str]] = {}
 
     @property
     def base(self) -> BaseModel:
@@ -87,6 +89,30 @@ class Studio:
     def load_concept(self, source: str) -> Concept:
         """A file path or a library name → the validated concept."""
         return load_concept(self.library.resolve(source))
+
+    def fits(self, name: str) -> str:
+        """``""`` when the library concept ``name`` can be applied to the loaded base, else a short reason
+        to show on its card: ``"for another base (demo world)"``.
+
+        The file's header alone decides (:func:`studio.concept.check_compatible` on its ``studio.base``): cheap
+        enough for every card of a listing, and cached per file version and base. A concept trained on other
+        weights of the same architecture fits (generation adds a note); one for another architecture stays
+        listed, and generation refuses it (:class:`~studio.errors.IncompatibleConceptError`). A file whose
+        header cannot be read gets its one-line error (the listing's ``error`` says why it is unusable).
+        The base is loaded if it is not yet; a generation in progress does not hold this up."""
+        path = self.library.path(name)
+        base = self._base if self._base is not None else self.base
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"not in the library {self.library.folder}"
+        key = (stat.st_size, stat.st_mtime_ns, base.identity, base.compat_id)
+        cached = self._fits.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        reason = _fit_reason(path, name, base)
+        self._fits[path] = (key, reason)
+        return reason
 
     def generate(self, cfg: GenerateConfig, callback: Any = None) -> list[Image.Image]:
         concepts = [(self.load_concept(c.source), c.strength, c.source) for c in cfg.concepts]
@@ -141,6 +167,16 @@ class Studio:
 
         with self._lock:
             return sweep_strength(self, concept, strengths, config, **options)
+
+    def compare(self, arms: Sequence[Any], config: Any = None, **options: Any) -> Any:
+        """An A/B comparison: the arms (:class:`~studio.compare.Arm` — concepts, one concept at several
+        strengths, the base alone) rendered with the same prompts and seeds, scored by the same judges, side
+        by side (:func:`studio.compare.compare`; ``config`` and ``options`` as :meth:`evaluate`, plus
+        ``references`` and ``judges``). Nothing is written into the concept files."""
+        from studio.compare import compare
+
+        with self._lock:
+            return compare(self, arms, config, **options)
 
     # -- training from uploads (the UI; the CLI passes folders) ----------------------------------
     def training_methods(self) -> dict[str, TrainingMethod]:
@@ -315,6 +351,43 @@ class Studio:
         return {"demo_world": world, **extras}
 
 
+def _fit_reason(path: Path, name: str, base: BaseModel) -> str:
+    """:meth:`Studio.fits` for one file version: ``""`` or why the concept does not apply to ``base``."""
+    from studio.concept import check_compatible, concept_fields, read_header
+    from studio.errors import IncompatibleConceptError
+
+    def one_line(err: BaseException) -> str:
+        text = " ".join(str(err).split()) or type(err).__name__
+        return text if isinstance(err, StudioError) else f"{type(err).__name__}: {text}"
+
+    try:
+        _, md = read_header(path)
+        if "studio.format" not in md:
+            return "not a studio concept (import it)"
+        fields = concept_fields(md, path)
+    except Exception as err:  # noqa: BLE001 - a card shows the reason, a listing never fails
+        return one_line(err)
+    try:
+        check_compatible(Concept(method=fields.method, tokens=fields.tokens, tensors={}, name=name,
+                                 base=fields.base), base)
+    except IncompatibleConceptError:
+        return f"for another base ({_base_label(fields.base)})"
+    except StudioError as err:  # a corrupt compatibility entry
+        return one_line(err)
+    return ""
+
+
+def _base_label(fingerprint: dict[str, Any]) -> str:
+    """A concept's base in a few words: ``demo world``, else its name (or family)."""
+    name = str(fingerprint.get("name") or "")
+    if name == "demo":
+        return "demo world"
+    family = fingerprint.get("family")
+    compat = fingerprint.get("compat")
+    family = family or (compat.get("family") if isinstance(compat, dict) else None)
+    return name or str(family or "unknown")
+
+
 # -- uploads ----------------------------------------------------------------------------------------
 MAX_UPLOAD_FILES = 200  # images (+ captions and masks) of one training upload
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024  # per uploaded image
@@ -390,6 +463,7 @@ class TrainingMethod:
         self.presets: dict[str, dict[str, Any]] = dict(entry.presets)
         self.default_preset: str | None = entry.default_preset
         self.min_images: int = entry.min_images
+        self.gives: str = entry.gives
 
     def fields(self) -> list[Any]:
         from studio.configs import field_specs
@@ -409,3 +483,18 @@ class TrainingMethod:
         shown = set(values) | {f.name for f in self.fields()}
         values.update({k: v for k, v in self.entry.preset_values(preset).items() if k in shown})
         return values
+
+    def cli_words(self, values: Mapping[str, Any], preset: str | None = None, profile: Any = None) -> list[str]:
+        """The ``train`` command's words after ``train METHOD`` that build the same config as the form does
+        (:meth:`Studio.submit_training`: ``preset`` — ``None`` for the base's, ``""`` for none — then ``values``):
+        ``--preset`` when one is chosen, then a flag per value that differs from what the command would
+        resolve to without it (:func:`studio.configs.to_flags`). Uploaded inputs (``path="file"`` /
+        ``"folder"``) are left out: the command names their folders itself."""
+        from studio.configs import path_fields, to_flags
+
+        chosen = self.preset_name(profile) if preset is None else preset
+        words = ["--preset", chosen] if chosen and chosen in self.presets else []
+        # what ``train`` resolves to with those words and no other flag (TrainerEntry.resolve)
+        reference = self.preset_values(chosen if words else (self.entry.preset_name(None, profile) or ""))
+        uploads = tuple(k for k, (kind, _) in path_fields(self.config_cls).items() if kind in ("file", "folder"))
+        return words + to_flags(self.config_cls, dict(values), reference, skip=(*JOB_MANAGED, *uploads))

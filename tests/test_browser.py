@@ -4,8 +4,10 @@
   ``playwright`` Python package with ``executable_path`` — nothing is downloaded at test time; the
   browser test skips (with the reason) only when ``/usr/bin/chromium`` is absent.
 * The app runs on the offline demo base when the demo world is built, else on ``tiny``
-  (``STUDIO_BASE``, set here), on a free localhost port, with a fresh library.
-* Screenshots of every tab go to ``test-artifacts/browser/`` (git-ignored).
+  (``STUDIO_BASE``, set here), on a free localhost port, with a fresh library holding the shipped
+  example concepts (``concepts/``, as a fresh clone's default library does).
+* Screenshots of every tab go to ``test-artifacts/browser/`` (git-ignored), full page, and at the
+  window's size to ``test-artifacts/browser/window/`` (the README's ``docs/screenshots/`` are copies).
 
 The restart test needs no browser: it stops the app mid-job (SIGTERM), starts it again and checks
 that the job resumes from its checkpoint and publishes its concept exactly once.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,7 +152,12 @@ def app_url(tmp_path_factory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("app")
     log = root / "app.log"
     port = free_port()
-    proc = start_app(root / "library", port, log, "demo" if demo_world_built() else "tiny",
+    library = root / "library"
+    library.mkdir()
+    for example in (REPO / "concepts").glob("*"):  # the shipped examples: a fresh clone's default library
+        if example.suffix in (".safetensors", ".png"):
+            shutil.copy2(example, library / example.name)
+    proc = start_app(library, port, log, "demo" if demo_world_built() else "tiny",
                      allow=tmp_path_factory.getbasetemp())
     url = f"http://127.0.0.1:{port}/"
     try:
@@ -161,20 +170,29 @@ def app_url(tmp_path_factory) -> Iterator[str]:
 
 
 def shot(page: Any, name: str) -> None:
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "window").mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+    page.evaluate("window.scrollTo(0, 0)")
+    page.screenshot(path=str(ARTIFACTS / "window" / f"{name}.png"))
 
 
 def choose(page: Any, dropdown: str, option: str) -> None:
     page.locator(f"#{dropdown} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
+    page.locator(f"#{dropdown}").get_by_role("option", name=option, exact=True).click()
     page.keyboard.press("Escape")
 
 
 def set_number(page: Any, elem: str, value: str) -> None:
+    """Type ``value`` into a number box; again if the page put its old value back meanwhile (a box in an
+    accordion that has just opened is mounted with the server's value a moment later)."""
     box = page.locator(f"#{elem} input[type=number]").first
-    box.fill(value)
-    box.press("Enter")
+    for _ in range(5):
+        box.fill(value)
+        box.press("Enter")
+        page.wait_for_timeout(300)
+        if box.input_value() == value:
+            return
+    raise AssertionError(f"#{elem} does not keep the value {value} (it shows {box.input_value()})")
 
 
 def test_the_studio_end_to_end_in_chromium(browser, app_url, photos, clip_dir):
@@ -189,15 +207,40 @@ def test_the_studio_end_to_end_in_chromium(browser, app_url, photos, clip_dir):
     page.wait_for_selector("#gen-go", timeout=60_000)
     expect(page.locator("#base-banner")).to_contain_text("demo" if demo else "tiny")
 
+    # 0. First open: the example concepts are listed in the library (on the demo world they fit the base).
+    examples = sorted(p.stem for p in (REPO / "concepts").glob("*.safetensors"))
+    assert examples, "no example concepts in concepts/: python scripts/build_example_concepts.py"
+    page.get_by_role("tab", name="Concepts").click()
+    cards = page.locator("#concepts-cards")
+    for name in examples:
+        expect(cards).to_contain_text(name, timeout=10_000)
+    if not demo:
+        expect(cards).to_contain_text("for another base")
+    shot(page, "0-concepts-examples")
+    page.get_by_role("tab", name="Generate").click()
+
     # 1. Generate: an image, downloadable as a PNG that keeps its parameters.
+    if demo:  # the first example prompt is in the world's vocabulary
+        expect(page.locator("#gen-prompt textarea")).to_have_value(re.compile("a photo of a .* background"))
     page.locator("#gen-prompt textarea").fill("a photo of a cat")
     set_number(page, "gen-steps", "2")
     page.locator("#gen-go").click()
     expect(page.locator("#gen-info")).to_contain_text("1/1", timeout=120_000)
     expect(page.locator("#gen-gallery img").first).to_be_visible()
+    # small images are enlarged without the browser's smoothing
+    assert page.locator("#gen-gallery img").first.evaluate("e => getComputedStyle(e).imageRendering") in (
+        "pixelated", "crisp-edges")
     href = page.locator("#gen-files a").first.get_attribute("href")
     png = Image.open(BytesIO(page.request.get(href if href.startswith("http") else app_url + href.lstrip("/")).body()))
     assert png.format == "PNG" and "Steps: 2" in png.text["parameters"] and "Seed: 0" in png.text["parameters"]
+    if demo:
+        assert png.size == (32, 32)  # the download is the image as rendered; the page shows it enlarged
+    if demo:  # the example with two example concepts: both applied in one generation
+        page.locator("#gen-examples").get_by_text(re.compile(r"<.*> <.*>")).first.click()
+        set_number(page, "gen-steps", "20")  # the world's own sampling (32 px: a second)
+        page.locator("#gen-go").click()
+        expect(page.locator("#gen-info")).to_contain_text(re.compile(r"\(world-\w+\).*\(world-\w+\)"),
+                                                          timeout=120_000)
     shot(page, "1-generate")
 
     # 2. Train: textual inversion, a few steps, tiny images; watch progress until done.
@@ -205,7 +248,11 @@ def test_the_studio_end_to_end_in_chromium(browser, app_url, photos, clip_dir):
     page.locator(f"#{FORM}-class_word textarea").fill("cat")
     page.locator(f"#{FORM}-name textarea").fill("kitty")
     set_number(page, f"{FORM}-steps", "4")
+    page.locator(f"#{FORM}-group-training").get_by_text("Training").click()  # advanced options start collapsed
+    batch_box = page.locator(f"#{FORM}-batch_size input[type=number]").first
+    expect(batch_box).to_be_visible()
     set_number(page, f"{FORM}-batch_size", "1")
+    expect(batch_box).to_have_value("1")
     page.locator(f"#{FORM}-group-previews").get_by_text("Previews").click()
     # the value must stick: a preset re-applied at page load once reset it to 0 (no previews, no card image)
     preview_box = page.locator(f"#{FORM}-preview_every input[type=number]").first
@@ -214,6 +261,16 @@ def test_the_studio_end_to_end_in_chromium(browser, app_url, photos, clip_dir):
     expect(preview_box).to_have_value("2")
     page.locator("#train-images input[type=file]").set_input_files([str(p) for p in photos])
     expect(page.locator("#train-images a")).to_have_count(3)  # uploaded (one download link each)
+    # "Copy CLI command": the command line that builds the same config (tests/test_ui.py checks every field)
+    page.locator(f"#{FORM}-name textarea").click()  # leave the last number box: its value is committed on blur
+    page.locator("#train-cli-go").click()
+    expect(page.locator("#train-cli")).to_contain_text("python -m studio train textual-inversion")
+    expect(page.locator("#train-cli")).to_contain_text("--preview-every 2")
+    command = page.locator("#train-cli .cm-content").inner_text()
+    from studio.cli import build_parser
+
+    ns = build_parser().parse_args(shlex.split(command)[3:])
+    assert (ns.steps, ns.batch_size, ns.name, ns.class_word, ns.preview_every) == (4, 1, "kitty", "cat", 2), command
     page.locator("#train-start").click()
     expect(page.locator("#train-status")).to_contain_text("Job 1")
     expect(page.locator("#train-status")).to_contain_text("done", timeout=240_000)
@@ -251,6 +308,17 @@ def test_the_studio_end_to_end_in_chromium(browser, app_url, photos, clip_dir):
     page.locator("#grid-go").click()
     expect(page.locator("#grid-image img")).to_be_visible(timeout=120_000)
     shot(page, "5-generate-with-concept")
+
+    # 5b. Compare: two concepts side by side, same prompts and seeds, with their scores.
+    page.get_by_role("tab", name="Compare").click()
+    choose(page, "compare-a", "kitty")
+    choose(page, "compare-b", examples[0] if demo else "kitty")
+    set_number(page, "compare-seeds", "1")
+    set_number(page, "compare-steps", "0" if demo else "2")  # 0: the base's own steps (the world's: 20)
+    page.locator("#compare-go").click()
+    expect(page.locator("#compare-image img")).to_be_visible(timeout=180_000)
+    expect(page.locator("#compare-table")).to_contain_text("kitty")
+    shot(page, "5b-compare")
 
     # 6. Zero-shot: the tab renders (the form, or the note when the method is missing).
     page.get_by_role("tab", name="Zero-shot").click()

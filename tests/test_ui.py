@@ -278,6 +278,64 @@ def test_uploads_are_validated_and_laid_out_for_the_trainer(studio, photos, tmp_
         service.check_uploads(photos, suffixes=service.IMAGE_UPLOADS, max_bytes=10)
 
 
+def _whole_form(ctx, method: str, preset: str | None, **changes) -> dict:
+    """The Train form as the page sends it: every widget showing the preset's value, then ``changes``."""
+    from studio.ui.forms import widget_value
+
+    fields = {f.name: f for f in train.method_forms(ctx)[method]}
+    values = train.preset_values(ctx, method, preset)
+    form = {f"{method}{train.SEP}{k}": widget_value(f, values.get(k, f.default)) for k, f in fields.items()}
+    form |= {f"{method}{train.SEP}{k}": v for k, v in changes.items()}
+    return form | {"method": method, f"{method}{train.SEP}preset": preset or train.NO_PRESET}
+
+
+@pytest.mark.parametrize("method, preset, changes", [
+    (TI, "cross-init", {"class_word": "cat", "name": "kitty", "steps": 7, "flip": True, "lr": "0.01"}),
+    (TI, "cross-init-fast", {"class_word": "cat", "init": "plain", "resolution": "64", "templates": "style"}),
+    ("dreambooth", None, {"class_word": "dog", "rank": 16, "target_modules": "to_k, to_v",
+                          "train_text_encoder": False, "budget": "fixed"}),
+    ("dreambooth", "lora-unet-only", {"class_word": "dog", "steps": 12}),
+    ("perfusion", "paper", {"class_word": "teddy", "lr_v_scale": 0.1}),
+    ("neti", "paper", {"class_word": "cat", "nested_dropout": 0.25}),
+])
+def test_copy_cli_command_reproduces_the_form(ctx, studio, method, preset, changes):
+    """The Train tab's "Copy CLI command": running the printed ``python -m studio train …`` builds exactly
+    the config the form would queue (Studio.submit_training: the preset, then the form's values)."""
+    import shlex
+
+    from studio.cli import build_parser
+    from studio.models import BaseSettings as Settings
+    from trainers import get_trainer
+    from trainers.runner import config_from_cli
+
+    form = _whole_form(ctx, method, preset, **changes)
+    command = train.cli_command(ctx, form)
+    words = shlex.split(command)
+    assert words[:5] == ["python", "-m", "studio", "train", method] and "--images" in words
+    ns = build_parser().parse_args(words[3:])
+    settings = Settings(**{k: getattr(ns, k) for k in ("base", "device", "dtype") if hasattr(ns, k)})
+    assert settings.base == studio.settings.base
+    from_cli = config_from_cli(get_trainer(method), ns, settings)
+    m = studio.training_methods()[method]
+    chosen = m.preset_name(studio.settings.profile()) if preset is None else preset
+    from_form = m.config_cls(**(m.preset_values(chosen) | train.method_values(ctx, method, form)))
+    skip = {"images", "out", "checkpoint_dir", "resume"}
+    assert {k: v for k, v in dataclasses.asdict(from_cli).items() if k not in skip} == \
+        {k: v for k, v in dataclasses.asdict(from_form).items() if k not in skip}, command
+    assert ns.images == train.PHOTOS_DIR
+    # only what the form changed is written (a preset's value is not repeated)
+    assert "--class-word" in words and ("--preset" in words) == bool(chosen)
+    unchanged = train.cli_command(ctx, _whole_form(ctx, method, preset))
+    assert len(shlex.split(unchanged)) <= 9 + 2 * bool(chosen), unchanged
+
+
+def test_the_train_tab_says_what_each_method_gives(ctx):
+    for name in ctx.studio.training_methods():
+        line = train.method_summary(ctx, name)
+        assert line.startswith(f"**{name}**") and "Gives:" in line
+    assert "KB" in train.method_summary(ctx, TI) and "MB" in train.method_summary(ctx, "dreambooth")
+
+
 def test_start_training_from_the_form_then_the_concept_is_in_the_library(ctx, studio, photos, tiny_bases):
     m = TI + train.SEP
     form = {"method": TI, "images": [str(p) for p in photos], "captions": "photo 0.png: a cat on a mat",
@@ -363,6 +421,50 @@ def test_concept_cards_search_rename_delete_import_export(ctx, studio, tiny, tmp
     bad.write_bytes(b"x")
     with pytest.raises(StudioError, match="not an accepted file type"):
         concepts.import_concept(ctx, {"file": str(bad)})
+
+
+def test_concept_gallery_filters_marks_other_bases_and_sends_a_concept_to_generate(ctx, studio, tiny, tiny_bases):
+    """The gallery's method and base filters; a concept made for another base is listed, marked "for
+    another base" and refused by "Use in Generate" (and by generation); a fitting one goes to the
+    Generate tab's concepts with its trigger in the prompt, and the Generate examples use it."""
+    from tests.method_cases import make_lora
+
+    studio.library.add(make_ti(tiny, "<kit>", 0), "kit")
+    studio.library.add(make_lora(tiny, "<lor>", 1), "lor")
+    studio.library.add(make_ti(tiny_bases("tiny-sdxl"), "<xl>", 2), "xl")
+    rows = {r["name"]: r for r in concepts.cards(ctx)}
+    assert rows["kit"]["fits"] == "" and rows["lor"]["fits"] == "" and "another base" in rows["xl"]["fits"]
+    assert "cannot be applied here" in concepts.cards_html([rows["xl"]])
+    assert [r["name"] for r in concepts.cards(ctx, fit="fits this base")] == ["kit", "lor"]
+    assert [r["name"] for r in concepts.cards(ctx, fit="for another base")] == ["xl"]
+    lora_method = rows["lor"]["method"]
+    assert [r["name"] for r in concepts.cards(ctx, method=lora_method)] == ["lor"]
+    assert concepts.method_choices(ctx) == ["all", *sorted({lora_method, "textual_inversion"})]
+
+    with pytest.raises(StudioError, match="another base.*load that base"):
+        concepts.use_in_generate(ctx, {"name": "xl", "selected": [], "prompt": ""})
+    selected, prompt = concepts.use_in_generate(ctx, {"name": "kit", "selected": ["lor"], "prompt": "a dog"})
+    assert selected == ["lor", "kit"] and prompt == "a photo of <kit> cat on the beach"
+    assert concepts.use_in_generate(ctx, {"name": "kit", "selected": ["kit"], "prompt": "my <kit> here"}) == \
+        (["kit"], "my <kit> here")
+    # the examples: the base's prompts, then one concept, then two together (both triggers in the prompt)
+    rows_ = generate.example_rows(ctx)
+    assert [r[1] for r in rows_[-2:]] == [["kit"], ["kit", "lor"]] and "<kit>" in rows_[-1][0] and "<lor>" in rows_[-1][0]
+    assert all(not r[1] for r in rows_[:-2]) and rows_[0][0] == studio.settings.profile().examples[0]
+    with pytest.raises(StudioError, match="does not fit|another"):
+        studio.generate(generate.build_config(ctx, {"prompt": "a <xl>", "concepts": ["xl"], "steps": 1}))
+
+
+def test_demo_world_examples_are_in_its_vocabulary():
+    from studio.models.profile import world_profile
+    from studio.world.render import VOCABULARY
+
+    known = {w for values in VOCABULARY.values() for w in values} | {"a", "an", "photo", "of", "on", "background"}
+    profile = world_profile()
+    assert len(profile.examples) >= 3
+    for prompt in profile.examples:
+        assert set(prompt.split()) <= known, prompt
+    assert profile.concept_prompt.format("<hrt> circle") == "a photo of a <hrt> circle on a teal background"
 
 
 # ----------------------------------------------------------------------------------------------

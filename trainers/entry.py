@@ -26,6 +26,9 @@ class TrainerEntry:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_preset: str | None = None  # the preset whose values are the config's defaults (its name, for display)
     min_images: int = 1
+    # One line for a creator choosing a method: what the concept is (size), how long it trains, and what
+    # it learns, with the measured numbers it rests on (README "Defaults that learn" / "Measured").
+    gives: str = ""
 
     def preset_values(self, preset: str | None = None) -> dict[str, Any]:
         """The values preset ``preset`` sets (``None``: the default preset; ``""``: none)."""

@@ -49,6 +49,7 @@ from studio.methods.lora.keys import (
     TE_PREFIXES,
     UNET_PREFIX,
     LoraModule,
+    a1111_dropped,
     kohya_metadata,
     kohya_name,
     kohya_tensors,
@@ -374,6 +375,17 @@ class DreamBoothLoRATrainer(_DreamBoothTrainer):
     def param_groups(self) -> list[dict[str, Any]]:
         return self._groups(self.params, [prefix for prefix, _, _ in self.components])
 
+    def announce(self, log: Any) -> None:
+        """The effective rates, then one warning line when A1111 would leave out some of the adapted
+        modules (SDXL: :func:`studio.methods.lora.keys.a1111_dropped`)."""
+        super().announce(log)
+        dropped = a1111_dropped(self.lora_layers(), family=self.base.family,
+                                up_block_types=self.base.pipe.unet.config.get("up_block_types") or ())
+        if dropped:
+            log(f"warning: A1111 will not load the LoRA of {', '.join(dropped)} (its SDXL key conversion has no "
+                "layer for them; ComfyUI and diffusers apply them): leave them out of --target-modules / "
+                "--text-encoder-targets for a file that acts the same in A1111.")
+
     def lora_layers(self) -> dict[str, Any]:
         """The PEFT LoRA layers of this training, by kohya module name."""
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -466,4 +478,5 @@ ENTRY = TrainerEntry(
     cli_name="dreambooth", method=LoRA.name,
     help="DreamBooth with prior preservation: a LoRA concept (megabytes), or --full for a whole fine-tuned model",
     config_cls=DreamBoothConfig, make_trainer=make_trainer, presets=PRESETS, default_preset=None, min_images=1,
+    gives="a LoRA of the UNet and text encoder: megabytes (3.2 MB at rank 4 on SD 1.5); about 2.5× textual inversion's time; default settings measured fidelity 0.57–0.98, editability 0.88–1.00 on two bases — the most detail, the most risk of copying the photos' backgrounds (more class images help)",
 )

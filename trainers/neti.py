@@ -198,4 +198,5 @@ ENTRY = TrainerEntry(
     cli_name="neti", method=METHOD,
     help="NeTI: a small mapper gives the token a vector per timestep and UNet layer (≈2 MB; strength = truncation)",
     config_cls=NetiTrainConfig, make_trainer=NetiTrainer, presets=PRESETS, default_preset="paper", min_images=1,
+    gives="a small mapper network: 2.3 MB on SD 1.5; the slowest (about 10× textual inversion's time); default settings measured fidelity 0.86–1.00, editability 1.00 on two bases — detail with editability; strength trades one for the other",
 )

@@ -263,4 +263,5 @@ ENTRY = TrainerEntry(
     help="fine-tune an IP-Adapter (projection + decoupled K/V) on your images; writes an adapter folder (--out DIR)",
     config_cls=AdapterTrainConfig, make_trainer=AdapterTrainer, presets=PRESETS, default_preset="finetune",
     min_images=1,
+    gives="an IP-Adapter for this base (a folder, not a concept): afterwards any subject becomes a zero-shot concept from a few reference photos, with no training (Zero-shot tab)",
 )

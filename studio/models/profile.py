@@ -33,6 +33,11 @@ class BaseProfile:
     judge: str = "clip"
     presets: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     adapter: str | None = None
+    # What the Generate tab opens with and offers as examples: prompts this base draws well, and
+    # ``concept_prompt`` ({} = a concept's trigger and class word) for the examples with concepts.
+    examples: tuple[str, ...] = ("a photo of a cat", "a watercolor painting of a lighthouse at dusk",
+                                 "a red bicycle leaning on a brick wall")
+    concept_prompt: str = "a photo of {} on the beach"
 
     def preset_for(self, trainer: str, available: Any) -> str | None:
         """The preset trainer ``trainer`` opens with here, if it has one of that name; else None (its default)."""
@@ -50,10 +55,14 @@ def world_profile() -> BaseProfile:
     adapt to the base by measurement (the learning tests run them on this base and on world-b); the
     hand-tuned ``demo-world`` presets stay available by name (``--preset demo-world``), as quick looks."""
     from studio.world import WORLD_ADAPTER_DIR
+    from studio.world.render import describe
     from studio.world.score import GUIDANCE_SCALE, NUM_STEPS
 
+    examples = (describe("star", "red", "striped", "pink"), describe("circle", "blue", "plain", "teal", "small"),
+                describe("triangle", "yellow", "dotted", "black"), describe("square", "green", "plain", "white"))
     return BaseProfile(kind="world", steps=NUM_STEPS, guidance=GUIDANCE_SCALE, protocol="world", judge="oracle",
-                       adapter=str(WORLD_ADAPTER_DIR))
+                       adapter=str(WORLD_ADAPTER_DIR), examples=examples,
+                       concept_prompt=describe(noun="{}", background="teal"))
 
 
 def profile_for_folder(folder: Path) -> BaseProfile:

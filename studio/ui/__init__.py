@@ -12,7 +12,17 @@ from typing import Any
 
 from studio.ui.common import GPU_QUEUE, Runners, UIContext, on
 
-TABS = ("Generate", "Train", "Jobs", "Concepts", "Zero-shot", "Evaluate")
+TABS = ("Generate", "Train", "Jobs", "Concepts", "Compare", "Zero-shot", "Evaluate")
+
+# The page's style (``launch(css=CSS)`` in app.py): small images — the demo world draws 32 px — are shown
+# enlarged with nearest-neighbour scaling, not blurred by the browser's smoothing; the downloads stay
+# the PNGs as rendered.
+CSS = """
+#gen-gallery img, #grid-image img, #compare-image img, #train-preview img, #zs-gallery img, #eval-plot img,
+.studio-pixelated img {image-rendering: pixelated; image-rendering: crisp-edges}
+#gen-gallery img, #zs-gallery img {object-fit: contain !important}
+#train-preview img {width: 100%; height: 100%; object-fit: contain}
+"""
 
 
 def base_banner(ctx: UIContext) -> str:
@@ -48,7 +58,7 @@ def build_app(studio: Any, *, banner: str = "", runners: Runners | None = None, 
     """The gradio ``Blocks`` of the whole studio (not launched)."""
     import gradio as gr
 
-    from studio.ui import concepts, evaluate, generate, jobs, train, zeroshot
+    from studio.ui import compare, concepts, evaluate, generate, jobs, train, zeroshot
 
     ctx = UIContext.create(studio, runners=runners, out_dir=out_dir, banner=banner)
     with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 86400)) as demo:
@@ -64,13 +74,15 @@ def build_app(studio: Any, *, banner: str = "", runners: Runners | None = None, 
                 load = gr.Button("Load base", scale=1)
         on(load.click, ctx, switch_base, {"base": spec, "device": device}, header, concurrency_id=GPU_QUEUE,
            concurrency_limit=1)
-        modules = (generate, train, jobs, concepts, zeroshot, evaluate)
-        with gr.Tabs():
+        modules = (generate, train, jobs, concepts, compare, zeroshot, evaluate)
+        built: dict[str, dict[str, Any]] = {}
+        with gr.Tabs() as tabs:
             for name, module in zip(TABS, modules):
                 tab = gr.Tab(name, id=name.lower(), elem_id=f"tab-{name.lower()}")
-                module.build(tab, ctx)
+                built[name] = module.build(tab, ctx) or {}
+        concepts.link_to_generate(ctx, built["Concepts"], built["Generate"], tabs)
     demo.studio_context = ctx  # for tests and app.py
     return demo
 
 
-__all__ = ["Runners", "UIContext", "base_banner", "build_app", "switch_base", "TABS"]
+__all__ = ["CSS", "Runners", "UIContext", "base_banner", "build_app", "switch_base", "TABS"]

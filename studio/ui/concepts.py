@@ -17,14 +17,25 @@ THUMB = 160
 
 
 # -- handlers -------------------------------------------------------------------------------------
-def cards(ctx: UIContext, query: str = "") -> list[dict[str, Any]]:
-    """The library's concepts matching ``query`` (name, trigger, method, class word or base), as card data."""
+ALL = "all"
+FILTERS = ("all", "fits this base", "for another base")
+
+
+def cards(ctx: UIContext, query: str = "", method: str = ALL, fit: str = ALL) -> list[dict[str, Any]]:
+    """The library's concepts matching ``query`` (name, trigger, method, class word or base), of ``method``
+    (or all) and, with ``fit``, only those that fit the loaded base or only those made for another base,
+    as card data. A concept for another base is listed with ``fits`` saying so (it cannot be applied here)."""
     q = (query or "").strip().lower()
     out = []
     for info in ctx.studio.library.list():
         row = info.row()
         text = " ".join(str(v) for v in (row["name"], row["trigger"], row["method"], row["class_word"], row["base"]))
         if q and q not in text.lower():
+            continue
+        if method not in (None, "", ALL) and row["method"] != method:
+            continue
+        row["fits"] = "" if info.error else ctx.studio.fits(info.name)
+        if (fit == FILTERS[1] and (row["fits"] or info.error)) or (fit == FILTERS[2] and not row["fits"]):
             continue
         row["scores"] = _scores(info.metrics)
         row["verdict"] = verdict_text(info.metrics)
@@ -61,6 +72,8 @@ def cards_html(rows: list[dict[str, Any]]) -> str:
         scores = ", ".join(f"{html.escape(k)} {v:g}" for k, v in r["scores"].items()) or "not evaluated"
         strength = f"{r['strength']:g}" if r["strength"] is not None else "1 (default)"
         err = f"<div class='studio-err'>broken: {html.escape(r['error'])}</div>" if r["error"] else ""
+        if r.get("fits"):
+            err += f"<div class='studio-other'>{html.escape(r['fits'])} — cannot be applied here</div>"
         parts.append(
             f"<div class='studio-card' data-name='{html.escape(r['name'], quote=True)}'>{img}"
             f"<div class='studio-card-body'><b>{html.escape(r['name'])}</b><br>"
@@ -90,6 +103,64 @@ def _thumb(path: str | None) -> str | None:
     except Exception:  # noqa: BLE001 - an unreadable preview (or a decompression bomb) shows no thumbnail
         return None
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def method_choices(ctx: UIContext) -> list[str]:
+    """The filter's methods: ``all`` and every method present in the library."""
+    return [ALL, *sorted({i.method for i in ctx.studio.library.list() if i.method})]
+
+
+def use_in_generate(ctx: UIContext, form: dict[str, Any]) -> tuple[list[str], str]:
+    """"Use in Generate": ``(the Generate tab's concepts, its prompt)`` — the chosen concept added to the
+    ones already selected, its trigger written into the prompt (the base's concept prompt when the
+    prompt has no trigger of it yet). Broken concepts and concepts for another base are refused here,
+    with the reason, rather than at generation."""
+    name = form.get("name")
+    if not name:
+        raise StudioError("Choose a concept first.")
+    info = ctx.studio.library.info(str(name))
+    if info.error:
+        raise StudioError(f"{name} cannot be used: {info.error}")
+    why = ctx.studio.fits(info.name)
+    if why:
+        raise StudioError(f"{name} is {why}: load that base (Base model, above) to use it.")
+    selected = [n for n in (form.get("selected") or []) if n != name] + [info.name]
+    prompt = str(form.get("prompt") or "")
+    trigger = info.tokens[0] if info.tokens else ""
+    if trigger and trigger not in prompt:
+        subject = " ".join([*info.tokens, info.class_word]).strip()
+        prompt = ctx.studio.settings.profile().concept_prompt.format(subject)
+    return selected, prompt
+
+
+def hub_push(ctx: UIContext, form: dict[str, Any]) -> str:
+    """Push the chosen concept to a hub repo (:func:`studio.hub.push`) with the token typed on the page: the
+    server's own token (``HF_TOKEN``, a cached login) is never used for a visitor's request."""
+    from studio import hub
+
+    name, repo, token = form.get("name"), str(form.get("repo") or "").strip(), str(form.get("token") or "").strip()
+    if not name:
+        raise StudioError("Choose a concept first.")
+    if not repo:
+        raise StudioError("Type the hub repo to push to: user/repo.")
+    if not token:
+        raise StudioError("Paste a Hugging Face token with write access (https://huggingface.co/settings/tokens); "
+                          "the page never uses the server's own token.")
+    url = hub.push(ctx.studio.library, str(name), repo, token=token, private=bool(form.get("private")))
+    return f"Pushed **{name}** to {url}"
+
+
+def hub_pull(ctx: UIContext, form: dict[str, Any]) -> str:
+    """Pull a concept from the hub into the library (:func:`studio.hub.pull`): ``user/repo`` or
+    ``user/repo/file.safetensors``; anonymous unless a token is typed (the server's is never used)."""
+    from studio import hub
+
+    spec, token = str(form.get("spec") or "").strip(), str(form.get("token") or "").strip()
+    if not spec:
+        raise StudioError("Type what to pull: user/repo or user/repo/file.safetensors.")
+    path = hub.pull(ctx.studio.library, spec, token=token or False,
+                    name=str(form.get("import_name") or "").strip() or None)
+    return f"Pulled **{path.stem}** from {spec}."
 
 
 def rename(ctx: UIContext, form: dict[str, Any]) -> str:
@@ -158,6 +229,7 @@ CSS = """
 .studio-card img, .studio-noimg {width:160px; height:160px; object-fit:contain; image-rendering:pixelated;
               background:var(--background-fill-secondary); display:flex; align-items:center; justify-content:center}
 .studio-err {color:var(--error-text-color)}
+.studio-other {color:var(--body-text-color-subdued); font-style:italic}
 """
 
 
@@ -170,11 +242,15 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
         with gr.Row():
             c["query"] = gr.Textbox(label="Search", placeholder="name, trigger, method, class word, base",
                                     elem_id="concepts-search", scale=4)
+            c["method"] = gr.Dropdown(choices=method_choices(ctx), value=ALL, label="Method", scale=1,
+                                      elem_id="concepts-method")
+            c["fit"] = gr.Dropdown(choices=list(FILTERS), value=ALL, label="Base", scale=1, elem_id="concepts-fit")
             refresh = gr.Button("Refresh", scale=1)
         grid = gr.HTML(cards_html(cards(ctx)), elem_id="concepts-cards", css_template=CSS, js_on_load=None)
         with gr.Row():
             c["name"] = gr.Dropdown(choices=names, value=names[0] if names else None, label="Concept",
-                                    elem_id="concepts-name")
+                                    elem_id="concepts-name", scale=4)
+            c["use"] = gr.Button("Use in Generate", variant="primary", scale=1, elem_id="concepts-use")
         result = gr.Markdown("", elem_id="concepts-result")
         with gr.Accordion("Rename", open=False):
             with gr.Row():
@@ -196,6 +272,16 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                     c["import_trigger"] = gr.Textbox(label="Trigger (optional)")
                     c["import_class"] = gr.Textbox(label="Class word (optional)")
                     import_go = gr.Button("Import")
+        with gr.Accordion("Share on the Hugging Face Hub", open=False):
+            with gr.Row():
+                c["token"] = gr.Textbox(label="Your Hugging Face token", type="password", scale=2,
+                                        info="write access to push; only for private repos to pull (never stored)")
+                c["repo"] = gr.Textbox(label="Push the chosen concept to", placeholder="user/repo", scale=2)
+                c["private"] = gr.Checkbox(label="private repo", value=False, scale=1)
+                push_go = gr.Button("Push", scale=1)
+            with gr.Row():
+                c["spec"] = gr.Textbox(label="Pull", placeholder="user/repo or user/repo/file.safetensors", scale=4)
+                pull_go = gr.Button("Pull into the library", scale=1)
         with gr.Accordion("Export / download", open=False):
             with gr.Row():
                 c["format"] = gr.Dropdown(choices=export_formats(ctx, names[0] if names else None), value="studio",
@@ -206,11 +292,14 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     def listing(ctx_: UIContext, form: dict[str, Any]) -> list[Any]:
         names_now = ctx_.studio.library.names()
         keep = form.get("name") if form.get("name") in names_now else (names_now[0] if names_now else None)
-        return [cards_html(cards(ctx_, form.get("query") or "")),
+        return [cards_html(cards(ctx_, form.get("query") or "", form.get("method") or ALL, form.get("fit") or ALL)),
                 gr.update(choices=names_now, value=keep)]
 
-    find = {"query": c["query"], "name": c["name"]}
-    on(c["query"].change, ctx, lambda ctx_, form: cards_html(cards(ctx_, form["query"])), {"query": c["query"]}, grid)
+    find = {"query": c["query"], "name": c["name"], "method": c["method"], "fit": c["fit"]}
+    filters = {k: c[k] for k in ("query", "method", "fit")}
+    for box in filters.values():
+        on(box.change, ctx, lambda ctx_, form: cards_html(cards(ctx_, form["query"], form["method"], form["fit"])),
+           filters, grid)
     on(refresh.click, ctx, listing, find, [grid, c["name"]])
     on(tab.select, ctx, listing, find, [grid, c["name"]])
     on(c["name"].change, ctx, lambda ctx_, form: gr.update(choices=export_formats(ctx_, form["name"]), value="studio"),
@@ -222,14 +311,33 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
             return [message, *listing(ctx_, form)]
         return run
 
-    on(rename_go.click, ctx, then_list(rename), {k: c[k] for k in ("name", "new_name", "new_trigger", "query")},
+    on(rename_go.click, ctx, then_list(rename), {k: c[k] for k in ("name", "new_name", "new_trigger", "query", "method",
+                                                                    "fit")},
        [result, grid, c["name"]])
     delete_go.click(lambda: gr.update(visible=True), None, confirm_row)
     no.click(lambda: gr.update(visible=False), None, confirm_row)
     on(yes.click, ctx, lambda ctx_, form: [*then_list(delete)(ctx_, form | {"confirmed": True}), gr.update(visible=False)],
-       {"name": c["name"], "query": c["query"]}, [result, grid, c["name"], confirm_row])
+       find, [result, grid, c["name"], confirm_row])
     on(import_go.click, ctx, then_list(import_concept),
-       {k: c[k] for k in ("file", "import_name", "import_trigger", "import_class", "query", "name")},
+       {k: c[k] for k in ("file", "import_name", "import_trigger", "import_class", "query", "name", "method", "fit")},
+       [result, grid, c["name"]])
+    on(push_go.click, ctx, hub_push, {k: c[k] for k in ("name", "repo", "token", "private")}, result)
+    on(pull_go.click, ctx, then_list(hub_pull), {k: c[k] for k in ("spec", "token", "import_name", *find)},
        [result, grid, c["name"]])
     on(export_go.click, ctx, export, {"name": c["name"], "format": c["format"]}, download)
     return c
+
+
+def link_to_generate(ctx: UIContext, mine: dict[str, Any], gen: dict[str, Any], tabs: Any) -> None:
+    """Wire "Use in Generate": the chosen concept goes into the Generate tab's concepts (its choices
+    refreshed) and prompt, and that tab opens. Called by :func:`studio.ui.build_app` once both tabs exist."""
+    import gradio as gr
+
+    def go(ctx_: UIContext, form: dict[str, Any]) -> list[Any]:
+        selected, prompt = use_in_generate(ctx_, form)
+        from studio.ui.generate import concept_choices
+
+        return [gr.update(choices=concept_choices(ctx_), value=selected), prompt, gr.Tabs(selected="generate")]
+
+    on(mine["use"].click, ctx, go, {"name": mine["name"], "selected": gen["concepts"], "prompt": gen["prompt"]},
+       [gen["concepts"], gen["prompt"], tabs])

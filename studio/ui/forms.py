@@ -151,16 +151,25 @@ def _path(value: Any) -> str | None:
 
 
 # -- gradio ---------------------------------------------------------------------------------------
-def build_form(fields: list[FormField], values: Mapping[str, Any] | None = None, *, prefix: str = "field") -> dict[str, Any]:
+def build_form(fields: list[FormField], values: Mapping[str, Any] | None = None, *, prefix: str = "field",
+               basic: tuple[str, ...] = (), open_groups: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Create one component per field inside the current gradio context, grouped in accordions;
     returns ``{field name: component}``. ``values`` (e.g. a preset) override the defaults; element
-    ids are ``{prefix}-{field name}`` (accordions ``{prefix}-group-{group}``)."""
+    ids are ``{prefix}-{field name}`` (accordions ``{prefix}-group-{group}``). Fields named in ``basic``
+    come first, in one row outside the accordions (``{prefix}-basic``); ``open_groups`` (default
+    :data:`OPEN_GROUPS`) are the accordions shown open."""
     import gradio as gr
 
     values = values or {}
+    opened = OPEN_GROUPS if open_groups is None else open_groups
     comps: dict[str, Any] = {}
-    for group, members in groups(fields).items():
-        with gr.Accordion(group.capitalize(), open=group in OPEN_GROUPS, elem_id=f"{prefix}-group-{group}"):
+    first = sorted((f for f in fields if f.name in basic), key=lambda f: basic.index(f.name))
+    if first:
+        with gr.Row(equal_height=False, elem_id=f"{prefix}-basic"):
+            for f in first:
+                comps[f.name] = make_widget(f, values.get(f.name, f.default), elem_id=f"{prefix}-{f.name}")
+    for group, members in groups([f for f in fields if f.name not in basic]).items():
+        with gr.Accordion(group.capitalize(), open=group in opened, elem_id=f"{prefix}-group-{group}"):
             with gr.Row(equal_height=False):
                 for f in members:
                     comps[f.name] = make_widget(f, values.get(f.name, f.default), elem_id=f"{prefix}-{f.name}")

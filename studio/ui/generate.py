@@ -39,6 +39,40 @@ def sampling_defaults(ctx: UIContext) -> dict[str, Any]:
     return {"steps": cfg.steps, "guidance": cfg.guidance}
 
 
+def example_rows(ctx: UIContext, names: list[str] | None = None) -> list[list[Any]]:
+    """The Generate tab's examples, ``[prompt, [concept names]]``: the base's example prompts
+    (:attr:`~studio.models.profile.BaseProfile.examples` — the demo world's are in its vocabulary), then, when
+    the library has concepts that fit the loaded base, one example with the first of them and one with
+    the first two together (both triggers in the prompt: :attr:`BaseProfile.concept_prompt`)."""
+    profile = ctx.studio.settings.profile()
+    rows: list[list[Any]] = [[p, []] for p in profile.examples]
+    library = ctx.studio.library
+    fitting = []
+    for name in names if names is not None else concept_choices(ctx):
+        info = library.info(name)
+        if info.usable and info.tokens and not ctx.studio.fits(name):
+            fitting.append(info)
+    fitting.sort(key=lambda info: -_fidelity(info.metrics))  # the best-measured examples first
+
+    def subject(info: Any) -> str:
+        return " ".join([*info.tokens, info.class_word]).strip()
+
+    if fitting:
+        rows.append([profile.concept_prompt.format(subject(fitting[0])), [fitting[0].name]])
+    if len(fitting) > 1:
+        both = " ".join([*fitting[0].tokens, *fitting[1].tokens, fitting[0].class_word or fitting[1].class_word])
+        rows.append([profile.concept_prompt.format(both.strip()), [fitting[0].name, fitting[1].name]])
+    return rows
+
+
+def _fidelity(metrics: dict[str, Any]) -> float:
+    """A concept's measured fidelity (its last evaluation's), or -1 when it has none of the right shape."""
+    ev = metrics.get("eval")
+    scores = ev.get("scores") if isinstance(ev, dict) else None
+    value = scores.get("fidelity", scores.get("clip_i")) if isinstance(scores, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else -1.0
+
+
 def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
     """The form → a :class:`GenerateConfig` (a random seed is drawn here when asked for). Concepts are library
     names, reference images uploads and the adapter a preset, a hub path or an allowed local path
@@ -172,7 +206,8 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     with tab:
         with gr.Row():
             with gr.Column(scale=5):
-                c["prompt"] = gr.Textbox(label="Prompt", lines=2, value="a photo of a cat", elem_id="gen-prompt",
+                examples = example_rows(ctx)
+                c["prompt"] = gr.Textbox(label="Prompt", lines=2, value=examples[0][0], elem_id="gen-prompt",
                                          info="write a concept's trigger token, e.g. <my-dog>, or <my-dog:0.8> for a "
                                               "strength")
                 c["negative"] = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
@@ -213,8 +248,11 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                             choices=["approx", "exact"], value="approx", label="Several concepts",
                             info="approx: sum of each concept's term; exact: the paper's Appendix B")
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                gr.Examples(examples, [c["prompt"], c["concepts"]], label="Examples (click one, then Generate)",
+                            elem_id="gen-examples", examples_per_page=8)
             with gr.Column(scale=5):
-                gallery = gr.Gallery(label="Images", columns=4, height=420, elem_id="gen-gallery", format="png")
+                gallery = gr.Gallery(label="Images", columns=4, height="auto", elem_id="gen-gallery", format="png",
+                                     object_fit="contain")
                 files = gr.File(label="Download (PNG with parameters)", file_count="multiple", elem_id="gen-files")
                 info = gr.Markdown("", elem_id="gen-info")
         with gr.Accordion("X/Y grid", open=False):

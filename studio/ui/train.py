@@ -1,6 +1,9 @@
-"""The Train tab: choose a method; its form is generated from the method's config dataclass
-(:mod:`studio.ui.forms`) with its presets; upload images (+ captions, masks); start queues a job
-(:meth:`Studio.submit_training`); progress is polled from the job's events by a ``gr.Timer``."""
+"""The Train tab, photos first: 1. the photos (+ captions, masks); 2. the method and preset, with a line
+saying what each gives (size, speed, measured fidelity/editability); 3. the options — the basic ones
+(:data:`BASIC`) shown, the rest in collapsed groups — generated from the method's config dataclass
+(:mod:`studio.ui.forms`). Start queues a job (:meth:`Studio.submit_training`); progress is polled from
+the job's events by a ``gr.Timer``. "Copy CLI command" prints the ``python -m studio train …`` that
+builds the same config (:func:`cli_command`)."""
 
 from __future__ import annotations
 
@@ -14,6 +17,10 @@ from studio.ui.forms import FormField, build_form, form_fields, parse_form, upda
 SEP = "::"  # form keys of method fields: "textual-inversion::steps"
 NO_PRESET = "(none)"
 LOG_LINES = 40
+# The options shown open above the groups: what a creator sets on a first run. Everything else stays in
+# its group's collapsed accordion (the defaults measure what they can: README "Defaults that learn").
+BASIC = ("name", "token", "class_word", "steps", "full")
+PHOTOS_DIR = "PHOTOS_DIR"  # stands for the folder of photos in a copied command
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -35,6 +42,39 @@ def default_preset(ctx: UIContext, method: str) -> str:
 def preset_values(ctx: UIContext, method: str, preset: str | None) -> dict[str, Any]:
     m = ctx.studio.training_methods()[method]
     return m.preset_values("" if preset in (None, NO_PRESET) else preset)
+
+
+def method_summary(ctx: UIContext, method: str) -> str:
+    """The one line under the method: what it gives (:attr:`trainers.entry.TrainerEntry.gives`)."""
+    m = ctx.studio.training_methods()[method]
+    return f"**{method}** — {m.help}." + (f"  \nGives: {m.gives}." if m.gives else "")
+
+
+def cli_command(ctx: UIContext, form: dict[str, Any]) -> str:
+    """The ``python -m studio train …`` command that trains what the form would queue, on the loaded base:
+    the same preset and every option the form changed (:meth:`TrainingMethod.cli_words`); the photos are
+    the folder ``PHOTOS_DIR`` (the form's uploads live on the server). Uploaded option files are named
+    as ``--FIELD FILE`` placeholders too."""
+    import dataclasses
+    import shlex
+
+    from studio.configs import path_fields, to_flags
+
+    method = str(form.get("method") or "")
+    methods = ctx.studio.training_methods()
+    if method not in methods:
+        raise StudioError(f"Choose a training method ({', '.join(methods)}).")
+    m = methods[method]
+    preset = form.get(f"{method}{SEP}preset")
+    values = method_values(ctx, method, form)
+    words = m.cli_words(values, None if preset in (None, NO_PRESET) else str(preset), ctx.studio.settings.profile())
+    kinds = path_fields(m.config_cls)
+    for key in sorted(k for k in values if kinds.get(k, ("",))[0] in ("file", "folder")):
+        words += ["--" + key.replace("_", "-"), key.upper() + ("_DIR" if kinds[key][0] == "folder" else "_FILE")]
+    from studio.models import BaseSettings
+
+    base = to_flags(BaseSettings, dataclasses.asdict(ctx.studio.settings))  # what differs from the CLI's defaults
+    return shlex.join(["python", "-m", "studio", "train", m.entry.cli_name, *base, "--images", PHOTOS_DIR, *words])
 
 
 def parse_captions(text: str | None) -> dict[str, str]:
@@ -149,18 +189,7 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     groups: dict[str, Any] = {}
     field_comps: dict[str, dict[str, Any]] = {}
     with tab:
-        c["method"] = gr.Dropdown(choices=list(methods), value=first, label="Method", elem_id="train-method")
-        for name, m in methods.items():
-            with gr.Group(visible=name == first) as groups[name]:
-                gr.Markdown(f"**{name}** — {m.help}")
-                choices = preset_choices(ctx, name)
-                preset = default_preset(ctx, name)
-                c[f"{name}{SEP}preset"] = gr.Dropdown(choices=choices, value=preset, label="Preset",
-                                                      elem_id=f"train-{name}-preset")
-                comps = build_form(forms[name], preset_values(ctx, name, preset), prefix=f"train-{name}")
-                field_comps[name] = comps
-                for field, comp in comps.items():
-                    c[f"{name}{SEP}{field}"] = comp
+        gr.Markdown("### 1 · Photos of your subject")
         with gr.Row():
             c["images"] = gr.File(label="Training images (+ optional name.txt captions, name.mask.png masks)",
                                   file_count="multiple", file_types=["image", ".txt"], elem_id="train-images")
@@ -168,18 +197,37 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                                  file_count="multiple", file_types=["image"])
             c["captions"] = gr.Textbox(label="Captions (optional)", lines=4, placeholder="dog1.png: a dog on the grass",
                                        info="one 'image file name: caption' per line")
+        gr.Markdown("### 2 · Method")
+        c["method"] = gr.Dropdown(choices=list(methods), value=first, label="Method", elem_id="train-method")
+        gives = gr.Markdown(method_summary(ctx, first), elem_id="train-gives")
+        gr.Markdown("### 3 · Options")
+        for name in methods:
+            with gr.Group(visible=name == first) as groups[name]:
+                choices = preset_choices(ctx, name)
+                preset = default_preset(ctx, name)
+                c[f"{name}{SEP}preset"] = gr.Dropdown(choices=choices, value=preset, label="Preset",
+                                                      elem_id=f"train-{name}-preset")
+                comps = build_form(forms[name], preset_values(ctx, name, preset), prefix=f"train-{name}",
+                                   basic=BASIC, open_groups=())
+                field_comps[name] = comps
+                for field, comp in comps.items():
+                    c[f"{name}{SEP}{field}"] = comp
         with gr.Row():
             go = gr.Button("Start training", variant="primary", elem_id="train-start")
+            cli_go = gr.Button("Copy CLI command", elem_id="train-cli-go")
             if ctx.runners.train_chunk is not None:
                 seconds = gr.Slider(30, 280, value=120, step=10, label="GPU seconds per chunk")
                 chunk = gr.Button("Train on the GPU", elem_id="train-gpu")
+        cli = gr.Code(label="The same training from the command line (PHOTOS_DIR: your photos' folder)",
+                      language="shell", interactive=False, visible=False, elem_id="train-cli")
         with gr.Group():
             job_id = gr.Number(label="Job", value=None, precision=0, elem_id="train-job")
             status = gr.Markdown("No job yet: start one above.", elem_id="train-status")
             with gr.Row():
                 curve = gr.LinePlot(pd.DataFrame({"step": [], "loss": []}), x="step", y="loss", title="Loss",
                                     height=240, elem_id="train-loss")
-                preview = gr.Image(label="Latest preview", type="pil", height=240, interactive=False)
+                preview = gr.Image(label="Latest preview", type="pil", height=240, interactive=False,
+                                   elem_id="train-preview")
             with gr.Row():
                 pause, resume, cancel = gr.Button("Pause"), gr.Button("Resume"), gr.Button("Cancel", variant="stop")
             log = gr.Textbox(label="Log", lines=6, max_lines=12, elem_id="train-log")
@@ -188,7 +236,9 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     def show_method(form: dict[str, Any]) -> list[Any]:
         return [gr.update(visible=n == form["method"]) for n in methods]
 
-    on(c["method"].change, ctx, lambda ctx_, form: show_method(form), {"method": c["method"]}, list(groups.values()))
+    on(c["method"].change, ctx, lambda ctx_, form: [*show_method(form), method_summary(ctx_, form["method"])],
+       {"method": c["method"]}, [*groups.values(), gives])
+    on(cli_go.click, ctx, lambda ctx_, form: gr.update(value=cli_command(ctx_, form), visible=True), c, cli)
     for name in methods:
         comps = field_comps[name]
         # .input (a user's choice), not .change: a change event at page load would re-apply the preset
