@@ -15,6 +15,8 @@ size       small, large                                   adjective ("small …"
 Rendering is deterministic: the same :class:`Attributes` and ``jitter`` seed give the same pixels
 (PIL drawing at 4× supersampling, then a box filter down to 32×32). ``jitter`` moves the shape by
 up to ±1.5 px and scales it by up to ±6 %, so that a world of renders is not a world of copies.
+:func:`render_mask` draws the same geometry as the image's true subject mask (what automatic masks,
+``python -m studio dataset mask``, are measured against: ``bench/dataset_masks.py``).
 
 Why no position attribute: an earlier world placed the shape left/right/top/bottom too, and its
 base model (trained on 2 CPU cores for < 1 hour) never learnt the position words — the oracle read
@@ -152,6 +154,32 @@ def _pattern_mask(pattern: str, cx: float, cy: float, r: float, side: int = RESO
     return mask
 
 
+def _geometry(attributes: Attributes, jitter: int | None, side: int) -> tuple[float, float, float]:
+    """The shape's centre and radius ``(cx, cy, r)`` in output pixels of a ``side``-px render."""
+    unit = side / RESOLUTION  # output pixels per 32-px world pixel
+    rng = random.Random(f"jitter/{jitter}")
+    dx = dy = 0.0
+    scale = 1.0
+    if jitter is not None:
+        dx, dy = rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5)
+        scale = rng.uniform(0.94, 1.06)
+    r = _DIAMETER[attributes.size] / 2 * scale * unit
+    return side / 2 + dx * unit, side / 2 + dy * unit, r
+
+
+def _shape_mask(shape: str, cx: float, cy: float, r: float, side: int) -> Image.Image:
+    """The shape's silhouette, supersampled: mode "L", ``side·4`` square, 255 inside, 0 outside."""
+    size = side * _SS
+    shape_mask = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(shape_mask)
+    polygon = _shape_polygon(shape, cx * _SS, cy * _SS, r * _SS)
+    if polygon is None:
+        draw.ellipse([(cx - r) * _SS, (cy - r) * _SS, (cx + r) * _SS, (cy + r) * _SS], fill=255)
+    else:
+        draw.polygon(polygon, fill=255)
+    return shape_mask
+
+
 def render(attributes: Attributes, jitter: int | None = 0, size: int = RESOLUTION) -> Image.Image:
     """Draw ``attributes`` as a ``size``×``size`` RGB image (32×32 by default).
 
@@ -161,25 +189,11 @@ def render(attributes: Attributes, jitter: int | None = 0, size: int = RESOLUTIO
     on. The result depends only on the arguments.
     """
     side = size
-    unit = side / RESOLUTION  # output pixels per 32-px world pixel
-    rng = random.Random(f"jitter/{jitter}")
-    dx = dy = 0.0
-    scale = 1.0
-    if jitter is not None:
-        dx, dy = rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5)
-        scale = rng.uniform(0.94, 1.06)
-    r = _DIAMETER[attributes.size] / 2 * scale * unit
-    cx, cy = side / 2 + dx * unit, side / 2 + dy * unit
+    cx, cy, r = _geometry(attributes, jitter, side)
 
     size = side * _SS
     image = Image.new("RGB", (size, size), BACKGROUNDS[attributes.background])
-    shape_mask = Image.new("L", (size, size), 0)
-    draw = ImageDraw.Draw(shape_mask)
-    polygon = _shape_polygon(attributes.shape, cx * _SS, cy * _SS, r * _SS)
-    if polygon is None:
-        draw.ellipse([(cx - r) * _SS, (cy - r) * _SS, (cx + r) * _SS, (cy + r) * _SS], fill=255)
-    else:
-        draw.polygon(polygon, fill=255)
+    shape_mask = _shape_mask(attributes.shape, cx, cy, r, side)
     image.paste(COLOURS[attributes.colour], (0, 0, size, size), shape_mask)
 
     marks = _pattern_mask(attributes.pattern, cx, cy, r, side)
@@ -189,6 +203,19 @@ def render(attributes: Attributes, jitter: int | None = 0, size: int = RESOLUTIO
         inside.paste(marks, (0, 0), shape_mask)
         image.paste(PATTERN_RGB, (0, 0, size, size), inside)
     return image.resize((side, side), Image.Resampling.BOX)
+
+
+def render_mask(attributes: Attributes, jitter: int | None = 0, size: int = RESOLUTION) -> Image.Image:
+    """The true subject mask of ``render(attributes, jitter, size)``: a ``size``×``size`` mode "L" image.
+
+    Same geometry as :func:`render` (the shape's silhouette at 4× supersampling, box-filtered), so each
+    pixel holds the fraction of it the shape covers × 255: 255 inside, 0 on the background, anti-aliased
+    at the edge like the render. The pattern's marks are part of the subject. Threshold at 128 for a
+    binary mask; as it is, it is a ``name.mask.png`` sidecar the trainers read (white = subject).
+    """
+    side = size
+    cx, cy, r = _geometry(attributes, jitter, side)
+    return _shape_mask(attributes.shape, cx, cy, r, side).resize((side, side), Image.Resampling.BOX)
 
 
 # ----------------------------------------------------------------------------------------------
