@@ -2,7 +2,12 @@
 
 SD 1/2: ``encoder_hidden_states = TE(ids).last_hidden_state`` — (B, 77, D).
 SDXL: the penultimate hidden states of both encoders concatenated — (B, 77, D1 + D2) — plus the
-second encoder's projected pooled output (B, P) and the micro-conditioning ``time_ids`` (B, 6).
+second encoder's projected pooled output (B, P) and the micro-conditioning ``time_ids`` (B, 6):
+``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` per row, in the order of diffusers'
+``StableDiffusionXLPipeline._get_add_time_ids`` (``original_size + crops_coords_top_left +
+target_size``, each (h, w)). :func:`encode_prompts` fills the square ``[R, R, 0, 0, R, R]``; with
+aspect-ratio buckets the loop puts each example's own values in (:func:`with_time_ids`, values from
+:meth:`trainers.data.Example.time_ids`).
 """
 
 from __future__ import annotations
@@ -37,7 +42,25 @@ def encode_prompts(pipe: Any, prompts: list[str], *, resolution: int, device: to
         out = te(tokenize(tok, prompts, device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's projected pooled output
-    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
-                            dtype=hidden[0].dtype).repeat(len(prompts), 1)
+    time_ids = square_time_ids(resolution, len(prompts), device=device, dtype=hidden[0].dtype)
     assert pooled is not None  # two encoders here
     return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
+
+
+def square_time_ids(resolution: int, n: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(n, 6) micro-conditioning of an uncropped ``resolution``² image: ``[R, R, 0, 0, R, R]`` per row."""
+    return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
+                        dtype=dtype).repeat(n, 1)
+
+
+def with_time_ids(cond: Conditioning, rows: list[tuple[int, int, int, int, int, int]]) -> Conditioning:
+    """``cond`` with SDXL's ``time_ids`` replaced by ``rows`` (one ``(orig_h, orig_w, crop_top,
+    crop_left, target_h, target_w)`` per prompt); unchanged for a base without micro-conditioning."""
+    added = cond.added_cond_kwargs
+    if added is None or "time_ids" not in added:
+        return cond
+    old = added["time_ids"]
+    if old.shape != (len(rows), 6):
+        raise ValueError(f"time_ids of shape {tuple(old.shape)} cannot take {len(rows)} rows")
+    time_ids = torch.tensor(rows, device=old.device, dtype=old.dtype)
+    return Conditioning(cond.encoder_hidden_states, added | {"time_ids": time_ids})

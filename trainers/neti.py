@@ -34,7 +34,7 @@ from studio.methods.neti.encoder import clip_hidden_states, pooled_text_embeds, 
 from studio.methods.neti.hook import NetiEntry, NetiHook, attach_neti_hook, neti_hook
 from studio.methods.neti.mapper import NetiMapper
 from studio.methods.runtime import text_encoders, token_table
-from trainers.conditioning import Conditioning, tokenize
+from trainers.conditioning import Conditioning, square_time_ids, tokenize
 from trainers.data import Example
 from trainers.entry import TrainerEntry
 from trainers.freezing import freeze_pipeline, unfreeze
@@ -155,8 +155,8 @@ class NetiTrainer:
             states = clip_hidden_states(te, self._inputs(tok, te, ids_e, static[e]))
             hidden.append(states[-2])
             pooled = pooled_text_embeds(te, ids_e, states[-1])  # the last encoder's
-        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device,
-                                dtype=hidden[0].dtype).repeat(len(prompts), 1)
+        # the square default; with aspect-ratio buckets the loop replaces it per example
+        time_ids = square_time_ids(resolution, len(prompts), device=device, dtype=hidden[0].dtype)
         assert pooled is not None  # two encoders here
         return Conditioning(torch.cat(hidden, dim=-1), {"text_embeds": pooled, "time_ids": time_ids})
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from trainers.conditioning import with_time_ids
+
 VERDICTS = ("learned", "weak", "not learned")
 # Gain thresholds of the verdict, measured in the learnable world (README, "Defaults that learn"):
 # trained concepts there reach g ≥ 0.10, their learning-rate-0 controls stay within ±0.01.
@@ -37,30 +39,46 @@ class ProbeSamples:
     idx: torch.Tensor  # (n,) long
     flips: torch.Tensor  # (n,) long
     timesteps: torch.Tensor  # (n,) long
-    eps_lat: torch.Tensor  # (n, C, h, w)
-    noise: torch.Tensor  # (n, C, h, w)
+    eps_lat: list[torch.Tensor]  # per row (C, h_i, w_i): the latent size of the row's image
+    noise: list[torch.Tensor]  # per row (C, h_i, w_i)
     templates: list[str]  # (n,) the prompt template of each row, "{}" = the concept / class word
+    groups: list[list[int]]  # the rows measured together: batches of rows of one latent size
 
 
 class DenoisingProbe:
     """Measure :math:`L(p)` and the gain on fixed samples of the training images (see the module docstring).
 
-    ``cache`` is the loop's :class:`~trainers.loop.LatentCache` (means/stds (N, 2, C, h, w), masks);
-    ``class_text`` what stands for the subject without the concept (the class word, "" for none)."""
+    ``cache`` is the loop's :class:`~trainers.latents.LatentCache` (per example (2, C, h, w) means,
+    stds, masks); ``class_text`` what stands for the subject without the concept (the class word, ""
+    for none). With aspect-ratio buckets the rows are measured in batches of one bucket each, with
+    each example's micro-conditioning (SDXL)."""
 
     def __init__(self, pipe: Any, cache: Any, scheduler: Any, examples: list[Any], templates: list[str], *,
                  class_text: str, resolution: int, seed: int, n: int = 16, batch: int = 8):
         g = torch.Generator().manual_seed(0x5EED + int(seed))
-        n_ex = cache.mean.shape[0]
+        n_ex = len(cache)
         n_t = int(scheduler.config.num_train_timesteps)
         # timesteps spread evenly over the schedule (a stratified draw: less variance than uniform)
         strata = (torch.arange(n) + torch.rand(n, generator=g)) / n
+        idx, flips = torch.arange(n) % n_ex, torch.randint(2, (n,), generator=g)
+        timesteps = (strata * n_t).long().clamp(0, n_t - 1)
+        shapes = [cache.shape(int(i)) for i in idx]
+        if cache.uniform:  # one size: one draw each (what the probe has always drawn)
+            eps_lat = list(torch.randn((n, *shapes[0]), generator=g))
+            noise = list(torch.randn((n, *shapes[0]), generator=g))
+            groups = [list(range(start, min(start + batch, n))) for start in range(0, n, batch)]
+        else:  # buckets: a draw per row at its size; rows of one size measured together
+            eps_lat = [torch.randn(s, generator=g) for s in shapes]
+            noise = [torch.randn(s, generator=g) for s in shapes]
+            by_shape: dict[tuple[int, int, int], list[int]] = {}
+            for row, s in enumerate(shapes):
+                by_shape.setdefault(s, []).append(row)
+            groups = [rows[k:k + batch] for rows in by_shape.values() for k in range(0, len(rows), batch)]
         self.samples = ProbeSamples(
-            idx=torch.arange(n) % n_ex, flips=torch.randint(2, (n,), generator=g),
-            timesteps=(strata * n_t).long().clamp(0, n_t - 1),
-            eps_lat=torch.randn((n, *cache.mean.shape[2:]), generator=g),
-            noise=torch.randn((n, *cache.mean.shape[2:]), generator=g),
-            templates=[templates[int(i)] for i in torch.randint(len(templates), (n,), generator=g)])
+            idx=idx, flips=flips, timesteps=timesteps, eps_lat=eps_lat, noise=noise,
+            templates=[templates[int(i)] for i in torch.randint(len(templates), (n,), generator=g)], groups=groups)
+        # SDXL micro-conditioning per example when the examples carry their crop (buckets)
+        self.micro = any(getattr(ex, "original_size", None) is not None for ex in examples)
         self.pipe, self.cache, self.scheduler, self.examples = pipe, cache, scheduler, examples
         self.class_text, self.resolution, self.batch = class_text, resolution, batch
 
@@ -81,26 +99,30 @@ class DenoisingProbe:
         s, pipe = self.samples, self.pipe
         device = pipe.unet.device
         total, count = 0.0, 0
-        for start in range(0, len(s.idx), self.batch):
-            sl = slice(start, start + self.batch)
+        for rows in s.groups:
+            sl = torch.tensor(rows)
             idx, flips, t = s.idx[sl], s.flips[sl], s.timesteps[sl]
-            latents = self.cache.mean[idx, flips] + self.cache.std[idx, flips] * s.eps_lat[sl]
-            latents, noise, t = latents.to(device), s.noise[sl].to(device), t.to(device)
+            eps, noise = torch.stack([s.eps_lat[r] for r in rows]), torch.stack([s.noise[r] for r in rows])
+            latents = self.cache.sample(idx, flips, eps)
+            latents, noise, t = latents.to(device), noise.to(device), t.to(device)
+            templates = [s.templates[r] for r in rows]
             if concept:
-                prompts = trainer.prompts(s.templates[sl], [self.examples[int(i)] for i in idx])
+                prompts = trainer.prompts(templates, [self.examples[int(i)] for i in idx])
             elif hasattr(trainer, "class_prompts"):  # the method's own class prompt (DreamBooth's prior prompt)
-                prompts = trainer.class_prompts(s.templates[sl])
+                prompts = trainer.class_prompts(templates)
             else:
-                prompts = [" ".join(tpl.format(self.class_text).split()) for tpl in s.templates[sl]]
+                prompts = [" ".join(tpl.format(self.class_text).split()) for tpl in templates]
             cond = trainer.conditioning(prompts, self.resolution)
+            if self.micro:
+                cond = with_time_ids(cond, [self.examples[int(i)].time_ids(bool(f)) for i, f in zip(idx, flips)])
             noisy = self.scheduler.add_noise(latents, noise, t)
             target = noise if self.scheduler.config.prediction_type == "epsilon" else \
                 self.scheduler.get_velocity(latents, noise, t)
             pred = pipe.unet(noisy.to(pipe.unet.dtype), t, cond.encoder_hidden_states,
                              added_cond_kwargs=cond.added_cond_kwargs).sample
             err = (pred.float() - target.float()) ** 2
-            if self.cache.masks is not None:
-                m = self.cache.masks[idx, flips].to(device)
+            if self.cache.has_masks:
+                m = self.cache.mask(idx, flips).to(device)
                 per = (err * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp(min=1e-6)
             else:
                 per = err.mean(dim=(1, 2, 3))
