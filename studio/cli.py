@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_jobs_parser(sub, base_flags=_base_flags, library_flag=_library_flag)
     _evaluate_parser(sub)
     _compare_parser(sub)
+    from studio.dataset.cli import add_parser as add_dataset_parser
+
+    add_dataset_parser(sub)
     return parser
 
 
@@ -351,6 +354,12 @@ def cmd_jobs(ns: argparse.Namespace) -> int:
     return run(ns, _settings(ns) if ns.action == "submit" else None)
 
 
+def cmd_dataset(ns: argparse.Namespace) -> int:
+    from studio.dataset.cli import run
+
+    return run(ns)
+
+
 def main(argv: list[str] | None = None) -> int:
     import os
 
@@ -360,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         parser = build_parser()
         ns = parser.parse_args(argv)
         handler = {"generate": cmd_generate, "concepts": cmd_concepts, "train": cmd_train, "jobs": cmd_jobs,
-                   "evaluate": cmd_evaluate, "compare": cmd_compare}[ns.command]
+                   "evaluate": cmd_evaluate, "compare": cmd_compare, "dataset": cmd_dataset}[ns.command]
         return handler(ns)
     except StudioError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -261,6 +261,13 @@ def test_the_studio_end_to_end_in_chromium(browser, app_url, photos, clip_dir):
     expect(preview_box).to_have_value("2")
     page.locator("#train-images input[type=file]").set_input_files([str(p) for p in photos])
     expect(page.locator("#train-images a")).to_have_count(3)  # uploaded (one download link each)
+    # the dataset step: inspect the uploads (the report names what to fix), masks from the offline segmenter
+    page.locator("#train-dataset").get_by_text("Prepare the photos").click()
+    page.locator("#train-inspect").click()
+    expect(page.locator("#train-inspect-report")).to_contain_text("3 image(s)", timeout=60_000)
+    expect(page.locator("#train-inspect-report")).to_contain_text("under 512")
+    page.locator("#train-mask").click()
+    expect(page.locator("#train-dataset-note")).to_contain_text("3 mask(s) written", timeout=60_000)
     # "Copy CLI command": the command line that builds the same config (tests/test_ui.py checks every field)
     page.locator(f"#{FORM}-name textarea").click()  # leave the last number box: its value is committed on blur
     page.locator("#train-cli-go").click()

@@ -14,6 +14,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -329,6 +330,15 @@ def test_copy_cli_command_reproduces_the_form(ctx, studio, method, preset, chang
     assert len(shlex.split(unchanged)) <= 9 + 2 * bool(chosen), unchanged
 
 
+def test_the_train_tab_estimates_memory_before_training(ctx):
+    for method in (TI, "dreambooth"):
+        text = train.memory_estimate(ctx, _whole_form(ctx, method, None, class_word="cat"))
+        assert text.startswith("Memory estimate:") and "fits" in text and "GiB" in text
+    small = train.memory_estimate(ctx, _whole_form(ctx, TI, "cross-init", class_word="cat", batch_size=1))
+    large = train.memory_estimate(ctx, _whole_form(ctx, TI, "cross-init", class_word="cat", batch_size=16))
+    assert small != large  # the form's batch size is what is estimated
+
+
 def test_the_train_tab_says_what_each_method_gives(ctx):
     for name in ctx.studio.training_methods():
         line = train.method_summary(ctx, name)
@@ -368,6 +378,47 @@ def test_start_training_from_the_form_then_the_concept_is_in_the_library(ctx, st
     with pytest.raises(StudioError, match="is done"):
         jobs.act(ctx, "resume", job_id)
     assert jobs.act(ctx, "remove", job_id) == f"Job {job_id} removed." and jobs.job_rows(ctx) == []
+
+
+def test_the_dataset_step_inspects_captions_masks_crops_and_training_uses_it(ctx, studio, tmp_path):
+    """The Train tab's "Prepare the photos": on a staging folder of the uploads — inspect (report and sheet),
+    captions in an editable table (a tiny random BLIP: the real loading path), GrabCut masks, subject
+    crops — then Start trains on the prepared folder with the table's (edited) captions."""
+    from studio.ui import dataset
+    from tests.tiny_captioners import write_tiny_blip
+
+    photos = write_photos(tmp_path / "up", n=3, size=96)
+    photos.append(tmp_path / "up" / "3.png")
+    Image.open(photos[0]).save(photos[3])  # a duplicate, for the inspection to notice
+    m = TI + train.SEP
+    form = {"method": TI, "images": [str(p) for p in photos], m + "token": "<sq>", m + "class_word": "square"}
+    text, sheet, staged = dataset.inspect(ctx, train.dataset_form(form))
+    assert "4 image(s)" in text and "near-duplicate" in text and sheet.size[0] > 0
+    form["staged"] = staged
+    assert dataset.stage(ctx, form) == Path(staged)  # reused while the uploads are the same
+
+    blip = write_tiny_blip(tmp_path / "blip")
+    rows, summary, _ = dataset.caption(ctx, train.dataset_form(form | {"caption_model": str(blip)}))
+    assert [r[0] for r in rows] == ["0.png", "1.png", "2.png", "3.png"] and "4 written" in summary
+    assert all("<sq> square" in r[1] for r in rows)  # the trigger and class word are in every caption
+    with pytest.raises(StudioError, match="not allowed|allowed"):
+        dataset.caption(ctx, train.dataset_form(form | {"caption_model": "/etc"}))
+
+    shown, note, _ = dataset.masks(ctx, train.dataset_form(form))
+    assert len(shown) == 4 and all(Path(p).name.endswith(".mask.png") for p, _ in shown), note
+    mask = np.asarray(Image.open(Path(staged) / "0.mask.png")) > 127
+    assert mask[48, 48] and not mask[2, 2]  # the blue square is the subject, the border is not
+
+    note, cropped = dataset.crop(ctx, train.dataset_form(form | {"crop_size": 64}))
+    assert "4 photo(s) cropped" in note and Image.open(Path(cropped) / "0.png").size == (64, 64)
+    form["staged"] = cropped
+    rows[1][1] = "an edited caption of <sq> square"
+    job_id, _ = train.start(ctx, form | {"caption_table": rows, m + "steps": 2, m + "batch_size": 1,
+                                          m + "name": "sq"})
+    job = studio.jobs.get(job_id)
+    data = job.folder / "dataset"
+    assert (data / "1.txt").read_text().strip() == "an edited caption of <sq> square"
+    assert (data / "0.mask.png").is_file() and Image.open(data / "0.png").size == (64, 64)
 
 
 def test_pause_resume_cancel_from_the_ui(ctx, studio, photos):

@@ -5,6 +5,8 @@ conditioning, extra losses, and ``export() -> Concept``); this loop does the res
 
 1. validate and load the image folder; encode it with the VAE **once** (latent mean and std of
    every image and of its mirror image — a fresh latent sample is drawn from them each step);
+   with ``--buckets`` each image keeps its own aspect ratio (:mod:`trainers.buckets`): batches are
+   drawn within one bucket and SDXL's ``time_ids`` carry each image's size and crop;
 2. draw every random number from one seeded ``torch.Generator`` (images, flips, templates,
    timesteps, noise) for the *global* batch, so that ``accelerate launch`` with P processes and
    batch B gives the same update as one process with batch P·B (each process takes its slice and
@@ -35,6 +37,7 @@ from PIL import Image
 from studio.concept import Concept
 from studio.configs import option
 from studio.errors import TrainingError
+from trainers.buckets import BucketBatchSampler, bucket_step, make_buckets
 from trainers.checkpoint import (
     config_hash,
     data_digest,
@@ -43,7 +46,7 @@ from trainers.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from trainers.conditioning import Conditioning
+from trainers.conditioning import Conditioning, with_time_ids
 from trainers.data import Example, load_image_folder
 from trainers.latents import encode_examples
 from trainers.probe import AutoBudget, DenoisingProbe, verdict
@@ -66,6 +69,10 @@ class CommonTrainConfig:
     resolution: int | None = option(None, "training resolution (default: the base's native size)", group="training")
     seed: int = option(0, "random seed (data order, noise, timesteps)", group="training")
     flip: bool = option(True, "also train on mirrored images", group="data")
+    buckets: bool = option(False, "aspect-ratio buckets: train each image near its own aspect ratio; off by default — "
+                           "square sets need none", group="data")
+    bucket_step: int = option(0, "with --buckets: bucket sides are multiples of this many pixels, a multiple of the "
+                              "base's VAE factor (0 = derived from the base: 64 on SD 1.5 and SDXL)", group="data")
     weight_decay: float = option(0.0, "AdamW weight decay", group="training")
     max_grad_norm: float = option(0.0, "clip gradients to this norm (0 = off)", group="training")
     snr_gamma: float = option(0.0, "Min-SNR loss weighting gamma (0 = off; 5 is usual)", group="training")
@@ -112,6 +119,8 @@ class CommonTrainConfig:
             raise TrainingError(f"lr must be a non-negative number, got {self.lr}.")
         if self.resolution is not None and self.resolution < 8:
             raise TrainingError(f"resolution must be at least 8 pixels, got {self.resolution}.")
+        if self.bucket_step < 0:
+            raise TrainingError(f"bucket_step must be ≥ 0 (0 = derived from the base), got {self.bucket_step}.")
         if not self.probe:
             self.budget = "fixed"  # nothing to watch: --no-probe trains --steps steps
         if self.probe_every < 0:
@@ -265,6 +274,24 @@ def run_training(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, m
         trainer.teardown()
 
 
+def load_training_images(cfg: CommonTrainConfig, base: Any, *, min_images: int = 1) -> list[Example]:
+    """The examples of ``cfg.images`` as training will see them: square crops at the training
+    resolution, or with ``cfg.buckets`` each in its aspect-ratio bucket (:mod:`trainers.buckets`)."""
+    resolution = cfg.resolution or base.native_size
+    buckets = make_buckets(resolution, bucket_step(base.pipe, resolution, cfg.bucket_step)) if cfg.buckets else None
+    return load_image_folder(cfg.images, resolution, min_images=min_images, buckets=buckets)
+
+
+def _hashed_config(cfg: CommonTrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint's config hash covers: without buckets their options are left out,
+    so checkpoints written before the options existed still resume."""
+    values = asdict(cfg)
+    if not cfg.buckets:
+        values.pop("buckets", None)
+        values.pop("bucket_step", None)
+    return values
+
+
 def checkpoint_folder(checkpoint_dir: str | None, out: str | None) -> Path | None:
     """Where a run's checkpoints go: ``checkpoint_dir``, else ``OUT.checkpoints/`` beside the output."""
     if checkpoint_dir:
@@ -290,11 +317,15 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
 
     # 1. data, encoded once.
     if examples is None:
-        examples = load_image_folder(cfg.images, resolution)
+        examples = load_training_images(cfg, base)
     cache = encode_examples(pipe.vae, examples, device, pipe.vae.dtype)
+    if not cfg.buckets and not cache.uniform:
+        raise TrainingError("The training images were prepared at different sizes; train them with --buckets.")
     n_examples = len(examples)
     prior: PriorSet | None = trainer.prior() if hasattr(trainer, "prior") else None
     prior_cache = encode_examples(pipe.vae, prior.examples, device, pipe.vae.dtype) if prior else None
+    if prior_cache is not None and not prior_cache.uniform:
+        raise TrainingError("The class images were prepared at different sizes; they must share one size.")
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = int(scheduler.config.num_train_timesteps)
     prediction = scheduler.config.prediction_type
@@ -317,7 +348,10 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
     rng = torch.Generator().manual_seed(cfg.seed)
     world, rank = acc.num_processes, acc.process_index
-    meta = {"method": method, "config_hash": config_hash(asdict(cfg)), "data": data_digest(examples)}
+    meta = {"method": method, "config_hash": config_hash(_hashed_config(cfg)), "data": data_digest(examples)}
+    # buckets: each global batch from one bucket, a function of the seed and the batch's number
+    sampler = BucketBatchSampler([ex.size for ex in examples], cfg.batch_size * world, cfg.seed) \
+        if cfg.buckets else None
 
     total = cfg.steps
     watch = AutoBudget(probe, trainable, every=cfg.probe_every or max(10, total // 10)) \
@@ -344,6 +378,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
             cb.on_log(f"no checkpoint found under {ckpt_dir}; starting from step 0")
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
+    fit = _Fit(pipe.unet, scheduler, prediction, acc)
     stopped_at: int | None = None
     cb.on_start(total, start)
     t0 = time.monotonic()
@@ -352,46 +387,52 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     try:
         for step in range(start, total):
             step_loss = 0.0
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 # 3. the global batch from the shared generator; this process takes its slice.
                 bg = cfg.batch_size * world
-                idx = torch.randint(n_examples, (bg,), generator=rng)
+                if sampler is None:
+                    idx = torch.randint(n_examples, (bg,), generator=rng)
+                else:  # one bucket; numbered batches, so a resumed run draws what this one would have
+                    idx = torch.tensor(sampler.batch(step * cfg.grad_accum + micro), dtype=torch.long)
                 flips = torch.randint(2, (bg,), generator=rng) if cfg.flip else torch.zeros(bg, dtype=torch.long)
                 tpl = torch.randint(len(templates), (bg,), generator=rng)
                 timesteps = torch.randint(n_train_t, (bg,), generator=rng)
-                eps_lat = torch.randn((bg, *cache.mean.shape[2:]), generator=rng)
-                noise = _noise(rng, (bg, *cache.mean.shape[2:]), cfg.noise_offset)
+                eps_lat = torch.randn((bg, *cache.shape(int(idx[0]))), generator=rng)
+                noise = _noise(rng, (bg, *cache.shape(int(idx[0]))), cfg.noise_offset)
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
                 idx, flips, tpl, timesteps, eps_lat, noise = (x[sl] for x in (idx, flips, tpl, timesteps, eps_lat, noise))
-                latents = cache.mean[idx, flips] + cache.std[idx, flips] * eps_lat
+                latents = cache.sample(idx, flips, eps_lat)
                 prompts = trainer.prompts([templates[int(i)] for i in tpl], [examples[int(i)] for i in idx])
+                time_ids = [examples[int(i)].time_ids(bool(f)) for i, f in zip(idx, flips)]
                 n_inst = len(idx)
+                m = cache.mask(idx, flips).to(device) if cache.has_masks else None  # instance images only
+                parts = None  # (latents, noise, timesteps) of the class half when it cannot join the instance half
                 if prior is not None and prior_cache is not None:  # the class half of the batch: (2B, C, h, w)
                     c_idx = torch.randint(len(prior.examples), (bg,), generator=rng)
                     c_flips = torch.randint(2, (bg,), generator=rng) if cfg.flip else torch.zeros(bg, dtype=torch.long)
                     c_t = torch.randint(n_train_t, (bg,), generator=rng)
-                    c_eps = torch.randn((bg, *prior_cache.mean.shape[2:]), generator=rng)
-                    c_noise = _noise(rng, (bg, *prior_cache.mean.shape[2:]), cfg.noise_offset)
+                    c_eps = torch.randn((bg, *prior_cache.shape(0)), generator=rng)
+                    c_noise = _noise(rng, (bg, *prior_cache.shape(0)), cfg.noise_offset)
                     c_idx, c_flips, c_t, c_eps, c_noise = (x[sl] for x in (c_idx, c_flips, c_t, c_eps, c_noise))
-                    c_lat = prior_cache.mean[c_idx, c_flips] + prior_cache.std[c_idx, c_flips] * c_eps
-                    latents, noise = torch.cat([latents, c_lat]), torch.cat([noise, c_noise])
-                    timesteps = torch.cat([timesteps, c_t])
+                    c_lat = prior_cache.sample(c_idx, c_flips, c_eps)
+                    if c_lat.shape == latents.shape:
+                        latents, noise = torch.cat([latents, c_lat]), torch.cat([noise, c_noise])
+                        timesteps = torch.cat([timesteps, c_t])
+                    else:  # buckets: this bucket and the (square) class images differ in size
+                        parts = (c_lat.to(device), c_noise.to(device), c_t.to(device))
                     prompts = prompts + [prior.prompts[int(i)] for i in c_idx]
+                    time_ids += [prior.examples[int(i)].time_ids(bool(f)) for i, f in zip(c_idx, c_flips)]
                 latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-                noisy = scheduler.add_noise(latents, noise, timesteps)
-                target = noise if prediction == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
                 with acc.autocast():
                     cond = trainer.conditioning(prompts, resolution)
-                    pred = pipe.unet(noisy.to(pipe.unet.dtype), timesteps, cond.encoder_hidden_states,
-                                     added_cond_kwargs=cond.added_cond_kwargs).sample
-                err = (pred.float() - target.float()) ** 2
-                if cache.masks is not None:  # masks belong to the instance images; class images are unmasked
-                    m = cache.masks[idx, flips].to(device)
-                    inst = err[:n_inst]
-                    per = (inst * m).sum(dim=(1, 2, 3)) / (m.sum(dim=(1, 2, 3)) * err.shape[1]).clamp(min=1e-6)
-                    per = torch.cat([per, err[n_inst:].mean(dim=(1, 2, 3))])
-                else:
-                    per = err.mean(dim=(1, 2, 3))
+                if sampler is not None:  # each image's own size and crop (SDXL micro-conditioning)
+                    cond = with_time_ids(cond, time_ids)
+                if parts is None:
+                    per = fit.per_sample(latents, noise, timesteps, cond, m)
+                else:  # two UNet calls — the same loss as one: the UNet treats each sample on its own
+                    per = torch.cat([fit.per_sample(latents, noise, timesteps, _rows(cond, slice(0, n_inst)), m),
+                                     fit.per_sample(*parts, _rows(cond, slice(n_inst, None)), None)])
+                    timesteps = torch.cat([timesteps, parts[2]])
                 if cfg.snr_gamma > 0:
                     snr = _snr(scheduler, timesteps)
                     w = torch.minimum(snr, torch.full_like(snr, cfg.snr_gamma)) / snr
@@ -476,6 +517,39 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     acc.wait_for_everyone()
     return TrainResult(concept=concept, path=written, steps=stopped_at or total, seconds=time.monotonic() - t0,
                        losses=losses)
+
+
+@dataclass
+class _Fit:
+    """The denoising loss of one UNet call."""
+
+    unet: Any
+    scheduler: Any
+    prediction: str
+    acc: Any
+
+    def per_sample(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
+                   mask: torch.Tensor | None) -> torch.Tensor:
+        """Per-sample loss (B,) of clean ``latents`` (B, C, h, w) noised with ``noise`` at ``timesteps`` (B,):
+        MSE against ε or v; the first ``len(mask)`` rows weighted by ``mask`` (M, 1, h, w) when given
+        (the instance images; class images after them are unmasked)."""
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        target = noise if self.prediction == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
+        with self.acc.autocast():
+            pred = self.unet(noisy.to(self.unet.dtype), timesteps, cond.encoder_hidden_states,
+                             added_cond_kwargs=cond.added_cond_kwargs).sample
+        err = (pred.float() - target.float()) ** 2
+        if mask is None:
+            return err.mean(dim=(1, 2, 3))
+        n = len(mask)
+        per = (err[:n] * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * err.shape[1]).clamp(min=1e-6)
+        return torch.cat([per, err[n:].mean(dim=(1, 2, 3))])
+
+
+def _rows(cond: Conditioning, rows: slice) -> Conditioning:
+    """The conditioning of some rows of the batch."""
+    added = {k: v[rows] for k, v in cond.added_cond_kwargs.items()} if cond.added_cond_kwargs is not None else None
+    return Conditioning(cond.encoder_hidden_states[rows], added)
 
 
 def _checkpoint(acc: Any, folder: Path, step: int, trainable: dict[str, torch.Tensor], optimizer: Any,

@@ -16,8 +16,14 @@ from studio.errors import StudioError
 from studio.library import Library, check_name
 from studio.prompts import normalize_token
 from trainers import TrainerEntry
-from trainers.data import load_image_folder
-from trainers.loop import CommonTrainConfig, TrainCallbacks, TrainControl, TrainResult, run_training
+from trainers.loop import (
+    CommonTrainConfig,
+    TrainCallbacks,
+    TrainControl,
+    TrainResult,
+    load_training_images,
+    run_training,
+)
 from trainers.probe import verdict_text
 
 
@@ -61,8 +67,7 @@ def train(entry: TrainerEntry, cfg: CommonTrainConfig, base: Any, *, library: Li
             cfg.name = name
         if Path(cfg.out).suffix != ".safetensors":
             raise StudioError(f"--out {cfg.out} must end in .safetensors.")
-    resolution = cfg.resolution or base.native_size
-    examples = load_image_folder(cfg.images, resolution, min_images=entry.min_images)
+    examples = load_training_images(cfg, base, min_images=entry.min_images)  # square, or in buckets (--buckets)
     # The judges load before the trainer touches the pipeline: a missing model fails first.
     evaluator = TrainingEvaluator(base, cfg, token, scorer=scorer, callbacks=callbacks,
                                   method=entry.method) if cfg.eval_every else None
@@ -223,13 +228,35 @@ def add_cli_arguments(entry: TrainerEntry, parser: argparse.ArgumentParser) -> N
                             help=f"settings preset (default: {entry.default_preset or 'none'}; a base's profile "
                                  "may name another)")
     add_arguments(parser, entry.config_cls, suppress_defaults=True)
+    # CLI-only (not a config field: it is no setting of the training, so it stays out of concept records,
+    # config hashes, job records and the UI form, which are all derived from the config's fields).
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved settings and the memory estimate (parameters, optimizer state, "
+                             "activations, total; trainers/memory.py), then exit: no weights are loaded, nothing trains")
 
 
 def config_from_cli(entry: TrainerEntry, ns: argparse.Namespace, settings: Any) -> CommonTrainConfig:
     """The config of ``train METHOD …`` / ``jobs submit METHOD …``: :meth:`TrainerEntry.resolve` with the
-    preset flag, the profile of the base the settings name, and the flags the user passed."""
+    preset flag, the profile of the base the settings name, and the flags the user passed. A queued job
+    has no dry run: ``--dry-run`` is refused here (``train METHOD --dry-run`` goes through :func:`run_cli`)."""
+    if getattr(ns, "dry_run", False):
+        raise StudioError("--dry-run estimates `train METHOD …` run now; it cannot be queued. Drop --queue to see "
+                          "the estimate, or drop --dry-run to queue the job.")
+    return _resolve_cli(entry, ns, settings)
+
+
+def _resolve_cli(entry: TrainerEntry, ns: argparse.Namespace, settings: Any) -> CommonTrainConfig:
     return entry.resolve(getattr(ns, "preset", None), profile=settings.profile(),
                          **namespace_values(entry.config_cls, ns))
+
+
+def dry_run(entry: TrainerEntry, cfg: CommonTrainConfig, settings: Any) -> str:
+    """``train METHOD … --dry-run``: the resolved settings and the memory estimate of training them on the
+    base ``settings`` name (its configs only: nothing is downloaded, no weights are read)."""
+    from trainers.memory import config_summary, estimate_text
+
+    table = estimate_text(entry, settings.base, cfg, device=settings.device, weights_dtype=settings.dtype)
+    return "\n".join([config_summary(entry, cfg), f"  base: {settings.base}", "", table])
 
 
 def check_resumable(cfg: CommonTrainConfig, library: Library | None) -> Path:
@@ -251,6 +278,9 @@ def check_resumable(cfg: CommonTrainConfig, library: Library | None) -> Path:
 
 
 def run_cli(entry: TrainerEntry, ns: argparse.Namespace, settings: Any) -> int:
+    if getattr(ns, "dry_run", False):
+        print(dry_run(entry, _resolve_cli(entry, ns, settings), settings))
+        return 0
     cfg = config_from_cli(entry, ns, settings)
     if not cfg.images:
         raise StudioError("--images DIR is required: the folder of training images.")

@@ -77,6 +77,33 @@ def cli_command(ctx: UIContext, form: dict[str, Any]) -> str:
     return shlex.join(["python", "-m", "studio", "train", m.entry.cli_name, *base, "--images", PHOTOS_DIR, *words])
 
 
+def memory_estimate(ctx: UIContext, form: dict[str, Any]) -> str:
+    """The memory the form's training needs on the loaded base, before it starts (:mod:`trainers.memory`,
+    the same estimate as ``train … --dry-run``): parameters, optimizer state, activations, total, and which
+    GPU sizes it fits."""
+    from trainers.memory import estimate_text
+
+    method = str(form.get("method") or "")
+    methods = ctx.studio.training_methods()
+    if method not in methods:
+        raise StudioError(f"Choose a training method ({', '.join(methods)}).")
+    m = methods[method]
+    preset = form.get(f"{method}{SEP}preset")
+    chosen = m.preset_name(ctx.studio.settings.profile()) if preset in (None, NO_PRESET) else str(preset)
+    uploads = {f.name for f in method_forms(ctx)[method] if f.widget in ("file", "files")}
+    values = {k: v for k, v in method_values(ctx, method, form).items() if k not in uploads}
+    cfg = m.config_cls(**(m.preset_values(chosen) | values | {"images": ""}))
+    n = len(ctx.uploaded(form.get("images"))) or None
+    return estimate_text(m.entry, ctx.studio.base, cfg, n_images=n)
+
+
+def dataset_form(form: dict[str, Any]) -> dict[str, Any]:
+    """The dataset step's inputs, with the trigger and class word of the chosen method's form."""
+    method = str(form.get("method") or "")
+    return form | {"trigger": form.get(f"{method}{SEP}token") or "", "class_word": form.get(f"{method}{SEP}class_word")
+                   or "", "resolution": form.get(f"{method}{SEP}resolution") or 512}
+
+
 def parse_captions(text: str | None) -> dict[str, str]:
     """``"dog1.png: a dog on grass"`` per line → ``{"dog1.png": "a dog on grass"}``."""
     out = {}
@@ -105,13 +132,21 @@ def start(ctx: UIContext, form: dict[str, Any]) -> tuple[int, str]:
     images = ctx.uploaded(form.get("images"))
     if not images:
         raise StudioError("Upload the training images first (3–20 photos of the subject work best).")
+    masks = ctx.uploaded(form.get("masks"))
+    captions = parse_captions(form.get("captions"))
+    if form.get("staged"):  # the dataset step prepared the photos: train on its folder and its edited table
+        from studio.ui import dataset
+
+        folder = dataset.stage(ctx, form)
+        images, masks = dataset.staged_files(folder), []
+        captions = captions | dataset.table_captions(form.get("caption_table"))
     preset = form.get(f"{method}{SEP}preset")
     # the upload widgets' files go apart from the typed values: submit_training refuses a path typed as a value
     uploads = {f.name for f in method_forms(ctx)[method] if f.widget in ("file", "files")}
     values = method_values(ctx, method, form)
     files = {k: ctx.uploaded(v) for k, v in values.items() if k in uploads}
     job = ctx.studio.submit_training(method, {k: v for k, v in values.items() if k not in uploads}, images,
-                                     masks=ctx.uploaded(form.get("masks")), captions=parse_captions(form.get("captions")),
+                                     masks=masks, captions=captions,
                                      preset=None if preset in (None, NO_PRESET) else preset, files=files)
     return job.id, f"Queued job {job.id}: concept **{job.name}**, trigger `{job.token}`, {job.total} steps."
 
@@ -178,6 +213,60 @@ def _panel(ctx: UIContext, job_id: Any) -> list[Any]:
     return [s["text"], curve, preview if preview is not None else gr.skip(), s["log"], gr.Timer(active=s["active"])]
 
 
+def _build_dataset_step(c: dict[str, Any]) -> dict[str, Any]:
+    """The "Prepare the photos" accordion (:mod:`studio.ui.dataset`); its inputs join ``c``."""
+    import gradio as gr
+
+    from studio.ui import dataset
+
+    d: dict[str, Any] = {}
+    with gr.Accordion("Prepare the photos (optional): inspect, captions, masks, crops", open=False,
+                      elem_id="train-dataset"):
+        c["staged"] = gr.State("")
+        with gr.Row():
+            d["inspect"] = gr.Button("Inspect", elem_id="train-inspect")
+            d["report"] = gr.Markdown("", elem_id="train-inspect-report")
+        d["sheet"] = gr.Image(label="Contact sheet", type="pil", interactive=False, visible=True, height=240,
+                              elem_id="train-sheet")
+        with gr.Row():
+            c["caption_kind"] = gr.Dropdown(choices=list(dataset.CAPTION_KINDS), value="blip", label="Captions",
+                                            scale=1)
+            c["caption_model"] = gr.Textbox(label="Captioning model (empty: the kind's default)", scale=3,
+                                            placeholder="Salesforce/blip-image-captioning-base")
+            d["caption"] = gr.Button("Caption the photos", scale=1, elem_id="train-caption")
+        c["caption_table"] = gr.Dataframe(headers=["image", "caption"], column_count=2, static_columns=[0], interactive=True,
+                                          label="Captions: edit any cell, then train", elem_id="train-caption-table")
+        with gr.Row():
+            c["mask_model"] = gr.Textbox(label="Segmenter", value=dataset.GRABCUT, scale=2,
+                                         info="grabcut (offline, plain backgrounds) or a CLIPSeg hub id")
+            c["mask_prompt"] = gr.Textbox(label="What to keep (CLIPSeg)", placeholder="the dog", scale=2)
+            d["mask"] = gr.Button("Make masks", scale=1, elem_id="train-mask")
+        d["masks"] = gr.Gallery(label="Masks (white = subject)", columns=8, height="auto", elem_id="train-masks",
+                                object_fit="contain")
+        with gr.Row():
+            c["crop_size"] = gr.Number(label="Crop size (px)", value=512, precision=0, minimum=64, scale=1)
+            d["crop"] = gr.Button("Crop to the subject", scale=1, elem_id="train-crop")
+        d["note"] = gr.Markdown("", elem_id="train-dataset-note")
+    return d
+
+
+def _wire_dataset_step(ctx: UIContext, c: dict[str, Any], d: dict[str, Any]) -> None:
+    from studio.ui import dataset
+
+    keys = [k for k in c if k not in ("caption_table",)]
+    inputs = {k: c[k] for k in keys}
+    on(d["inspect"].click, ctx, lambda ctx_, form: list(dataset.inspect(ctx_, dataset_form(form))), inputs,
+       [d["report"], d["sheet"], c["staged"]])
+    on(d["caption"].click, ctx, lambda ctx_, form: list(dataset.caption(ctx_, dataset_form(form))), inputs,
+       [c["caption_table"], d["note"], c["staged"]])
+    on(d["mask"].click, ctx, lambda ctx_, form: list(dataset.masks(ctx_, dataset_form(form))), inputs,
+       [d["masks"], d["note"], c["staged"]])
+    on(d["crop"].click, ctx, lambda ctx_, form: list(dataset.crop(ctx_, dataset_form(form))), inputs,
+       [d["note"], c["staged"]])
+    # new uploads: start over (the staging folder no longer holds these photos)
+    c["images"].change(lambda: ["", None], None, [c["staged"], c["caption_table"]])
+
+
 def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     import gradio as gr
     import pandas as pd
@@ -197,6 +286,7 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                                  file_count="multiple", file_types=["image"])
             c["captions"] = gr.Textbox(label="Captions (optional)", lines=4, placeholder="dog1.png: a dog on the grass",
                                        info="one 'image file name: caption' per line")
+        dataset_step = _build_dataset_step(c)
         gr.Markdown("### 2 · Method")
         c["method"] = gr.Dropdown(choices=list(methods), value=first, label="Method", elem_id="train-method")
         gives = gr.Markdown(method_summary(ctx, first), elem_id="train-gives")
@@ -215,9 +305,11 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
         with gr.Row():
             go = gr.Button("Start training", variant="primary", elem_id="train-start")
             cli_go = gr.Button("Copy CLI command", elem_id="train-cli-go")
+            memory_go = gr.Button("Memory estimate", elem_id="train-memory-go")
             if ctx.runners.train_chunk is not None:
                 seconds = gr.Slider(30, 280, value=120, step=10, label="GPU seconds per chunk")
                 chunk = gr.Button("Train on the GPU", elem_id="train-gpu")
+        memory = gr.Markdown("", elem_id="train-memory")
         cli = gr.Code(label="The same training from the command line (PHOTOS_DIR: your photos' folder)",
                       language="shell", interactive=False, visible=False, elem_id="train-cli")
         with gr.Group():
@@ -236,9 +328,11 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
     def show_method(form: dict[str, Any]) -> list[Any]:
         return [gr.update(visible=n == form["method"]) for n in methods]
 
+    _wire_dataset_step(ctx, c, dataset_step)
     on(c["method"].change, ctx, lambda ctx_, form: [*show_method(form), method_summary(ctx_, form["method"])],
        {"method": c["method"]}, [*groups.values(), gives])
     on(cli_go.click, ctx, lambda ctx_, form: gr.update(value=cli_command(ctx_, form), visible=True), c, cli)
+    on(memory_go.click, ctx, memory_estimate, c, memory)
     for name in methods:
         comps = field_comps[name]
         # .input (a user's choice), not .change: a change event at page load would re-apply the preset
