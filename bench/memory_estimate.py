@@ -7,23 +7,25 @@ estimate's "device memory" is the process's RSS: the check compares
 * ``delta``: the RSS growth while training (peak − the RSS of the process once imports are done,
   the base is built and one small no-gradient pass has run) with ``estimate.training_bytes`` (the
   estimate less the frozen weights and the process baseline) — on the tiny base the interpreter
-  and libraries (~0.45 GiB) dwarf everything else, so only this part says anything;
+  and libraries (~0.47 GiB) dwarf everything else, so only this part says anything;
 * ``total``: the peak RSS with ``estimate.total`` (weights + training + the calibrated process baseline).
 
 The peak is Linux's ``VmHWM`` of the child, reset after the baseline (``/proc/self/clear_refs``);
 ``ru_maxrss`` otherwise. Children run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc hands
 freed tensors back to the system, as a device allocator's count would: with its default dynamic
-threshold, freed blocks stay in its heap and RSS follows the allocator's history, not the live
-tensors (``--default-malloc`` shows that). Rows of the cases are interleaved over ``--repeats``.
+threshold, freed blocks may stay in its heap and RSS then follows the allocator's history, not the
+live tensors (``--default-malloc`` runs the children without it). Rows of the cases are interleaved over ``--repeats``.
+``no_conv_ratio`` is the growth ratio without the one calibrated term of the trace (oneDNN's copy of
+each convolution's weight on CPU).
 
 **Table** (``--table``): the estimate for SD 1.5 and SDXL (meta-device models from the shipped
 configs of the published architectures: no weights, no GPU needed) at 512 and 1024 px, batch 1,
 for each method on CUDA with the studio's defaults (fp16 weights; the full fine-tune in fp32 with
 fp16 autocast, as it requires), and for 12 / 24 GiB GPUs whether it fits and what to turn on.
 
-    python bench/memory_estimate.py                     # tiny + SD-1.5-sized checks (~10 min on 2 cores)
-    python bench/memory_estimate.py --bases tiny        # quick
-    python bench/memory_estimate.py --table             # the README table (~5 min)
+    python bench/memory_estimate.py                     # tiny + SD-1.5-sized checks (~20 min on 2 shared cores)
+    python bench/memory_estimate.py --bases tiny        # quicker (~3 min)
+    python bench/memory_estimate.py --table             # the README table (~8 min)
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ CASES: list[tuple[str, str, str, dict[str, Any]]] = [
     ("DB-LoRA tiny 96px b2", "dreambooth", "tiny", dict(resolution=96, batch_size=2)),
     ("TI tiny 128px b4 ckpt", "textual-inversion", "tiny", dict(resolution=128, batch_size=4, probe=False,
                                                               gradient_checkpointing=True)),
+    ("TI sd15 64px b1", "textual-inversion", "sd15", dict(resolution=64, batch_size=1, probe=False)),
     ("TI sd15 128px b2", "textual-inversion", "sd15", dict(resolution=128, batch_size=2, probe=False)),
     ("DB-LoRA sd15 128px b1", "dreambooth", "sd15", dict(resolution=128, batch_size=1, probe=False)),
     ("DB-LoRA sd15 256px b1", "dreambooth", "sd15", dict(resolution=256, batch_size=1, probe=False)),
@@ -155,7 +158,7 @@ def measure(method: str, base: str, overrides: dict[str, Any], *, threads: int =
 
 
 # -- estimating ---------------------------------------------------------------------------------------------
-def estimate_case(method: str, base: str, overrides: dict[str, Any], images: int) -> Any:
+def estimate_case(method: str, base: str, overrides: dict[str, Any], images: int, **kw: Any) -> Any:
     """The estimate of a measured case: the same config, on CPU in float32 (the sd15 case: the layout of the
     shipped SD 1.5 configs the random pipeline is built from)."""
     from trainers import get_trainer
@@ -163,7 +166,7 @@ def estimate_case(method: str, base: str, overrides: dict[str, Any], images: int
 
     entry = get_trainer(method)
     cfg = entry.resolve(**overrides)
-    return estimate(entry, base, cfg, device="cpu", weights_dtype="fp32", n_images=images)
+    return estimate(entry, base, cfg, device="cpu", weights_dtype="fp32", n_images=images, **kw)
 
 
 def case_config(method: str, images: Path, overrides: dict[str, Any]) -> dict[str, Any]:
@@ -176,12 +179,15 @@ def case_config(method: str, images: Path, overrides: dict[str, Any]) -> dict[st
 def check(ns: argparse.Namespace) -> list[dict[str, Any]]:
     from bench.common import write_images
 
-    cases = [c for c in CASES if c[2] in ns.bases.split(",")]
+    cases = [c for c in CASES if c[2] in ns.bases.split(",") and ns.only in c[0]]
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         images = write_images(Path(tmp) / "imgs", n=4, size=256)
         estimates = {name: estimate_case(method, base, case_config(method, images, o), 4)
                      for name, method, base, o in cases}
+        # the same without the CPU convolution term (the one calibration of the trace): what it adds
+        bare = {name: estimate_case(method, base, case_config(method, images, o), 4, kernel_workspace=False)
+                for name, method, base, o in cases}
         for repeat in range(ns.repeats):
             for name, method, base, overrides in cases:  # interleaved: each repeat runs every case once
                 m = measure(method, base, case_config(method, images, overrides), threads=ns.threads,
@@ -190,6 +196,7 @@ def check(ns: argparse.Namespace) -> list[dict[str, Any]]:
                 delta = m["peak"] - m["baseline"]
                 row = {"case": name, "repeat": repeat + 1, "est_delta_mb": est.training_bytes / MIB,
                        "meas_delta_mb": delta / MIB, "delta_ratio": delta / est.training_bytes,
+                       "no_conv_ratio": delta / bare[name].training_bytes,
                        "est_total_mb": est.total / MIB, "meas_total_mb": m["peak"] / MIB,
                        "total_ratio": m["peak"] / est.total, "imported_mb": (m["imported"] or 0) / MIB,
                        "process_mb": (m["baseline"] - est.weights) / MIB, "peak_phase": est.peak_phase}
@@ -274,6 +281,7 @@ def main() -> None:
     ap.add_argument("--table", action="store_true", help="print the README's GPU table instead of the check")
     ap.add_argument("--gpus", default="12,24", help="GPU sizes of the table, GiB")
     ap.add_argument("--bases", default="tiny,sd15", help="bases of the check: tiny, sd15")
+    ap.add_argument("--only", default="", help="the cases whose name contains this text")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the children")
     ap.add_argument("--default-malloc", action="store_true", help="leave glibc's dynamic mmap threshold on")
@@ -291,7 +299,8 @@ def main() -> None:
     from bench.common import table as text_table
 
     rows = check(ns)
-    print(text_table(rows, ["case", "repeat", "est_delta_mb", "meas_delta_mb", "delta_ratio", "est_total_mb",
+    print(text_table(rows, ["case", "repeat", "est_delta_mb", "meas_delta_mb", "delta_ratio", "no_conv_ratio",
+                            "est_total_mb",
                             "meas_total_mb", "total_ratio", "process_mb", "peak_phase"]))
 
 

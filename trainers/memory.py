@@ -1,34 +1,38 @@
 """How much memory a training run needs, before it starts: ``python -m studio train METHOD …
 --dry-run``, the UI's Train form (:func:`estimate_text`) and ``bench/memory_estimate.py``.
 
-The model (README, "Memory"). Four phases follow each other; the run's peak is the largest:
+The model (README, "Memory"). The run's phases follow each other; its peak is the largest:
 
-* ``encode``    = weights + trained + the VAE encoding the photos (2 images a call, no gradient);
-* ``probe``     = weights + trained + the probe's no-gradient UNet passes (8 rows; TI's measured
-  initialisation too); ``class images``: DreamBooth generating its class images (CFG: 2 × rows, then
-  the VAE decoding them), when they are not cached yet;
-* ``step``      = weights + trained + optimizer state + the step (text encoder(s), UNet forward and
-  backward: the tensors saved for the backward, gradients in flight, parameter gradients as they appear);
-* ``update``    = weights + trained + gradients + optimizer state + the optimizer's temporaries;
+* ``encode``       = weights + trained + the VAE encoding the photos (2 images a call, no gradient);
+* ``probe``        = weights + trained + the probe's no-gradient UNet passes (8 rows; also textual
+  inversion's measured initialisation);
+* ``class images`` = weights + DreamBooth generating its class images when they are not cached
+  (a guided UNet pass of 2 × ``--class-batch-size`` rows, then the VAE decoding them; SDXL's pipeline
+  decodes an fp16 VAE in float32);
+* ``step``         = weights + trained + optimizer state + the step (text encoder(s), UNet forward
+  and backward: the tensors saved for the backward, gradients in flight, parameter gradients as they
+  appear);
+* ``update``       = weights + trained + gradients + optimizer state + the optimizer's scratch;
 
-plus the device's overhead. **weights**: every parameter and buffer of the UNet, VAE and text
-encoder(s) in the dtype they train in (and an IP-Adapter's float32 image encoder), counted on the
-real modules or on meta copies built from the configs. **trained**: the method's tensors, float32
-(:mod:`trainers.memory_plans`). **gradients**: one per trained value, same dtype. **optimizer
-state**: AdamW two float32 moments (8 B a value); 8-bit AdamW one byte each plus a float32 scale
-per 256 values for tensors of ≥ 4096 values (smaller ones stay 32-bit); SGD none. **Activations**
-are not a formula: the step, the probe and the encoding run on meta copies of the modules
-(:mod:`trainers.memory_trace`), which counts every tensor they create and free at this resolution,
-batch, precision, attention kernel and checkpointing — per UNet block, so the breakdown comes from
-the base's real structure. On CPU, oneDNN's weight copy for each convolution (a transient the size
-of the weight) is added; on CUDA, cuDNN's workspace is part of the overhead.
+plus the device's overhead (and, on CPU, where the device is the host, the host RAM: photos, cached
+latents, a full fine-tune's backup of the base, the token table's tokenizer copies). **weights**:
+every parameter and buffer of the UNet, VAE and text encoder(s) in the dtype they train in (and an
+IP-Adapter's float32 image encoder), counted on the real modules or on meta copies built from the
+configs. **trained**: the method's tensors, float32 (:mod:`trainers.memory_plans`). **gradients**:
+one per trained value, same dtype. **optimizer state**: AdamW two float32 moments (8 B a value);
+8-bit AdamW one byte each plus a float32 scale per 256 values for tensors of ≥ 4096 values (smaller
+ones stay 32-bit); SGD none. **Activations** are not a formula: the step, the probe, the encoding
+and the class images run on meta copies of the modules (:mod:`trainers.memory_trace`), which counts
+every tensor they create and free at this resolution, batch, precision, attention kernel and
+checkpointing — per UNet block, so the breakdown comes from the base's real structure.
 
-Calibrated once against measured peaks (CPU RSS, ``bench/memory_estimate.py``; README): the CPU
-convolution transient (found, then confirmed, by comparing traces with measurements) and the CPU
-process's baseline (:data:`CPU_PROCESS_BYTES`, an interpreter with torch, diffusers and
-transformers imported). Not measurable on the machines that built this (no GPU): the CUDA
-context and allocator slack (:data:`CUDA_CONTEXT_BYTES`, :data:`CUDA_ALLOCATOR_SLACK`) are
-PyTorch's usual values, not measurements.
+Calibrated once against measured peaks (CPU RSS, ``bench/memory_estimate.py``; README):
+:func:`onednn_workspace` (on CPU a convolution run through oneDNN copies its weight for every call;
+found, then confirmed, by comparing traces with measurements), :data:`CPU_PROCESS_BYTES` (a process
+with the libraries imported) and :data:`HOST_BOOKKEEPING_BYTES`. Not measurable on the machines that
+built this (no GPU): the CUDA context and the allocator's slack (:data:`CUDA_CONTEXT_BYTES`,
+:data:`CUDA_ALLOCATOR_SLACK`) are PyTorch's usual values, not measurements; cuDNN's workspace is
+taken to be part of them.
 """
 
 from __future__ import annotations
@@ -59,8 +63,12 @@ from trainers.memory_trace import (
 
 GIB = 1024**3
 # Calibrated once on this repository's CPU machines (bench/memory_estimate.py; README "Memory"):
-CPU_PROCESS_BYTES = 470 * 2**20  # a process with torch, diffusers, transformers, peft imported and one pass run
-HOST_BOOKKEEPING_BYTES = 47 * 2**20  # per text encoder: the token table's tokenizer copies and vocabularies
+# a process with torch, diffusers, transformers and peft imported and one small pass run (measured
+# 467-475 MiB: the check's process_mb), and, per text encoder, the token table's copies of the tokenizer
+# and its vocabulary (the RSS growth of tiny-base runs at 32 px less their tensors: 52.7 MiB textual
+# inversion, 40.5 MiB DreamBooth-LoRA; host RAM).
+CPU_PROCESS_BYTES = 470 * 2**20
+HOST_BOOKKEEPING_BYTES = 47 * 2**20
 CUDA_CONTEXT_BYTES = int(0.5 * GIB)  # CUDA context, cuBLAS/cuDNN handles and workspaces (not measured here)
 CUDA_ALLOCATOR_SLACK = 0.10  # PyTorch's caching allocator: reserved beyond allocated (not measured here)
 PROBE_ROWS = 8  # trainers.probe.DenoisingProbe's batch
@@ -129,7 +137,7 @@ class MemoryEstimate:
 
 def estimate(entry_or_method: TrainerEntry | str, base: Any, cfg: Any = None, *,
              device: str | torch.device | None = None, weights_dtype: str | torch.dtype | None = None,
-             attention: str = "sdpa", n_images: int | None = None) -> MemoryEstimate:
+             attention: str = "sdpa", n_images: int | None = None, kernel_workspace: bool = True) -> MemoryEstimate:
     """Estimate the memory of training ``cfg`` (default: the trainer's defaults) on ``base``.
 
     Args:
@@ -141,6 +149,8 @@ def estimate(entry_or_method: TrainerEntry | str, base: Any, cfg: Any = None, *,
         attention: ``sdpa`` (memory-efficient kernels, the studio's default, xformers alike) or ``math``
             (the probability matrices are kept: heads × tokens² per attention).
         n_images: training photos (default: the image files in ``cfg.images``, if it is a folder).
+        kernel_workspace: on CPU, count oneDNN's copy of each convolution's weight (the calibration
+            term; ``False`` shows the estimate without it, as ``bench/memory_estimate.py`` does).
     """
     from trainers.registry import get_trainer
 
@@ -162,7 +172,7 @@ def estimate(entry_or_method: TrainerEntry | str, base: Any, cfg: Any = None, *,
     latent = (layout.latent_channels, resolution // factor, resolution // factor)
     autocast = AUTOCAST.get(cfg.mixed_precision)
     on_cpu = layout.device.type == "cpu"
-    workspace = onednn_workspace if on_cpu else None
+    workspace = onednn_workspace if on_cpu and kernel_workspace else None
 
     unet = meta_copy(layout.unet, dtype)
     encoders = [meta_copy(te, dtype) for te in layout.text_encoders]
@@ -191,8 +201,8 @@ def estimate(entry_or_method: TrainerEntry | str, base: Any, cfg: Any = None, *,
               "update": persistent + trainable + state + temp}
     if probe.peak:
         phases["probe"] = persistent + probe.peak
-    if classes.peak:
-        phases["class images"] = persistent - trainable + classes.peak
+    if classes.peak:  # before the trainer adds its tensors (a full fine-tune's are the base's own weights)
+        phases["class images"] = persistent - (0 if plan.base_trained else trainable) + classes.peak
     host = plan.host + _data_bytes(cfg, resolution, latent, n_images) + \
         (HOST_BOOKKEEPING_BYTES * len(encoders) if plan.token_table else 0)
     peak = max(phases.values())
@@ -233,11 +243,21 @@ def optimizer_temporaries(name: str, sizes: list[int], device: str) -> int:
 
 
 def onednn_workspace(func: Any, args: Any) -> int:
-    """CPU: oneDNN copies a convolution's weight into its own layout for each call, forward and backward."""
-    if func in (torch.ops.aten.convolution.default, torch.ops.aten.convolution_backward.default):
-        weight = args[1]
-        return int(weight.numel() * weight.element_size())
-    return 0
+    """CPU: a convolution that PyTorch runs through oneDNN copies its weight into oneDNN's layout for
+    each call, forward and backward (``aten.convolution(input, weight, bias, stride, padding,
+    dilation, transposed, output_padding, groups)``, ``aten.convolution_backward(grad, input,
+    weight, …, groups, mask)``). PyTorch picks oneDNN for half precision, and for float32 when
+    the batch is above 1, the kernel above 3 × 3, the convolution grouped, or the input above
+    20480 values (``ConvParams::use_mkldnn``); otherwise its own kernels copy no weight."""
+    if func == torch.ops.aten.convolution.default:
+        inp, weight, groups = args[0], args[1], args[8]
+    elif func == torch.ops.aten.convolution_backward.default:
+        inp, weight, groups = args[1], args[2], args[9]
+    else:
+        return 0
+    onednn = inp.dtype != torch.float32 or groups > 1 or inp.shape[0] > 1 or inp.numel() > 20480 or \
+        (weight.shape[-1] > 3 and weight.shape[-2] > 3)
+    return int(weight.numel() * weight.element_size()) if onednn else 0
 
 
 def _probe(unet: nn.Module, encoders: list[Any], plan: Plan, latent: tuple[int, int, int], attention: str,
@@ -268,8 +288,8 @@ def _class_images(unet: nn.Module, vae: nn.Module, encoders: list[Any], plan: Pl
         return Trace(0)
     context = sum(int(te.config.hidden_size) for te in encoders)
     dtype = cast_any(unet).dtype
-    # SDXL's pipeline decodes an fp16 VAE in float32 when its config says force_upcast (the weights too)
-    upcast = dtype == torch.float16 and bool(getattr(cast_any(vae).config, "force_upcast", False))
+    # SDXL's pipeline (not SD 1/2's) decodes an fp16 VAE in float32 when its config says force_upcast (weights too)
+    upcast = len(encoders) > 1 and dtype == torch.float16 and bool(getattr(cast_any(vae).config, "force_upcast", False))
     decoder: Any = quiet_cast(copy_module(vae), torch.float32) if upcast else vae
 
     def run() -> Any:
@@ -383,6 +403,10 @@ def markdown(est: MemoryEstimate) -> str:
     lines += [f"| {what} | {amount} |" for what, amount in table_rows(est)]
     fits = ", ".join(f"{g} GiB: {'fits' if est.fits(g) else 'does not fit'}" for g in (8, 12, 16, 24, 48))
     lines += ["", f"{fits}."]
+    blocks = [(k, v) for k, v in est.blocks.items() if v >= 0.01 * max(est.blocks.values(), default=1)]
+    if blocks:  # what the traced forward left for the backward, block by block (the breakdown of "activations")
+        lines += ["", "Saved for the backward, by UNet block: " + ", ".join(
+            f"{'between blocks' if k in ('unet', 'other') else k} {human(v)}" for k, v in blocks) + "."]
     lines += [f"- {note}" for note in est.notes]
     return "\n".join(lines)
 

@@ -240,8 +240,8 @@ def config_from_cli(entry: TrainerEntry, ns: argparse.Namespace, settings: Any) 
     preset flag, the profile of the base the settings name, and the flags the user passed. A queued job
     has no dry run: ``--dry-run`` is refused here (``train METHOD --dry-run`` goes through :func:`run_cli`)."""
     if getattr(ns, "dry_run", False):
-        raise StudioError("--dry-run estimates `train METHOD …` run now; it cannot be queued. Drop --queue to see "
-                          "the estimate, or drop --dry-run to queue the job.")
+        raise StudioError("--dry-run cannot be queued: run `python -m studio train METHOD … --dry-run` (without "
+                          "--queue) to see the estimate, or drop --dry-run to queue the job.")
     return _resolve_cli(entry, ns, settings)
 
 
