@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from studio.concept import Concept
 from studio.errors import StudioError
@@ -53,7 +53,7 @@ from studio.evaluation.judges import DEFAULT_DETECTOR, Judges, ScorerKind, load_
 from studio.evaluation.metrics import Report
 from studio.evaluation.protocols import MULTI_PROMPTS, build_prompts, load_protocol, read_prompt_file
 from studio.generation import ConceptUse, png_info
-from studio.grid import MAX_CELLS, MIN_CELL, assemble
+from studio.grid import MAX_CELLS, MIN_CELL, _font, _text_width, assemble
 from studio.methods import load_concept
 from studio.prompts import check_strength
 
@@ -513,16 +513,6 @@ def _fit(text: str, width: int, font: Any = None) -> str:
     return text + "…"
 
 
-def _font(size: int) -> Any:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
-def _text_width(font: Any, text: str) -> int:
-    box = font.getbbox(text)
-    return int(box[2] - box[0])
 
 
 def _slug(label: str) -> str:
