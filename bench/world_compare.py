@@ -238,6 +238,78 @@ def neti_truncation(seeds: Sequence[int], strengths: Sequence[float]) -> None:
         print(f"| {s:.2f} | {kept} of 128 | {_mean_sd([x[0] for x in r])} | {_mean_sd([x[1] for x in r])} |")
 
 
+# ----------------------------------------------------------------------------------------------
+# With vs without: the regularizers and variants of the "beyond every peer" wave
+# ----------------------------------------------------------------------------------------------
+VersusRow = dict[str, float]
+
+
+def _class_prompts() -> list[str]:
+    from studio.world import CONCEPT, describe
+
+    prompts = [describe(noun=CONCEPT.class_word, background=bg) for bg in ("white", "black", "pink", "teal")]
+    return prompts + [describe(noun=CONCEPT.class_word)]
+
+
+def score_trained(trained, seed: int, per_prompt: int | None = None) -> VersusRow:
+    """Every number the with/without tables report, for one trained concept (a harness ``Trained``):
+
+    * ``fidelity`` / ``editability``: the learning tests' one-attribute evaluation (:data:`CONCEPT`);
+    * ``hard fidelity`` / ``hard joint``: the two-attribute prompts of :data:`HARD_CONCEPT` (small, on an
+      unseen background): identity kept, and identity *and* both edits on the same image;
+    * ``class drift``: the plain class prompts with the concept applied — how often they render the
+      concept anyway (lower is better; 0 by construction for methods that only add a token).
+    """
+    from studio.world import CONCEPT, HARD_CONCEPT
+    from studio.world.score import editability, fidelity, joint_success
+    from tests.learning.harness import PER_PROMPT, oracle
+
+    n = per_prompt or PER_PROMPT
+    row: VersusRow = {}
+    for key, task in (("", CONCEPT), ("hard ", HARD_CONCEPT)):
+        prompts = [p for p in task.prompts(trained.subject) for _ in range(n)]
+        targets = [t for t in task.targets() for _ in range(n)]
+        images = trained.generate(prompts, seed)
+        row[f"{key}fidelity"] = fidelity(images, oracle())
+        row[f"{key}editability"] = editability(images, targets, oracle())
+        row[f"{key}joint"] = joint_success(images, targets, oracle())
+    class_prompts = [p for p in _class_prompts() for _ in range(n)]
+    row["class drift"] = fidelity(trained.generate(class_prompts, seed + 500), oracle())
+    return row
+
+
+VERSUS_COLUMNS = ("fidelity", "editability", "hard fidelity", "hard joint", "class drift")
+
+
+def versus(title: str, arms: dict[str, Callable], seeds: Sequence[int]) -> dict[str, list[VersusRow]]:
+    """Train every arm (a harness ``TrainFn``: same photos, steps and seeds) and print the with/without table."""
+    from studio.world import CONCEPT
+
+    rows: dict[str, list[VersusRow]] = {label: [] for label in arms}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            images_dir = Path(tmp) / f"concept-seed{seed}"
+            CONCEPT.write_training_folder(images_dir, seed=seed)
+            for label, train in arms.items():  # interleaved: every arm on one seed before the next seed
+                t0 = time.perf_counter()
+                trained = train(images_dir, seed, 1.0)
+                row = score_trained(trained, seed) | {"seconds": time.perf_counter() - t0}
+                rows[label].append(row)
+                print(f"{title} · {label} · seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),
+                      flush=True)
+    print_versus(title, rows)
+    return rows
+
+
+def print_versus(title: str, rows: dict[str, list[VersusRow]]) -> None:
+    n = len(next(iter(rows.values())))
+    print(f"\n| {title} ({n} seeds) | " + " | ".join(VERSUS_COLUMNS) + " | s / run |")
+    print("|---|" + "---|" * (len(VERSUS_COLUMNS) + 1))
+    for label, r in rows.items():
+        cells = [_mean_sd([x[c] for x in r]) for c in VERSUS_COLUMNS]
+        print(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(x['seconds'] for x in r):.0f} |")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)

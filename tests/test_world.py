@@ -187,6 +187,26 @@ def test_score_helpers_on_real_renders(oracle):
     assert editability(others, [("pattern", "striped"), ("shape", "circle")], oracle) == 0.5
 
 
+def test_two_attribute_targets_need_every_attribute(oracle):
+    """HARD_CONCEPT's compound targets: an image counts as edited only when the oracle reads both attributes,
+    and joint success also needs the concept's identity on that same image."""
+    from studio.world import HARD_CONCEPT
+    from studio.world.score import joint_success
+
+    concept_small_teal = render(CONCEPT.attributes(background="teal", size="small"))
+    concept_large_teal = render(CONCEPT.attributes(background="teal", size="large"))
+    other_small_teal = render(Attributes("square", "purple", "dotted", "teal", "small"))
+    target = [("background+size", "teal+small")] * 3
+    images = [concept_small_teal, concept_large_teal, other_small_teal]
+    assert editability(images, target, oracle) == pytest.approx(2 / 3)
+    assert joint_success(images, target, oracle) == pytest.approx(1 / 3)
+    assert all("+" in a for a, _ in HARD_CONCEPT.targets()) and len(HARD_CONCEPT.prompts("<hrt> circle")) == 4
+    ub = upper_bound(HARD_CONCEPT, per_prompt=2, oracle=oracle)
+    assert ub.fidelity > 0.95 and ub.editability > 0.95
+    with pytest.raises(ValueError, match="2 attributes but gives 1"):
+        editability([concept_small_teal], [("background+size", "teal")], oracle)
+
+
 def test_base_model_renders_its_vocabulary(world_pipe, oracle):
     """Fully specified prompts: the oracle reads every prompted attribute on ≥ 80 % of images."""
     from studio.world.score import pipeline_generator

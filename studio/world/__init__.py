@@ -38,7 +38,7 @@ from studio.world.score import (
     score_images,
     upper_bound,
 )
-from studio.world.task import CONCEPT, ConceptTask, EvalPrompt
+from studio.world.task import CONCEPT, HARD_CONCEPT, ConceptTask, EvalPrompt
 
 WORLD_DIR = Path(__file__).resolve().parents[1] / "assets" / "world"
 DEMO_BASE_DIR = WORLD_DIR / "base"
@@ -59,6 +59,7 @@ __all__ = [
     "WORLD_B_DIR",
     "WORLD_B_RESOLUTION",
     "CONCEPT",
+    "HARD_CONCEPT",
     "DEMO_BASE_DIR",
     "ORACLE_PATH",
     "RESOLUTION",

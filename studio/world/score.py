@@ -25,7 +25,7 @@ from PIL import Image
 
 from studio.world.oracle import Oracle, load_oracle
 from studio.world.render import VOCABULARY
-from studio.world.task import CONCEPT, ConceptTask
+from studio.world.task import CONCEPT, ConceptTask, target_pairs
 
 Generator = Callable[[Sequence[str], int], list[Image.Image]]
 
@@ -57,15 +57,36 @@ def editability(
     targets: Sequence[tuple[str, str]],
     oracle: Oracle | None = None,
 ) -> float:
-    """Fraction of images whose attribute ``targets[i] = (name, value)`` the oracle reads as asked."""
+    """Fraction of images whose attribute ``targets[i] = (name, value)`` the oracle reads as asked (for a
+    compound target ``("background+size", "teal+small")``, every attribute named)."""
     if len(images) != len(targets):
         raise ValueError(f"{len(images)} images for {len(targets)} targets")
     if not images:
         raise ValueError("editability of no images")
     probs = _oracle(oracle).read(images)
     hits = [
-        int(probs[name][i].argmax()) == VOCABULARY[name].index(value)
-        for i, (name, value) in enumerate(targets)
+        all(int(probs[name][i].argmax()) == VOCABULARY[name].index(value) for name, value in target_pairs(target))
+        for i, target in enumerate(targets)
+    ]
+    return sum(hits) / len(hits)
+
+
+def joint_success(
+    images: Sequence[Image.Image],
+    targets: Sequence[tuple[str, str]],
+    oracle: Oracle | None = None,
+) -> float:
+    """Fraction of images that show the concept (oracle identity probability > 0.5) *and* every attribute
+    the prompt asked for: fidelity and editability on the same image, which neither mean shows alone."""
+    if len(images) != len(targets):
+        raise ValueError(f"{len(images)} images for {len(targets)} targets")
+    if not images:
+        raise ValueError("joint success of no images")
+    probs = _oracle(oracle).read(images)
+    hits = [
+        float(probs["identity"][i]) > 0.5 and all(
+            int(probs[name][i].argmax()) == VOCABULARY[name].index(value) for name, value in target_pairs(target))
+        for i, target in enumerate(targets)
     ]
     return sum(hits) / len(hits)
 

@@ -26,7 +26,9 @@ class EvalPrompt:
     """One evaluation context: a prompt template and the attribute value it asks for.
 
     ``template`` holds one ``{}`` for the subject (``"<hrt> circle"``, or the bare class word for
-    the baseline); ``attribute``/``value`` is what the oracle must read in the image.
+    the baseline); ``attribute``/``value`` is what the oracle must read in the image. A prompt that
+    changes several attributes at once names them joined by ``+`` (``"background+size"`` /
+    ``"teal+small"``): the image counts as edited only when the oracle reads every one of them.
     """
 
     template: str
@@ -36,6 +38,18 @@ class EvalPrompt:
     def format(self, subject: str) -> str:
         return self.template.format(subject)
 
+    def pairs(self) -> list[tuple[str, str]]:
+        """``[(attribute, value), …]`` the oracle must read (one pair, or several for a compound prompt)."""
+        return target_pairs((self.attribute, self.value))
+
+
+def target_pairs(target: tuple[str, str]) -> list[tuple[str, str]]:
+    """Split a target ``("background+size", "teal+small")`` into ``[("background", "teal"), ("size", "small")]``."""
+    names, values = target[0].split("+"), target[1].split("+")
+    if len(names) != len(values):
+        raise ValueError(f"target {target!r} names {len(names)} attributes but gives {len(values)} values")
+    return list(zip(names, values, strict=True))
+
 
 def _context_prompts(backgrounds: Sequence[str], sizes: Sequence[str]) -> tuple[EvalPrompt, ...]:
     prompts = [
@@ -43,6 +57,12 @@ def _context_prompts(backgrounds: Sequence[str], sizes: Sequence[str]) -> tuple[
     ]
     prompts += [EvalPrompt(describe(noun="{}", size=size), "size", size) for size in sizes]
     return tuple(prompts)
+
+
+def _two_attribute_prompts(backgrounds: Sequence[str], size: str) -> tuple[EvalPrompt, ...]:
+    """Prompts that change the background *and* the size at once (both unseen in the photos)."""
+    return tuple(EvalPrompt(describe(noun="{}", background=bg, size=size), "background+size", f"{bg}+{size}")
+                 for bg in backgrounds)
 
 
 @dataclass(frozen=True)
@@ -66,15 +86,16 @@ class ConceptTask:
 
     def __post_init__(self) -> None:
         for prompt in self.eval_prompts:
-            context = {
-                "background": self.train_backgrounds,
-                "size": self.train_sizes,
-            }.get(prompt.attribute, ())
-            if prompt.value in context:
-                raise ValueError(
-                    f"evaluation prompt {prompt.template!r} asks for {prompt.attribute} "
-                    f"{prompt.value!r}, which the training photos already show"
-                )
+            for attribute, value in prompt.pairs():
+                context = {
+                    "background": self.train_backgrounds,
+                    "size": self.train_sizes,
+                }.get(attribute, ())
+                if value in context:
+                    raise ValueError(
+                        f"evaluation prompt {prompt.template!r} asks for {attribute} "
+                        f"{value!r}, which the training photos already show"
+                    )
 
     # ------------------------------------------------------------------------------------------
     def attributes(self, **context: str) -> Attributes:
@@ -135,7 +156,7 @@ class ConceptTask:
                 context = {
                     "background": rng.choice(("white", "gray", "black", "pink", "brown", "teal")),
                     "size": rng.choice(("small", "large")),
-                    prompt.attribute: prompt.value,
+                    **dict(prompt.pairs()),
                 }
                 images.append(render(self.attributes(**context), jitter=rng.randrange(2**31)))
         return images
@@ -143,3 +164,8 @@ class ConceptTask:
 
 CONCEPT = ConceptTask()
 """The world's concept task (the purple dotted circle)."""
+
+HARD_CONCEPT = ConceptTask(eval_prompts=_two_attribute_prompts(("black", "pink", "brown", "teal"), "small"))
+"""The same concept, evaluated on prompts that change two attributes at once ("a photo of a small <hrt>
+circle on a teal background"): harder to edit than :data:`CONCEPT`'s one-attribute prompts, where most
+methods' editability is saturated (≈ 1.0). Used by ``bench/world_compare.py`` to let regularizers show."""
