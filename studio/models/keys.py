@@ -2,7 +2,9 @@
 
 * **compatibility key** — what a concept needs to apply: the family, the text-encoder widths and
   the UNet's cross-attention layout. A concept trained on SD 1.5 applies to every SD 1.5 fine-tune
-  (same key); a 1024-d SD 2 embedding never applies to a 768-d SD 1 model (different key).
+  (same key); a 1024-d SD 2 embedding never applies to a 768-d SD 1 model (different key). For the
+  flow transformers (SD 3 / FLUX) the layout is the transformer's: its attention projections'
+  names and shapes, its text and pooled input widths (:func:`flow_compatibility_key`).
 * **identity key** — which weights exactly: hub id + revision, or a content fingerprint of the
   weight files. It keys caches (class images, Perfusion's C⁻¹, latents) so two fine-tunes of one
   family never share a cache.
@@ -47,6 +49,8 @@ def cross_attention_layers(unet: Any) -> list[str]:
 def compatibility_key(pipe: Any, family: str) -> dict[str, Any]:
     """A JSON-able description of what concepts depend on. Two bases with an equal key accept
     each other's concepts."""
+    if getattr(pipe, "unet", None) is None and getattr(pipe, "transformer", None) is not None:
+        return flow_compatibility_key(pipe, family)
     encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if getattr(pipe, "text_encoder_2", None) else [])
     widths = [int(te.config.hidden_size) for te in encoders]
     unet = pipe.unet
@@ -57,6 +61,30 @@ def compatibility_key(pipe: Any, family: str) -> dict[str, Any]:
     layout = hashlib.sha256(json.dumps(layers).encode()).hexdigest()[:12]
     return {"family": family, "text_widths": widths, "cross_attention_dim": int(unet.config.cross_attention_dim),
             "n_cross_attention_layers": len(layers), "unet_layout": layout}
+
+
+def flow_compatibility_key(pipe: Any, family: str) -> dict[str, Any]:
+    """The key of an SD 3 / FLUX base: family, CLIP widths, the transformer's text-context and pooled
+    widths, its block counts and a digest of its attention projections (name, in, out).
+
+    T5 is deliberately left out of ``text_widths``: SD 3 may run without it (``text_encoder_3=None``),
+    and a concept (a LoRA on the transformer, an embedding on a CLIP) fits such a base all the same;
+    its width is fixed by ``joint_attention_dim`` anyway. FLUX.1-dev and -schnell differ only in the
+    guidance embedder, which no concept touches, so they share a key (dev LoRAs apply to schnell).
+    """
+    clips = [te for te in (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+             if te is not None and type(te).__name__.startswith("CLIP")]
+    widths = [int(te.config.hidden_size) for te in clips]
+    net = pipe.transformer
+    layers = [[name, int(mod.in_features), int(mod.out_features)] for name, mod in net.named_modules()
+              if ".attn" in name and name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "add_k_proj", "add_v_proj")
+              and hasattr(mod, "in_features")]
+    layout = hashlib.sha256(json.dumps(layers).encode()).hexdigest()[:12]
+    cfg = net.config
+    return {"family": family, "text_widths": widths, "joint_attention_dim": int(cfg.joint_attention_dim),
+            "pooled_projection_dim": int(cfg.pooled_projection_dim),
+            "n_transformer_blocks": int(cfg.num_layers) + int(cfg.get("num_single_layers", 0) or 0),
+            "transformer_layout": layout}
 
 
 def compat_hash(key: dict[str, Any]) -> str:

@@ -48,6 +48,30 @@ class BaseProfile:
 GENERIC = BaseProfile()
 RANDOM = BaseProfile(kind="random")
 
+# Sampling defaults of the flow families, per variant: the model cards' (SD 3 medium: 28 steps, CFG 7;
+# SD 3.5 large: 28 / 3.5; SD 3.5 medium: 40 / 4.5; FLUX.1-dev: 28 steps, embedded guidance 3.5;
+# FLUX.1-schnell: 4 steps, no guidance input).
+FLOW_DEFAULTS = {"sd3-medium": (28, 7.0), "sd3.5-large": (28, 3.5), "sd3.5-medium": (40, 4.5),
+                 "flux-dev": (28, 3.5), "flux-schnell": (4, 0.0)}
+
+
+def flow_variant(family: str, pipe: Any) -> str:
+    """The variant of a loaded SD 3 / FLUX pipeline, read from its transformer's config (structure, not
+    size): ``sd3.5-medium`` with dual-attention blocks, ``sd3.5-large`` with q/k norms, else
+    ``sd3-medium``; ``flux-dev`` with the guidance embedding, else ``flux-schnell``."""
+    cfg = pipe.transformer.config
+    if family == "flux":
+        return "flux-dev" if cfg.get("guidance_embeds") else "flux-schnell"
+    if cfg.get("dual_attention_layers"):
+        return "sd3.5-medium"
+    return "sd3.5-large" if cfg.get("qk_norm") else "sd3-medium"
+
+
+def flow_profile(family: str, pipe: Any, *, kind: str = "generic") -> BaseProfile:
+    """The profile of an SD 3 / FLUX base: its variant's steps and guidance (:data:`FLOW_DEFAULTS`)."""
+    steps, guidance = FLOW_DEFAULTS[flow_variant(family, pipe)]
+    return BaseProfile(kind=kind, steps=steps, guidance=guidance)
+
 
 def world_profile() -> BaseProfile:
     """The demo world's profile: the world's own sampling settings, its protocol and oracle judge, and
@@ -80,9 +104,12 @@ def profile_for_folder(folder: Path) -> BaseProfile:
 def profile_for_spec(spec: str) -> BaseProfile:
     """The profile a ``--base`` value will have once loaded, known without loading it (the CLI and the
     queue resolve presets before any weights load). :func:`studio.models.load_base` sets the same."""
-    from studio.models.tiny import TINY_NAMES
+    from studio.models.tiny import FLOW_TINY_NAMES, TINY_NAMES
     from studio.world import DEMO_BASE_DIR
 
+    if spec in FLOW_TINY_NAMES:  # the tiny SD 3 imitates SD 3.5 medium, the tiny FLUX FLUX.1-dev
+        steps, guidance = FLOW_DEFAULTS["sd3.5-medium" if spec == "tiny-sd3" else "flux-dev"]
+        return BaseProfile(kind="random", steps=steps, guidance=guidance)
     if spec in TINY_NAMES:
         return RANDOM
     if spec == "demo":

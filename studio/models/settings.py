@@ -18,7 +18,8 @@ GROUP = "base model"
 class BaseSettings:
     """Which base to load and how (see :func:`studio.models.load_base`)."""
 
-    base: str = option("demo", "hub id, diffusers folder, .safetensors checkpoint, demo, tiny, tiny-v or tiny-sdxl",
+    base: str = option("demo", "hub id, diffusers folder, .safetensors checkpoint, demo, tiny, tiny-v, tiny-sdxl, "
+                       "tiny-sd3 or tiny-flux",
                        group=GROUP, path="model", names=NAMED_BASES)
     device: str | None = option(None, "cuda, cuda:N, mps or cpu (default: best available)", group=GROUP)
     dtype: str | None = option(None, "weights dtype (default: fp16 on GPU, fp32 on CPU)",
@@ -27,11 +28,13 @@ class BaseSettings:
     prediction_type: str | None = option(None, "override for single-file SD 2 checkpoints that do not say",
                                          choices=["epsilon", "v_prediction"], group=GROUP)
     offload: bool = option(False, "CUDA: offload idle components to the CPU", group=GROUP)
+    t5: bool = option(True, "SD 3/3.5: load the T5 text encoder (--no-t5 saves about 9 GB; the CLIPs alone then "
+                      "read the prompt); FLUX always needs it", group=GROUP)
 
     def load(self, device: str | None = None) -> BaseModel:
         """Load the base (``device`` overrides :attr:`device`, e.g. a worker's own GPU)."""
         return load_base(self.base, device=device or self.device, dtype=self.dtype, attention=self.attention,
-                         prediction_type=self.prediction_type, offload=self.offload)
+                         prediction_type=self.prediction_type, offload=self.offload, t5=self.t5)
 
     def profile(self) -> BaseProfile:
         """The base's :class:`BaseProfile`, without loading it."""

@@ -67,6 +67,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "C64": 8}
 _TEXT_COMPONENTS = ("text_encoder", "text_encoder_2")
 _PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+_FLOW_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
 _OPENCLIP_PAD = "!"  # OpenCLIP pads with "!" (id 0); OpenAI CLIP (SD 1) pads with <|endoftext|>
 _ARCHITECTURES = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2-512", "sdxl": "stable-diffusion-xl-v1-base"}
 
@@ -194,6 +195,9 @@ def load_single_file(path: str | os.PathLike[str], *, device: str | torch.device
     p = Path(path).expanduser()
     shapes, metadata = read_safetensors_header(p)
     info = detect_family(shapes, metadata, source=p.name)
+    if info.family in ("sd3", "flux"):  # flow transformers have their own loader (no prediction type)
+        raise BaseModelError(f"{p.name} is an SD 3 / FLUX checkpoint, which this SD 1/2/XL loader does not read; "
+                             "load it with studio.models.load_base (or single_file_flow.load_flow_single_file).")
     if info.layout != "ldm":
         raise BaseModelError(f"{p.name} holds diffusers-style tensor names (unet.…, text_encoder.…), not a "
                              "single-file checkpoint; pass the diffusers folder (the one with model_index.json).")
@@ -270,7 +274,7 @@ def _resolve_prediction(info: SingleFileInfo, requested: str | None, source: str
     return info.prediction_type or DEFAULT_PREDICTION[info.family]
 
 
-def _read_model_index(cfg_dir: Path) -> dict[str, Any]:
+def _read_model_index(cfg_dir: Path, *, flow: bool = False) -> dict[str, Any]:
     index_path = cfg_dir / "model_index.json"
     if not index_path.is_file():
         raise BaseModelError(f"Config folder {cfg_dir} has no model_index.json; pass a diffusers-style config "
@@ -280,9 +284,10 @@ def _read_model_index(cfg_dir: Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise BaseModelError(f"{index_path} is unreadable ({_first_line(err)}); "
                              "fix or replace the config folder.") from err
-    if not isinstance(index, dict) or index.get("_class_name") not in _PIPELINES:
+    allowed = _FLOW_PIPELINES if flow else _PIPELINES
+    if not isinstance(index, dict) or index.get("_class_name") not in allowed:
         raise BaseModelError(f"{index_path} describes a {index.get('_class_name') if isinstance(index, dict) else '?'}"
-                             f", not one of {', '.join(_PIPELINES)}; pass a Stable Diffusion config folder.")
+                             f", not one of {', '.join(allowed)}; pass a config folder of that family.")
     return index
 
 
