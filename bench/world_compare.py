@@ -4,6 +4,8 @@
     python bench/world_compare.py ti-init   [--seeds 0 1 2] [--steps 200] [--every 20]
     python bench/world_compare.py prior     [--seeds 0 1 2]
     python bench/world_compare.py neti-truncation [--seeds 0 1 2]
+    python bench/world_compare.py classdiffusion | core | prospect | custom-diffusion [--seeds 0 1 2]
+    python bench/world_compare.py decor [--seeds 0 1 2] [--methods ti dreambooth perfusion neti] [--strength 1]
 
 * ``table``: every trainer with its learning-test settings: fidelity, editability, seconds
   (training + scoring, one process, 2 CPU cores) and the concept file's size.
@@ -16,6 +18,11 @@
   preservation exists to prevent).
 * ``neti-truncation``: one mapper per seed, scored at several strengths (nested-dropout
   truncation): the fidelity ↔ editability curve.
+* ``classdiffusion`` / ``core`` / ``prospect`` / ``custom-diffusion``: each wave method against the one
+  it improves (same photos, steps, lr and seeds, interleaved), scored by :func:`score_trained` — the
+  one-attribute evaluation, the two-attribute one (:data:`studio.world.HARD_CONCEPT`) and class drift.
+* ``decor``: each method's concept scored without and with DECOR at inference (the same trained
+  concept, so the difference is DECOR's alone).
 
 Numbers are means ± standard deviations over the seeds, printed as Markdown tables; nothing is
 asserted here (a paper's claim is measured, not assumed).
@@ -310,6 +317,65 @@ def print_versus(title: str, rows: dict[str, list[VersusRow]]) -> None:
         print(f"| {label} | " + " | ".join(cells) + f" | {statistics.mean(x['seconds'] for x in r):.0f} |")
 
 
+def _arms(what: str, workdir: Path) -> dict[str, Callable]:
+    """The with/without arms of each comparison (the learning tests' TrainFns: same photos, steps, lr)."""
+    if what == "classdiffusion":
+        from tests.learning import test_classdiffusion_learns as cd
+
+        return {"DreamBooth-LoRA + prior": cd.train_dreambooth_prior,
+                "+ ClassDiffusion SPL": cd.train_classdiffusion}
+    if what == "core":
+        from tests.learning import test_core_learns as core
+
+        return {"textual inversion": core.train_plain, "+ CoRe": core.train_core,
+                "NeTI": core.train_neti_plain, "NeTI + CoRe": core.train_neti_core}
+    if what == "prospect":
+        from tests.learning import test_prospect_learns as ps
+
+        return {"textual inversion (same steps)": ps.train_ti_same, "ProSpect": ps.train_prospect}
+    if what == "custom-diffusion":
+        from tests.learning import test_custom_diffusion_learns as cdf
+
+        return {"DreamBooth-LoRA + prior (same steps)": cdf.train_dreambooth_lora_same(workdir),
+                "Custom Diffusion": cdf.train_custom_diffusion(workdir)}
+    raise ValueError(what)
+
+
+DECOR_WORDS = ("white", "gray", "large")
+"""What the world's training photos all show besides the concept (their backgrounds and size): the
+directions DECOR removes so that the concept's embedding cannot carry them into new prompts."""
+
+
+def decor(seeds: Sequence[int], methods: Sequence[str], strength: float) -> None:
+    """DECOR at inference vs none, for each method's concept (trained once per seed, scored both ways)."""
+    from studio.world import CONCEPT
+    from tests.learning.harness import base_pipeline
+    from tests.test_decor import with_decor
+
+    found = _trainers()
+    rows: dict[str, list[VersusRow]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in seeds:
+            images_dir = Path(tmp) / f"concept-seed{seed}"
+            CONCEPT.write_training_folder(images_dir, seed=seed)
+            for method in methods:
+                label, train = found[method]
+                if method == "dreambooth":
+                    train = found["_dreambooth"][1](Path(tmp))
+                t0 = time.perf_counter()
+                trained = train(images_dir, seed, 1.0)
+                seconds = time.perf_counter() - t0
+                for arm, gen in (("none", trained.generate),
+                                 (f"DECOR α={strength:g}", with_decor(trained.generate, base_pipeline(), list(DECOR_WORDS),
+                                                                      strength))):
+                    view = type(trained)(subject=trained.subject, generate=gen)
+                    row = score_trained(view, seed) | {"seconds": seconds}
+                    rows.setdefault(f"{label} · {arm}", []).append(row)
+                    print(f"decor · {label} · {arm} · seed {seed}: "
+                          + ", ".join(f"{k} {v:.3f}" for k, v in row.items()), flush=True)
+    print_versus(f"DECOR (words: {', '.join(DECOR_WORDS)})", rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="what", required=True)
@@ -322,7 +388,12 @@ def main(argv: list[str] | None = None) -> None:
     b = sub.add_parser("prior")
     c = sub.add_parser("neti-truncation")
     c.add_argument("--strengths", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
-    for p in (a, b, c):
+    wave = [sub.add_parser(name) for name in ("classdiffusion", "core", "prospect", "custom-diffusion")]
+    d = sub.add_parser("decor")
+    d.add_argument("--methods", nargs="+", default=["ti", "dreambooth", "perfusion", "neti"],
+                   choices=["ti", "dreambooth", "perfusion", "neti"])
+    d.add_argument("--strength", type=float, default=1.0)
+    for p in (a, b, c, d, *wave):
         p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     args = parser.parse_args(argv)
@@ -333,7 +404,11 @@ def main(argv: list[str] | None = None) -> None:
         "ti-init": lambda: ti_init(args.seeds, args.steps, args.every),
         "prior": lambda: prior(args.seeds),
         "neti-truncation": lambda: neti_truncation(args.seeds, args.strengths),
+        "decor": lambda: decor(args.seeds, args.methods, args.strength),
     }
+    work = tempfile.TemporaryDirectory()
+    for name in ("classdiffusion", "core", "prospect", "custom-diffusion"):
+        run[name] = lambda name=name: versus(name, _arms(name, Path(work.name)), args.seeds)
     run[args.what]()
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
 

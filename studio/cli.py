@@ -44,7 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(g, GenerateConfig)
     g.add_argument("--concept", action="append", default=[], metavar="FILE[:STRENGTH]",
-                   help="a concept file or library name, optionally with a default strength (repeatable)")
+                   help="a concept file or library name, optionally with a default strength (repeatable); "
+                        "ProSpect concepts also take stages: FILE@0-3[:STRENGTH] (stage 0 = the noisiest) or "
+                        "FILE:S0,S1,… (one strength per stage)")
     g.add_argument("--out", required=True, help="output PNG; with several images NAME-0.png, NAME-1.png …")
 
     c = sub.add_parser("concepts", help="the concept library")
@@ -88,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-scales", default=None, metavar="JSON",
                    help='per-layer scales as for diffusers set_ip_adapter_scale, e.g. \'{"up": {"block_0": [0, 1, 0]}}\'')
     p.add_argument("--force", action="store_true")
+    p = csub.add_parser("merge", help="merge Custom Diffusion concepts into one (closed form; needs the base)",
+                        description="Merge two or more Custom Diffusion concepts into one concept holding every "
+                        "token: per cross-attention layer, the K/V weights closest to the base on regularisation "
+                        "captions that reproduce each concept's K/V on its own token phrases (Kumari et al. 2023, §3.2).")
+    _base_flags(p)
+    _library_flag(p)
+    p.add_argument("sources", nargs="+", help="concept files or library names (two or more)")
+    p.add_argument("--out", required=True, help="library name of the merged concept, or an output .safetensors")
+    p.add_argument("--captions", default=None, metavar="FILE",
+                   help="regularisation captions, one per line (default: 1,000 generic captions)")
+    p.add_argument("--force", action="store_true", help="replace an existing concept or file")
     from studio.methods.interop import export_formats_by_method, export_formats_help
 
     formats = list(dict.fromkeys(f for fs in export_formats_by_method().values() for f in fs))
@@ -168,10 +181,10 @@ def _evaluate_parser(sub: Any) -> None:
 
 def cmd_generate(ns: argparse.Namespace) -> int:
     from studio.generation import ConceptUse, GenerateConfig, png_info
-    from studio.prompts import split_concept_spec
+    from studio.prompts import parse_concept_spec
     from studio.service import Studio
 
-    cfg = from_namespace(GenerateConfig, ns, concepts=[ConceptUse(*split_concept_spec(s)) for s in ns.concept])
+    cfg = from_namespace(GenerateConfig, ns, concepts=[ConceptUse(*parse_concept_spec(s)) for s in ns.concept])
     out = Path(ns.out)
     if out.suffix.lower() != ".png":
         raise StudioError(f"--out {out} must end in .png (the parameters are stored in PNG text chunks).")
@@ -224,6 +237,13 @@ def cmd_concepts(ns: argparse.Namespace) -> int:
         print(lib.import_file(ns.file, ns.name, token=ns.token, class_word=ns.class_word, force=ns.force))
     elif ns.action == "export":
         print(lib.export(ns.name, ns.out, ns.format, force=ns.force))
+    elif ns.action == "merge":
+        from studio.service import Studio
+
+        path, summary = Studio(_settings(ns), library=ns.library).merge_concepts(
+            ns.sources, ns.out, captions=ns.captions, force=ns.force)
+        print(summary, file=sys.stderr)
+        print(path)
     elif ns.action == "push":
         from studio.hub import push
 

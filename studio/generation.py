@@ -23,9 +23,17 @@ from studio.concept import Concept, check_compatible
 from studio.configs import option
 from studio.errors import StudioError
 from studio.methods import get_method
+from studio.methods.decor import (
+    DEFAULT_STRENGTH,
+    STRENGTH_HELP,
+    WORDS_HELP,
+    check_settings,
+    decor_applied,
+    parameters_fields,
+)
 from studio.methods.zeroshot.adapter import PRESETS as ADAPTER_PRESETS
 from studio.models.keys import file_sha256
-from studio.prompts import MAX_STRENGTH, check_strength, find_triggers, rewrite
+from studio.prompts import MAX_STRENGTH, StageStrengths, check_strength, find_triggers, rewrite
 
 # Scheduler names → (diffusers class name, extra config). What A1111 calls each: :func:`a1111_sampler`.
 SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -55,6 +63,7 @@ A1111_SAMPLERS: dict[str, str] = {
     "DPMSolverSinglestepScheduler": "DPM++ SDE",
     "UniPCMultistepScheduler": "UniPC",
     "LCMScheduler": "LCM",
+    "FlowMatchEulerDiscreteScheduler": "Euler",  # SD 3 / FLUX (Forge labels their sampler Euler too)
 }
 # diffusers' sigma-schedule switches → A1111's "Schedule type" label (modules/sd_schedulers.py).
 A1111_SCHEDULE_TYPES = {"use_karras_sigmas": "Karras", "use_exponential_sigmas": "Exponential",
@@ -69,6 +78,13 @@ class ConceptUse:
 
     source: str
     strength: float | None = None
+    stages: StageStrengths | None = None  # per-stage strengths (``FILE@0-3``; staged methods only)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stages, dict):  # from a request's JSON (``asdict``)
+            values, on = self.stages.get("values"), self.stages.get("on")
+            self.stages = StageStrengths(values=None if values is None else tuple(map(float, values)),
+                                         on=None if on is None else tuple(map(int, on)))
 
 
 @dataclass
@@ -111,6 +127,19 @@ class GenerateConfig:
                                            "own", choices=["local", "global"], group="Perfusion concepts")
     perfusion_orthogonal: str = option("approx", "several Perfusion concepts: approx (sum of each concept's term) or "
                                        "exact (Appendix B)", choices=["approx", "exact"], group="Perfusion concepts")
+    # Fast paths (studio.models.speed, studio.methods.lora.fuse): how fast, never what is drawn (beyond rounding).
+    fuse_lora: bool = option(True, "fold LoRA concepts into the weights for the call (sampling as fast as the base; "
+                             "the weights are restored exactly afterwards); off: PEFT adapters at every step",
+                             group="speed")
+    vae_tiling: bool = option(False, "decode the image tile by tile (large images in little memory; tiles are "
+                              "blended, so pixels differ slightly)", group="speed")
+    channels_last: bool = option(False, "UNet convolution weights in channels-last layout for the call (faster on "
+                                 "recent GPUs)", group="speed")
+    compile: bool = option(False, "torch.compile the UNet (the first call compiles for minutes, later calls of the "
+                           "same size are faster)", group="speed")
+    # DECOR (studio.methods.decor): the named words' directions projected out of the prompt's text embeddings.
+    decor_words: list[str] = option([], WORDS_HELP, group="DECOR")
+    decor_strength: float = option(DEFAULT_STRENGTH, STRENGTH_HELP, group="DECOR")
 
     def resolved(self, profile: Any) -> GenerateConfig:
         """This request with the settings left to the base filled from ``profile`` (a :class:`BaseProfile`)."""
@@ -142,6 +171,7 @@ class GenerateConfig:
             raise StudioError(f"perfusion_orthogonal must be approx or exact, got {self.perfusion_orthogonal!r}.")
         if (self.adapter or self.image_encoder or self.reference_mask) and not self.reference_images:
             raise StudioError("--adapter / --image-encoder / --reference-mask only matter with --reference-image IMG.")
+        self.decor_words = check_settings(self.decor_words, self.decor_strength)
 
 
 @dataclass
@@ -149,27 +179,50 @@ class ResolvedConcept:
     concept: Concept
     source: str
     strength: float
+    stages: tuple[float, ...] | None = None  # one strength per denoising stage (staged methods: ProSpect)
+
+    def strength_text(self) -> str:
+        """``0.8``, or with stages ``0.8@1,1,0,…`` (stage 0 = the noisiest)."""
+        staged = "" if self.stages is None else "@" + ",".join(f"{v:g}" for v in self.stages)
+        return f"{self.strength:g}{staged}"
 
 
-def effective_strengths(prompt: str, negative: str, concepts: Sequence[tuple[Concept, float | None, str]]) -> list[ResolvedConcept]:
+# A concept for one call: (concept, default strength, source), optionally with per-stage strengths.
+ConceptEntry = tuple[Concept, float | None, str] | tuple[Concept, float | None, str, StageStrengths | None]
+
+
+def effective_strengths(prompt: str, negative: str, concepts: Sequence[ConceptEntry]) -> list[ResolvedConcept]:
     """Strength of each concept: the prompt's ``<tok:s>`` > the ``--concept FILE:s`` default > the
-    concept's recommended strength > 1.0. Two concepts may not share a trigger."""
-    in_prompt: dict[str, float] = {}
+    concept's recommended strength > 1.0. Two concepts may not share a trigger. Per-stage strengths
+    (``<tok@0-3>``, ``<tok:1,1,0,…>``, or a 4th ``StageStrengths`` item from ``--concept FILE@0-3``)
+    need a method with stages (``stage_count``); a strength written in the prompt replaces the whole
+    ``--concept`` spec."""
+    in_prompt: dict[str, tuple[float | None, StageStrengths | None]] = {}
     for use in find_triggers(prompt) + find_triggers(negative):
-        if use.strength is not None:
-            in_prompt.setdefault(use.token, use.strength)
+        if use.strength is not None or use.stages is not None:
+            in_prompt.setdefault(use.token, (use.strength, use.stages))
     seen: dict[str, str] = {}
     out = []
-    for concept, default, source in concepts:
+    for concept, default, source, *more in concepts:
         for tok in concept.tokens:
             if tok in seen:
                 raise StudioError(f"Concepts {seen[tok]} and {source} share the trigger {tok}; rename one "
                                   "with `python -m studio concepts rename`.")
             seen[tok] = source
-        s = in_prompt.get(concept.trigger)
+        s, spec = in_prompt.get(concept.trigger, (None, more[0] if more else None))
         if s is None:
             s = default if default is not None else (concept.strength if concept.strength is not None else 1.0)
-        out.append(ResolvedConcept(concept, source, check_strength(float(s), where=source)))
+        s = check_strength(float(s), where=source)
+        stages = None
+        if spec is not None:
+            method = get_method(concept.method)
+            if not hasattr(method, "stage_count"):
+                raise StudioError(f"{concept.trigger} is a {method.name} concept, which has no denoising stages; "
+                                  f"per-stage strengths (@0-3, or one value per stage) apply to ProSpect concepts "
+                                  f"only — use one strength, e.g. {concept.trigger[:-1]}:0.8>.")
+            stages = spec.resolve(method.stage_count(concept), s, where=f"{concept.trigger} ({source})")
+            s = max(stages) if spec.values is not None else s
+        out.append(ResolvedConcept(concept, source, s, stages))
     return out
 
 
@@ -178,7 +231,7 @@ def method_options(cfg: GenerateConfig) -> dict[str, dict[str, Any]]:
     perfusion: dict[str, Any] = {"orthogonal": cfg.perfusion_orthogonal}
     if cfg.perfusion_locking:
         perfusion["locking"] = cfg.perfusion_locking
-    return {"perfusion": perfusion}
+    return {"perfusion": perfusion, "lora": {"fuse": cfg.fuse_lora}}
 
 
 @contextlib.contextmanager
@@ -191,7 +244,10 @@ def applied(base: Any, resolved: Sequence[ResolvedConcept], notes: list[str] | N
     try:
         for r in resolved:
             handles.append(_apply(base, r, notes, dict((options or {}).get(r.concept.method, {}))))
-        yield {h.concept.trigger: h.prompt_text() for h in handles}
+        texts: dict[str, str] = {}
+        for h in handles:  # a merged concept (Custom Diffusion) names several tokens, each with its text
+            texts.update(h.prompt_texts() if hasattr(h, "prompt_texts") else {h.concept.trigger: h.prompt_text()})
+        yield texts
     except BaseException:
         # Transactional: a concept that fails to apply (or a failed generation) takes every concept
         # applied before it off again, so the next call sees the plain base.
@@ -205,9 +261,13 @@ def _apply(base: Any, r: ResolvedConcept, notes: list[str] | None, extra: dict[s
     reader let through, a tensor that does not fit the base) becomes one naming the concept. Each
     method's ``apply`` leaves nothing behind when it raises."""
     try:
+        if _is_flow(base):  # SD 3 / FLUX: the method's family refusal says more than a key mismatch
+            get_method(r.concept.method).check_base(r.concept, base)
         note = check_compatible(r.concept, base, source=r.source)
         if note and notes is not None:
             notes.append(note)
+        if r.stages is not None:
+            extra["stages"] = r.stages
         return get_method(r.concept.method).apply(base, r.concept, strength=r.strength, **extra)
     except (StudioError, MemoryError, torch.cuda.OutOfMemoryError):
         raise  # the studio's own sentence; running out of memory is not the file's fault
@@ -292,17 +352,66 @@ def parameters_text(cfg: GenerateConfig, *, seed: int, base: Any, width: int, he
     parts = [f"Steps: {cfg.steps}"]
     parts += [f"Sampler: {sampler}"] if sampler else []
     parts += [f"Schedule type: {schedule}"] if schedule else []
-    parts += [f"CFG scale: {cfg.guidance:g}", f"Seed: {seed}", f"Size: {width}x{height}"]
+    parts += _guidance_fields(base, cfg.guidance) + [f"Seed: {seed}", f"Size: {width}x{height}"]
     parts += [f"Model hash: {digest}"] if digest else []
     parts += [f"Model: {_quote(str(base.name))}"]
     if resolved:
-        parts.append("Concepts: " + json.dumps(", ".join(f"{r.concept.trigger}:{r.strength:g} ({r.concept.name})"
+        parts.append("Concepts: " + json.dumps(", ".join(f"{r.concept.trigger}:{r.strength_text()} ({r.concept.name})"
                                                          for r in resolved)))
+    parts += parameters_fields(cfg.decor_words, cfg.decor_strength)
     lines = [cfg.prompt]
     if cfg.negative_prompt:
         lines.append(f"Negative prompt: {cfg.negative_prompt}")
     lines.append(", ".join(parts))
     return "\n".join(lines)
+
+
+def _guidance_fields(base: Any, guidance: float | None) -> list[str]:
+    """``CFG scale: 7.5`` (classifier-free guidance); for FLUX.1-dev ``CFG scale: 1, Distilled CFG Scale: 3.5``
+    (Forge's fields: true CFG off, the embedded guidance), for FLUX.1-schnell ``CFG scale: 1`` (no guidance)."""
+    kind = getattr(base, "guidance_kind", "cfg")
+    if kind == "cfg":
+        return [f"CFG scale: {guidance:g}"]
+    return ["CFG scale: 1"] + ([f"Distilled CFG Scale: {guidance:g}"] if kind == "embedded" else [])
+
+
+def _flow_checks(base: Any, cfg: GenerateConfig, notes: list[str] | None) -> None:
+    """Refuse what the flow families (SD 3 / FLUX) cannot do, each in one sentence; note what they ignore."""
+    if not _is_flow(base):
+        return
+    label = "FLUX.1" if base.family == "flux" else "SD 3"
+    if cfg.reference_images:
+        from studio.models.families import check_unet_family
+
+        check_unet_family(base, "IP-Adapter image prompts")
+    if cfg.scheduler != "default":
+        raise StudioError(f"--scheduler {cfg.scheduler} is a sampler for noise-prediction bases; {label} is a "
+                          "flow-matching model with its own flow Euler sampler, so pass --scheduler default.")
+    if cfg.negative_prompt and base.family == "flux":
+        raise StudioError("FLUX.1 bases take no negative prompt (the studio keeps true CFG off: --guidance sets "
+                          "FLUX.1-dev's embedded guidance); leave --negative-prompt empty.")
+    if cfg.decor_words and cfg.decor_strength:
+        raise StudioError(f"DECOR projects the UNet's text embeddings, and {label} bases have no UNet; "
+                          "leave --decor-words empty or load an SD 1.x, 2.x or SDXL base.")
+    if base.guidance_kind == "none" and cfg.guidance and notes is not None:
+        notes.append("note: FLUX.1-schnell has no guidance input, so --guidance is ignored.")
+
+
+def _is_flow(base: Any) -> bool:
+    return bool(getattr(base, "is_flow", False))
+
+
+def _denoiser(base: Any) -> Any:
+    """The UNet, or the SD 3 / FLUX transformer."""
+    return base.pipe.transformer if _is_flow(base) else base.pipe.unet
+
+
+def _pipe_kwargs(base: Any, cfg: GenerateConfig, negative: str) -> dict[str, Any]:
+    """The guidance arguments of the pipeline call: CFG with a negative prompt (SD 1/2/XL, SD 3), or
+    FLUX's embedded guidance with true CFG off (``true_cfg_scale`` stays 1, no negative prompt)."""
+    if getattr(base, "family", "") == "flux":
+        return {"guidance_scale": cfg.guidance}
+    return {"negative_prompt": negative or None, "guidance_scale": cfg.guidance}
 
 
 def png_info(image: Image.Image) -> PngInfo:
@@ -316,8 +425,11 @@ def png_info(image: Image.Image) -> PngInfo:
 
 def _native(base: Any, cfg: GenerateConfig) -> tuple[int, int]:
     width, height = cfg.width or base.native_size, cfg.height or base.native_size
-    unet = base.pipe.unet
-    multiple = int(base.pipe.vae_scale_factor) * 2 ** (len(unet.config.block_out_channels) - 1)
+    unet = getattr(base.pipe, "unet", None)
+    if unet is None:  # SD 3 / FLUX: the transformer works on 2×2 latent patches
+        multiple = int(base.pipe.vae_scale_factor) * 2
+    else:
+        multiple = int(base.pipe.vae_scale_factor) * 2 ** (len(unet.config.block_out_channels) - 1)
     for name, side in (("width", width), ("height", height)):
         if side % multiple:
             raise StudioError(f"{name} {side} is not a multiple of {multiple}, which base {base.name} needs; "
@@ -341,7 +453,7 @@ def _scheduler(pipe: Any, name: str) -> Iterator[None]:
         pipe.scheduler = original
 
 
-def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, float | None, str]] = (),
+def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[ConceptEntry] = (),
              notes: list[str] | None = None, callback: Any = None) -> list[Image.Image]:
     """Render ``cfg`` on ``base`` (a :class:`~studio.models.BaseModel`) with ``concepts``
     (``(concept, default strength, source)`` triples, already loaded — see ``Studio.generate`` for
@@ -349,6 +461,7 @@ def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, f
     the ``parameters`` text and a ``studio`` JSON of the request."""
     cfg = cfg.resolved(base.profile)
     assert cfg.guidance is not None  # resolved filled it in
+    _flow_checks(base, cfg, notes)
     width, height = _native(base, cfg)
     if cfg.reference_images:  # an in-memory zero-shot concept, applied like any other
         from studio.methods.zeroshot import reference_concept
@@ -359,17 +472,21 @@ def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, f
     resolved = effective_strengths(cfg.prompt, cfg.negative_prompt, concepts)
     images: list[Image.Image] = []
     from studio.methods.attention import cfg_layout
+    from studio.models.speed import unet_speedups, vae_tiling
 
     with applied(base, resolved, notes, method_options(cfg)) as texts, _scheduler(base.pipe, cfg.scheduler), \
-            cfg_layout(base.pipe.unet, guided=cfg.guidance > 1):
+            unet_speedups(_denoiser(base), channels_last=cfg.channels_last, compile=cfg.compile), \
+            vae_tiling(base.pipe.vae, cfg.vae_tiling), \
+            decor_applied(base.pipe, [rewrite(w, texts) for w in cfg.decor_words], cfg.decor_strength,
+                          guided=cfg.guidance > 1), \
+            (contextlib.nullcontext() if _is_flow(base) else cfg_layout(base.pipe.unet, guided=cfg.guidance > 1)):
         prompt = rewrite(cfg.prompt, texts)
         negative = rewrite(cfg.negative_prompt, texts)
         for i in range(cfg.num_images):
             seed = cfg.seed + i
             gen = torch.Generator(device="cpu").manual_seed(seed)
-            out = base.pipe(prompt=prompt, negative_prompt=negative or None, num_inference_steps=cfg.steps,
-                            guidance_scale=cfg.guidance, width=width, height=height, generator=gen,
-                            output_type="pil")
+            out = base.pipe(prompt=prompt, num_inference_steps=cfg.steps, width=width, height=height,
+                            generator=gen, output_type="pil", **_pipe_kwargs(base, cfg, negative))
             img = out.images[0]
             img.info["parameters"] = parameters_text(cfg, seed=seed, base=base, width=width, height=height,
                                                      resolved=resolved)
@@ -377,6 +494,7 @@ def generate(base: Any, cfg: GenerateConfig, concepts: Sequence[tuple[Concept, f
                                      "base": base.spec, "base_identity": base.identity,
                                      "concepts": [{"source": r.source, "name": r.concept.name,
                                                    "trigger": r.concept.trigger, "strength": r.strength}
+                                                  | ({"stages": list(r.stages)} if r.stages is not None else {})
                                                   for r in resolved]}
             img.info["studio"] = json.dumps(request)
             images.append(img)

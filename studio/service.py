@@ -115,7 +115,7 @@ class Studio:
         return reason
 
     def generate(self, cfg: GenerateConfig, callback: Any = None) -> list[Image.Image]:
-        concepts = [(self.load_concept(c.source), c.strength, c.source) for c in cfg.concepts]
+        concepts = [(self.load_concept(c.source), c.strength, c.source, c.stages) for c in cfg.concepts]
         with self._lock:
             self.notes = []
             return generate(self.base, cfg, concepts, notes=self.notes, callback=callback)
@@ -327,6 +327,28 @@ class Studio:
         finally:
             for folder in staged:
                 shutil.rmtree(folder, ignore_errors=True)
+
+    def merge_concepts(self, sources: Sequence[str], out: str, *, captions: str | None = None,
+                       force: bool = False) -> tuple[Path, str]:
+        """Merge Custom Diffusion concepts (files or library names) into one in closed form, on the loaded
+        base (:mod:`studio.methods.custom_diffusion.merge`); ``out`` is a library name or a ``.safetensors``
+        file, ``captions`` a file of regularisation captions (one per line; default: generic captions).
+        Returns the written path and a one-line summary of the constraint residuals."""
+        from studio.methods import save_concept
+        from studio.methods.custom_diffusion.merge import merge_concepts
+        from studio.methods.perfusion.covariance import read_corpus
+
+        reg = read_corpus(captions) if captions else None
+        with self._lock:
+            concepts = [self.load_concept(s) for s in sources]
+            target = Path(out).expanduser()
+            name = target.stem if target.suffix == ".safetensors" else out
+            concept, report = merge_concepts(self.base, concepts, name=name, captions=reg)
+            if target.suffix == ".safetensors":
+                if target.exists() and not force:
+                    raise StudioError(f"{target} exists; pass --force to replace it.")
+                return save_concept(concept, target), report.summary()
+            return self.library.add(concept, out, force=force), report.summary()
 
     def import_upload(self, path: str | Path, name: str | None = None, *, token: str | None = None,
                       class_word: str | None = None) -> Path:

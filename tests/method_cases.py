@@ -68,12 +68,39 @@ def make_neti(base, trigger: str, seed: int) -> Concept:
     return random_concept(base, trigger, seed, class_word="cat")
 
 
+def make_prospect(base, trigger: str, seed: int) -> Concept:
+    """Random ProSpect stage vectors for ``base`` (10 stages from ``seed``; class word "cat")."""
+    from studio.methods.prospect import random_concept
+
+    return random_concept(base, trigger, seed, class_word="cat")
+
+
+def make_custom_diffusion(base, trigger: str, seed: int) -> Concept:
+    """Random Custom Diffusion weights for ``base``: every cross-attention ``W_k``/``W_v`` is the base's plus
+    seeded noise, and a random modifier-token embedding per encoder (class word "cat")."""
+    from studio.methods.attention import unet_layers
+    from studio.methods.custom_diffusion import concept_tensors
+
+    g = torch.Generator().manual_seed(seed)
+    unet = base.pipe.unet
+    kv = {}
+    for layer in unet_layers(unet):
+        attn = unet.get_submodule(layer.name)
+        kv[layer.name] = tuple(getattr(attn, p).weight.detach().float().cpu()
+                               + 0.3 * torch.randn(layer.inner_dim, layer.context_dim, generator=g) for p in ("to_k", "to_v"))
+    embeddings = [torch.randn(1, te.config.hidden_size, generator=g) * 2.0 for _, te in text_encoders(base.pipe)]
+    return Concept(method="custom_diffusion", tokens=[trigger], tensors=concept_tensors(kv, embeddings),
+                   class_word="cat", name=trigger.strip("<>"), base=base.fingerprint())
+
+
 CASES: dict[str, Callable] = {
     "textual_inversion": make_ti,
     "lora": make_lora,
     "zeroshot": lambda base, trigger, seed: make_zeroshot(base, trigger, seed),
     "perfusion": make_perfusion,
     "neti": make_neti,
+    "prospect": make_prospect,
+    "custom_diffusion": make_custom_diffusion,
 }
 
 

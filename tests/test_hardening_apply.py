@@ -184,6 +184,18 @@ POISONS = {
         "token-in-vocab": (None, "vocab"),
         "layers-of-another-unet": (None, _neti_layers_reversed),
     },
+    "prospect": {
+        "tokens-int": (None, _meta("studio.tokens", "[1]")),
+        "token-in-vocab": (None, "vocab"),
+        "wrong-width": (_wider("prospect.emb_params"), None),
+        "stages-garbage": (None, _meta("prospect.config", '{"stages": "x"}')),
+    },
+    "custom_diffusion": {
+        "tokens-int": (None, _meta("studio.tokens", "[1]")),
+        "token-in-vocab": (None, "vocab"),
+        "wrong-width": (_wider("custom_diffusion.embedding"), None),
+        "kv-width": (lambda t: _wider(next(k for k in t if k.endswith("to_k_custom_diffusion.weight")))(t), None),
+    },
     "zeroshot": {
         "tokens-int": (None, _meta("studio.tokens", "[1]")),
         "wrong-width": (_wider("zeroshot.image_embeds", "zeroshot.negative_embeds"), None),
@@ -263,6 +275,10 @@ INJECT = {
     "perfusion": ("studio.methods.perfusion.ensure_installed", _boom),
     # the token is in and the NeTI hook installed, then adding the concept to it fails
     "neti": ("studio.methods.neti.hook.NetiHook.add", _boom),
+    # the token is in and the (shared NeTI) hook installed, then adding the concept to it fails
+    "prospect": ("studio.methods.neti.hook.NetiHook.add", _boom),
+    # the token is in, then the K/V hook cannot be added
+    "custom_diffusion": ("studio.methods.custom_diffusion.add_hook", _boom),
     # the attention hook is registered, then its UNet pre-hook cannot be attached
     "zeroshot": ("studio.methods.zeroshot.hook.IPAdapterHook.attach", _boom),
 }

@@ -8,10 +8,14 @@ second encoder's projected pooled output (B, P) and the micro-conditioning ``tim
 target_size``, each (h, w)). :func:`encode_prompts` fills the square ``[R, R, 0, 0, R, R]``; with
 aspect-ratio buckets the loop puts each example's own values in (:func:`with_time_ids`, values from
 :meth:`trainers.data.Example.time_ids`).
+
+SD 3 / FLUX: the pipelines' own ``encode_prompt`` (:func:`encode_flow_prompts`):
+``encoder_hidden_states`` (B, L, D) and ``added_cond_kwargs = {"pooled_projections": (B, P)}``.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +37,8 @@ def tokenize(tokenizer: Any, prompts: list[str], device: torch.device) -> torch.
 
 
 def encode_prompts(pipe: Any, prompts: list[str], *, resolution: int, device: torch.device) -> Conditioning:
+    if hasattr(pipe, "transformer") and getattr(pipe, "unet", None) is None:  # SD 3 / FLUX (trainers.flow)
+        return encode_flow_prompts(pipe, prompts, device)
     pairs = text_encoders(pipe)
     if len(pairs) == 1:
         tok, te = pairs[0]
@@ -64,3 +70,23 @@ def with_time_ids(cond: Conditioning, rows: list[tuple[int, int, int, int, int, 
         raise ValueError(f"time_ids of shape {tuple(old.shape)} cannot take {len(rows)} rows")
     time_ids = torch.tensor(rows, device=old.device, dtype=old.dtype)
     return Conditioning(cond.encoder_hidden_states, added | {"time_ids": time_ids})
+
+
+def max_sequence_length(pipe: Any) -> int:
+    """The T5 length the pipeline's ``__call__`` uses by default (SD 3: 256, FLUX: 512), so that training
+    reads the prompt exactly as generation does."""
+    return int(inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default)
+
+
+def encode_flow_prompts(pipe: Any, prompts: list[str], device: torch.device) -> Conditioning:
+    """Text conditioning of SD 3 / FLUX as their pipelines build it (gradients flow through the CLIPs):
+    ``encoder_hidden_states`` (B, L, D) — SD 3: both CLIPs' penultimate states (zero-padded to T5's width)
+    followed by T5's; FLUX: T5's — and ``added_cond_kwargs = {"pooled_projections": (B, P)}`` — SD 3: both
+    CLIPs' pooled projections; FLUX: CLIP-L's pooled output."""
+    n = max_sequence_length(pipe)
+    if type(pipe).__name__ == "FluxPipeline":
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, max_sequence_length=n)
+    else:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False, max_sequence_length=n)
+    return Conditioning(embeds, {"pooled_projections": pooled})

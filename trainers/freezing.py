@@ -13,8 +13,12 @@ Frozen = list[tuple[nn.Parameter, bool]]
 
 
 def freeze_pipeline(pipe: Any) -> Frozen:
-    """Turn off gradients of the UNet, the VAE and every text encoder; returns what to :func:`unfreeze`."""
-    mods = [pipe.unet, pipe.vae] + [te for _, te in text_encoders(pipe)]
+    """Turn off gradients of the UNet (SD 3 / FLUX: the transformer), the VAE and every text encoder (T5
+    included); returns what to :func:`unfreeze`."""
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
+    t5 = [te for name in ("text_encoder_2", "text_encoder_3")
+          if (te := getattr(pipe, name, None)) is not None and all(te is not c for _, c in text_encoders(pipe))]
+    mods = [denoiser, pipe.vae] + [te for _, te in text_encoders(pipe)] + t5
     saved = [(p, p.requires_grad) for m in mods for p in m.parameters()]
     for p, _ in saved:
         p.requires_grad_(False)

@@ -11,12 +11,14 @@ conditioning, extra losses, and ``export() -> Concept``); this loop does the res
    timesteps, noise) for the *global* batch, so that ``accelerate launch`` with P processes and
    batch B gives the same update as one process with batch P·B (each process takes its slice and
    gradients are averaged);
-3. ε or v target from the scheduler's ``prediction_type``; masked MSE when masks exist; Min-SNR
+3. ε or v target from the scheduler's ``prediction_type`` (SD 3 / FLUX: the flow-matching velocity,
+   :mod:`trainers.flow`); masked MSE when masks exist; Min-SNR
    weighting and offset noise as options; **prior preservation** when the method supplies class
    images (:class:`PriorSet`): every step trains on ``[instance batch ; class batch]`` in one
    forward, ``L = L_inst + w_prior · L_class`` (DreamBooth, Ruiz et al. 2023, eq. 2), the class
    batch drawn from the same generator right after the instance batch;
-4. gradient accumulation, mixed precision (``accelerate``), gradient checkpointing;
+4. gradient accumulation, mixed precision (:mod:`trainers.precision`: float32 trained tensors,
+   autocast, fp16 loss scaling), gradient checkpointing, ``--compile`` / ``--channels-last``;
 5. checkpoints every N steps (parameters, optimizer state, generator state — a resumed run is
    bit-identical to an uninterrupted one); a NaN guard that stops before the bad update and
    names the last good checkpoint; callbacks for progress, previews and checkpoints; a control
@@ -25,6 +27,7 @@ conditioning, extra losses, and ``export() -> Concept``); this loop does the res
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -37,6 +40,7 @@ from PIL import Image
 from studio.concept import Concept
 from studio.configs import option
 from studio.errors import TrainingError
+from studio.models.speed import unet_speedups
 from trainers.buckets import BucketBatchSampler, bucket_step, make_buckets
 from trainers.checkpoint import (
     config_hash,
@@ -48,7 +52,9 @@ from trainers.checkpoint import (
 )
 from trainers.conditioning import Conditioning, with_time_ids
 from trainers.data import Example, load_image_folder
+from trainers.flow import FLOW_DEFAULTS, FlowFit
 from trainers.latents import encode_examples
+from trainers.precision import Precision, check_trainable, precision_note
 from trainers.probe import AutoBudget, DenoisingProbe, verdict
 
 
@@ -80,7 +86,13 @@ class CommonTrainConfig:
                              "helps very dark/bright images)", group="training")
     optimizer: str = option("adamw", "adamw, or adamw8bit (bitsandbytes, CUDA: a quarter of the optimizer memory)",
                         choices=["adamw", "adamw8bit"], group="memory")
-    mixed_precision: str = option("no", "autocast precision", choices=["no", "fp16", "bf16"], group="memory")
+    mixed_precision: str = option("no", "autocast precision of the forward (trained tensors stay float32; the frozen "
+                                  "weights keep --dtype's; fp16 adds loss scaling and needs a GPU, bf16 also runs on "
+                                  "a CPU)", choices=["no", "fp16", "bf16"], group="memory")
+    compile: bool = option(False, "torch.compile the UNet for the run (minutes of compiling first; pays off over "
+                           "long runs on a GPU)", group="speed")
+    channels_last: bool = option(False, "keep the UNet's convolution weights in channels-last layout for the run "
+                                 "(faster convolutions on recent GPUs)", group="speed")
     gradient_checkpointing: bool = option(False, "trade compute for memory", group="memory")
     checkpoint_every: int = option(0, "save a resumable checkpoint every N steps (0 = off)", group="checkpoints")
     checkpoint_dir: str | None = option(None, "where checkpoints go (default: OUT.checkpoints/)", group="checkpoints")
@@ -286,6 +298,11 @@ def _hashed_config(cfg: CommonTrainConfig) -> dict[str, Any]:
     """The settings a checkpoint's config hash covers: without buckets their options are left out,
     so checkpoints written before the options existed still resume."""
     values = asdict(cfg)
+    for speed_only in ("compile", "channels_last"):  # how fast, not what is computed: a run may resume without
+        values.pop(speed_only, None)
+    for name, default in FLOW_DEFAULTS.items():  # flow options at their defaults: older checkpoints still resume
+        if name in values and values[name] == default:
+            values.pop(name)
     if not cfg.buckets:
         values.pop("buckets", None)
         values.pop("bucket_step", None)
@@ -307,8 +324,11 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     cb = callbacks or TrainCallbacks()
     control = control or TrainControl()
     pipe = base.pipe
-    acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision, cpu=base.device.type == "cpu")
+    denoiser = pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer  # SD 3 / FLUX: transformer
+    # Mixed precision is this run's own (trainers.precision), not accelerate's process-wide mode.
+    acc = accelerator or Accelerator(mixed_precision="no", cpu=base.device.type == "cpu")
     device = base.device
+    precision = Precision.for_run(cfg.mixed_precision, device)
     resolution = cfg.resolution or base.native_size
     out_path = Path(cfg.out).expanduser() if cfg.out else None
     ckpt_dir = checkpoint_folder(cfg.checkpoint_dir, cfg.out)
@@ -326,7 +346,8 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     prior_cache = encode_examples(pipe.vae, prior.examples, device, pipe.vae.dtype) if prior else None
     if prior_cache is not None and not prior_cache.uniform:
         raise TrainingError("The class images were prepared at different sizes; they must share one size.")
-    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    # SD 3 / FLUX: only the number of levels is read (trainers.flow turns the loop's draws into σ)
+    scheduler: Any = DDPMScheduler() if getattr(base, "is_flow", False) else DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = int(scheduler.config.num_train_timesteps)
     prediction = scheduler.config.prediction_type
 
@@ -334,7 +355,11 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     # 2. the probe (fixed held-out noises on the training images): the measured initialization
     #    chooses among the method's candidates by it, and the verdict reads its gain at the end.
     probe = None
-    if cfg.probe and getattr(trainer, "measurable", True):
+    flow = bool(getattr(base, "is_flow", False))  # SD 3 / FLUX: the flow-matching objective (trainers.flow)
+    if flow and cfg.probe:  # the probe measures ε/v denoising through a UNet
+        cb.on_log("the denoising probe (verdict, --budget auto) is not available on SD 3 / FLUX bases yet; "
+                  "training --steps steps")
+    if cfg.probe and getattr(trainer, "measurable", True) and not flow:
         probe = DenoisingProbe(pipe, cache, scheduler, examples, templates, class_text=cfg.class_word or "",
                                resolution=resolution, seed=cfg.seed)
         if hasattr(trainer, "choose_init"):
@@ -344,6 +369,10 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
         trainer.announce(cb.on_log)
     # 3. optimizer over exactly the method's parameters.
     trainable = trainer.trainable()
+    check_trainable(trainable, precision)  # float32 master values under any autocast
+    note = precision_note(pipe, precision)
+    if note:
+        cb.on_log(note)
     optimizer = _optimizer(cfg, trainer.param_groups())
     optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
     rng = torch.Generator().manual_seed(cfg.seed)
@@ -360,7 +389,8 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     ckpt_tensors = trainable | (watch.tensors() if watch is not None else {})
 
     def ckpt_meta() -> dict[str, Any]:
-        return meta | ({"budget": watch.state()} if watch is not None else {})
+        return meta | ({"budget": watch.state()} if watch is not None else {}) | \
+            ({"precision": precision.state()} if precision.scaler is not None else {})
 
     start = 0
     if cfg.resume:
@@ -373,12 +403,15 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                                     "settings (only --steps and output/logging options may change).")
             if watch is not None:
                 watch.load_state(saved.get("budget"))
+            precision.load_state(saved.get("precision"))  # the fp16 loss scale
             cb.on_log(f"resumed from {found} at step {start}")
         else:  # `resume latest` on a first run (a queued job always asks for it): say so, never silently
             cb.on_log(f"no checkpoint found under {ckpt_dir}; starting from step 0")
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-    fit = _Fit(pipe.unet, scheduler, prediction, acc)
+        denoiser.enable_gradient_checkpointing()
+    speed = contextlib.ExitStack()  # --channels-last / --compile, undone in the finally below
+    speed.enter_context(unet_speedups(denoiser, channels_last=cfg.channels_last, compile=cfg.compile))
+    fit: Any = FlowFit.for_base(base, cfg, precision) if flow else _Fit(denoiser, scheduler, prediction, precision)
     stopped_at: int | None = None
     cb.on_start(total, start)
     t0 = time.monotonic()
@@ -423,7 +456,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                     prompts = prompts + [prior.prompts[int(i)] for i in c_idx]
                     time_ids += [prior.examples[int(i)].time_ids(bool(f)) for i, f in zip(c_idx, c_flips)]
                 latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-                with acc.autocast():
+                with precision.autocast():
                     cond = trainer.conditioning(prompts, resolution)
                 if sampler is not None:  # each image's own size and crop (SDXL micro-conditioning)
                     cond = with_time_ids(cond, time_ids)
@@ -449,15 +482,16 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                     raise TrainingError(f"The loss became {float(total_loss.detach())} at step {step + 1} (learning rate too "
                                         f"high?); training stopped before the bad update{where}. Lower --lr and "
                                         "resume.")
-                acc.backward(total_loss / cfg.grad_accum)
+                precision.backward(total_loss / cfg.grad_accum)  # scaled under fp16
                 step_loss += float(total_loss.detach()) / cfg.grad_accum
             # 4. average gradients over processes (exactly DDP's mean), then step.
             for p in trainable.values():
                 if p.grad is not None and world > 1:
                     p.grad = acc.reduce(p.grad, reduction="mean")
+            precision.unscale(optimizer)  # fp16: true gradients before clipping
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
-            optimizer.step()
+            precision.step(optimizer)  # fp16: skipped when a gradient overflowed
             optimizer.zero_grad(set_to_none=True)
             if not all(torch.isfinite(p).all() for p in trainable.values()):
                 where = _last_good(ckpt_dir)
@@ -499,8 +533,9 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                 "signal": "denoising gain of the concept prompt over the class prompt (trainers/probe.py)"}
                 | ({"budget": watch.record(stopped_at or total)} if watch is not None else {})}
     finally:
+        speed.close()
         if cfg.gradient_checkpointing:
-            pipe.unet.disable_gradient_checkpointing()
+            denoiser.disable_gradient_checkpointing()
     concept.train = asdict(cfg) | {"method": method, "base": base.spec, "processes": world,
                                    "final_loss": losses[-1] if losses else None}
     if hasattr(trainer, "record"):  # what the trainer measured or derived (initialisation, effective rates)
@@ -526,7 +561,7 @@ class _Fit:
     unet: Any
     scheduler: Any
     prediction: str
-    acc: Any
+    precision: Precision
 
     def per_sample(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                    mask: torch.Tensor | None) -> torch.Tensor:
@@ -535,7 +570,7 @@ class _Fit:
         (the instance images; class images after them are unmasked)."""
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
-        with self.acc.autocast():
+        with self.precision.autocast():
             pred = self.unet(noisy.to(self.unet.dtype), timesteps, cond.encoder_hidden_states,
                              added_cond_kwargs=cond.added_cond_kwargs).sample
         err = (pred.float() - target.float()) ** 2

@@ -45,6 +45,7 @@ from studio.configs import option
 from studio.errors import TrainingError
 from studio.methods.base import plain_prompt_text
 from studio.methods.lora import LoRA, quiet_loading
+from studio.methods.lora.flow_keys import FLOW_PREFIX, default_targets, flow_te_prefixes
 from studio.methods.lora.keys import (
     TE_PREFIXES,
     UNET_PREFIX,
@@ -57,9 +58,11 @@ from studio.methods.lora.keys import (
 )
 from studio.methods.runtime import text_encoders, token_table
 from studio.models.profile import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from trainers.classdiffusion import check_trainable_text, class_counterparts, semantic_preservation_loss
 from trainers.conditioning import Conditioning, encode_prompts
 from trainers.data import Example, load_image_folder
 from trainers.entry import TrainerEntry
+from trainers.flow import FlowOptions
 from trainers.freezing import freeze_pipeline, unfreeze
 from trainers.loop import CommonTrainConfig, PriorSet
 from trainers.output import finish_folder
@@ -68,6 +71,7 @@ from trainers.templates import fill_templates
 
 # Rare identifiers that the CLIP BPE vocabulary holds as one or two tokens (the paper picks rare
 # tokens so the identifier starts with little meaning); tried in order, then with a digit suffix.
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # --target-modules' default (the UNet's attention)
 RARE_IDENTIFIERS = ("sks", "ohwx", "phol", "bnha", "zwx", "qwx", "vxn", "zkx", "zxq", "qzr")
 ADAPTER = "studio_dreambooth"  # the PEFT adapter name while training
 FULL_RECORD = "dreambooth-full"  # TrainResult.concept.method of a full fine-tune (weights are in the folder)
@@ -80,7 +84,7 @@ def _split(items: list[str]) -> list[str]:
 
 
 @dataclass
-class DreamBoothConfig(CommonTrainConfig):
+class DreamBoothConfig(FlowOptions, CommonTrainConfig):
     # None (→ the mode's default) is a valid input: the runtime hint ``| None`` makes these optional CLI/UI
     # fields; ``__post_init__`` always resolves them to numbers, as the base class's type promises.
     steps: int | None = option(None, "optimizer steps (default: 500 LoRA, 800 full)",  # type: ignore[assignment]
@@ -97,7 +101,9 @@ class DreamBoothConfig(CommonTrainConfig):
                            "over-fits the photos' backgrounds in 3 of 4 runs; README, \"Defaults that learn\")", group="lora")
     alpha: float | None = option(None, "LoRA alpha (default: the rank, so the update scale α/r is 1)", group="lora")
     target_modules: list[str] = option(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get a LoRA "
-                                   "(repeat or comma-separate)", group="lora")
+                                   "(repeat or comma-separate; on SD 3 / FLUX this default means diffusers' "
+                                   "example's transformer set: attention q/k/v/out of both streams, FLUX also the "
+                                   "feed-forwards)", group="lora")
     train_text_encoder: bool = option(True, "also train the text encoder(s): LoRA on --text-encoder-targets (on by "
                                   "default, as kohya's), or with --full every weight", group="lora")
     text_encoder_targets: list[str] = option(["q_proj", "k_proj", "v_proj", "out_proj"],
@@ -117,6 +123,10 @@ class DreamBoothConfig(CommonTrainConfig):
     class_guidance: float = option(DEFAULT_GUIDANCE, "guidance scale of generated class images", group="prior")
     class_batch_size: int = option(4, "class images generated per pipeline call", group="prior")
     cache_text_embeddings: bool = option(True, "encode each prompt once when the text encoder is frozen", group="memory")
+    classdiffusion_weight: float = option(0.0, "ClassDiffusion: weight λ of the semantic preservation loss, 1 − cos "
+                                          "between the text features of each training prompt and its class-word-only "
+                                          "twin, added to the prior-preservation total (0 = off; the paper uses 1; "
+                                          "needs --train-text-encoder)", group="classdiffusion")
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -141,6 +151,7 @@ class DreamBoothConfig(CommonTrainConfig):
                                 "must name at least one module, e.g. to_q.")
         if self.prior_weight < 0 or self.num_class_images < 1 or self.class_steps < 1 or self.class_batch_size < 1:
             raise TrainingError("prior_weight must be ≥ 0 and num_class_images, class_steps, class_batch_size ≥ 1.")
+        check_trainable_text(self.classdiffusion_weight, self.train_text_encoder)
 
     def derives_lr(self) -> bool:
         return True
@@ -167,6 +178,10 @@ PRESETS = {
     "demo-world": dict(full=False, train_text_encoder=True, steps=200, lr=2e-3, batch_size=4, rank=8,
                        num_class_images=48, class_steps=20, class_guidance=4.0, prior_weight=1.0),
 }
+# ClassDiffusion (trainers.classdiffusion): the demo world's DreamBooth recipe with the semantic preservation
+# loss on, beside prior preservation. λ = 0.01 (the low end of the paper's sweep): measured on the world,
+# the paper's λ = 1 and 0.1 cost editability (README, "ClassDiffusion").
+PRESETS["classdiffusion"] = dict(PRESETS["demo-world"], classdiffusion_weight=0.01)
 
 
 # -- class images ---------------------------------------------------------------------------------
@@ -233,7 +248,8 @@ class _DreamBoothTrainer:
     def __init__(self, base: Any, cfg: DreamBoothConfig, token: str):
         self.base, self.cfg, self.token = base, cfg, token
         pipe = base.pipe
-        if token_table(pipe).entries or getattr(pipe, "_studio_lora", None) or getattr(pipe.unet, "peft_config", None):
+        self.denoiser = base.denoiser  # the UNet, or the SD 3 / FLUX transformer
+        if token_table(pipe).entries or getattr(pipe, "_studio_lora", None) or getattr(self.denoiser, "peft_config", None):
             raise TrainingError("Remove applied concepts from the pipeline before training.")
         self.text = plain_prompt_text(Concept(method=LoRA.name, tokens=[token], tensors={},
                                               class_word=cfg.class_word or ""), 1.0)
@@ -243,7 +259,7 @@ class _DreamBoothTrainer:
         # 2. freeze everything; subclasses unfreeze what trains.
         self.encoders = [te for _, te in text_encoders(pipe)]
         # 2b. the effective rates: the UNet's, then each trained text encoder's (trainers.rates)
-        self.fan_in = [attention_fan_in(pipe.unet, UNET_ATTENTION)]
+        self.fan_in = [attention_fan_in(self.denoiser, UNET_ATTENTION)]
         if cfg.train_text_encoder:
             self.fan_in += [attention_fan_in(te, TEXT_ATTENTION) for te in self.encoders]
         scale = cast(float, cfg.lr_scale)
@@ -253,6 +269,7 @@ class _DreamBoothTrainer:
             self.lrs[1:] = [cfg.text_encoder_lr] * (len(self.fan_in) - 1)
         self._flags = freeze_pipeline(pipe)
         self._text_cache: dict[str, Conditioning] = {}
+        self._spl_pairs: tuple[list[str], list[str]] | None = None  # (concept prompts, class prompts) of this step
         self._te_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
         if self._te_checkpointing:
             for te in self.encoders:
@@ -287,7 +304,11 @@ class _DreamBoothTrainer:
 
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
         chosen = templates if self.cfg.use_templates else [self.cfg.instance_prompt] * len(examples)
-        return fill_templates(chosen, [ex.caption for ex in examples], self.token, self.text)
+        captions = [ex.caption for ex in examples]
+        prompts = fill_templates(chosen, captions, self.token, self.text)
+        if self.cfg.classdiffusion_weight > 0:  # this step's pairs for extra_loss (trainers.classdiffusion)
+            self._spl_pairs = (prompts, class_counterparts(chosen, captions, self.token, self.cfg.class_word or ""))
+        return prompts
 
     def conditioning(self, prompts: list[str], resolution: int) -> Conditioning:
         """(B, 77, D) states (+ SDXL's pooled embeds and time ids). With frozen encoders each prompt is
@@ -308,7 +329,13 @@ class _DreamBoothTrainer:
         return Conditioning(torch.cat([c.encoder_hidden_states for c in parts]), added)
 
     def extra_loss(self) -> torch.Tensor | None:
-        return None
+        """ClassDiffusion's ``λ · L_SPL`` over this step's instance prompts (``None`` when off); the loop
+        adds it to ``L_inst + w_prior · L_class``, so both regularisers act together."""
+        pairs, self._spl_pairs = self._spl_pairs, None
+        if self.cfg.classdiffusion_weight <= 0 or pairs is None:
+            return None
+        loss = semantic_preservation_loss(self.base.pipe, pairs[0], pairs[1], self.base.device)
+        return self.cfg.classdiffusion_weight * loss
 
     def after_step(self) -> None:
         pass
@@ -335,7 +362,11 @@ class DreamBoothLoRATrainer(_DreamBoothTrainer):
         self.alpha = float(cfg.alpha if cfg.alpha is not None else cfg.rank)
         prefixes = TE_PREFIXES[len(self.encoders)]
         # (kohya prefix, model, targets) per adapted component
-        self.components: list[tuple[str, nn.Module, list[str]]] = [(UNET_PREFIX, base.pipe.unet, cfg.target_modules)]
+        self.components: list[tuple[str, nn.Module, list[str]]] = [(UNET_PREFIX, self.denoiser, cfg.target_modules)]
+        if getattr(base, "is_flow", False):  # SD 3 / FLUX: the transformer's names and targets (flow_keys)
+            targets = default_targets(base.family) if cfg.target_modules == UNET_TARGETS else cfg.target_modules
+            self.components = [(FLOW_PREFIX, self.denoiser, targets)]
+            prefixes = flow_te_prefixes(len(self.encoders))
         if cfg.train_text_encoder:
             self.components += [(p, te, cfg.text_encoder_targets) for p, te in zip(prefixes, self.encoders)]
         try:
@@ -380,7 +411,7 @@ class DreamBoothLoRATrainer(_DreamBoothTrainer):
         modules (SDXL: :func:`studio.methods.lora.keys.a1111_dropped`)."""
         super().announce(log)
         dropped = a1111_dropped(self.lora_layers(), family=self.base.family,
-                                up_block_types=self.base.pipe.unet.config.get("up_block_types") or ())
+                                up_block_types=self.denoiser.config.get("up_block_types") or ())
         if dropped:
             log(f"warning: A1111 will not load the LoRA of {', '.join(dropped)} (its SDXL key conversion has no "
                 "layer for them; ComfyUI and diffusers apply them): leave them out of --target-modules / "
@@ -394,7 +425,7 @@ class DreamBoothLoRATrainer(_DreamBoothTrainer):
         for prefix, model, _ in self.components:
             for name, mod in model.named_modules():
                 if isinstance(mod, BaseTunerLayer) and ADAPTER in getattr(mod, "lora_A", {}):
-                    out[kohya_name(prefix, name if prefix == UNET_PREFIX else te_path(name))] = mod
+                    out[kohya_name(prefix, name if prefix in (UNET_PREFIX, FLOW_PREFIX) else te_path(name))] = mod
         return out
 
     def export(self) -> Concept:
@@ -471,6 +502,9 @@ class DreamBoothFullTrainer(_DreamBoothTrainer):
 
 
 def make_trainer(base: Any, cfg: DreamBoothConfig, token: str) -> _DreamBoothTrainer:
+    if cfg.full and getattr(base, "is_flow", False):
+        raise TrainingError(f"--full fine-tuning of {base.name}'s transformer is not supported yet; train a LoRA "
+                            "(leave out --full).")
     return DreamBoothFullTrainer(base, cfg, token) if cfg.full else DreamBoothLoRATrainer(base, cfg, token)
 
 

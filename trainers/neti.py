@@ -35,6 +35,7 @@ from studio.methods.neti.hook import NetiEntry, NetiHook, attach_neti_hook, neti
 from studio.methods.neti.mapper import NetiMapper
 from studio.methods.runtime import text_encoders, token_table
 from trainers.conditioning import Conditioning, square_time_ids, tokenize
+from trainers.core import CoreOptions, CoreRegularizer
 from trainers.data import Example
 from trainers.entry import TrainerEntry
 from trainers.freezing import freeze_pipeline, unfreeze
@@ -43,7 +44,7 @@ from trainers.templates import fill_templates
 
 
 @dataclass
-class NetiTrainConfig(CommonTrainConfig):
+class NetiTrainConfig(CoreOptions, CommonTrainConfig):
     # The paper's optimisation defaults replace the shared ones (presets may override them again).
     steps: int = option(1000, "optimizer steps", group="training")
     lr: float = option(8e-3, "learning rate given to the optimizer as is (the paper's 1e-3 × 8, already scaled)",
@@ -75,7 +76,7 @@ class NetiTrainConfig(CommonTrainConfig):
                                 f"bypass_scale ({self.bypass_scale}) ≥ 0.")
 
 
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     # The paper / official code: 1000 steps, batch 2 × accumulation 4, lr 1e-3 scaled by 8.
     "paper": dict(steps=1000, lr=8e-3, batch_size=2, grad_accum=4),
     # A quick CPU run: 8× fewer samples per step, a fifth of the steps.
@@ -83,6 +84,11 @@ PRESETS = {
     # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
     # learning tests train with it (README, learning table).
     "demo-world": dict(steps=120, lr=8e-3, batch_size=8, grad_accum=1),
+    # CoRe (Wu et al. 2025; trainers/core.py) on the paper's NeTI settings: its weights, every
+    # cross-attention layer, the base's context prompts (the embedding loss reads every layer's context).
+    "core": dict(steps=1000, lr=8e-3, batch_size=2, grad_accum=4, core=True),
+    # The demo-world preset with CoRe on.
+    "demo-world-core": dict(steps=120, lr=8e-3, batch_size=8, grad_accum=1, core=True, core_prompts="world"),
 }
 
 
@@ -101,6 +107,26 @@ class NetiTrainer:
         self.key = f"train:{token}"
         self._refresh_token_row()
         self.hook = self._init_hook()
+        self.core: CoreRegularizer | None = None
+        if cfg.core:  # trainers/core.py: the context losses (NeTI's output norm is fixed: no rescaling window)
+            try:
+                self.core = CoreRegularizer(base, cfg, concept_text=self.core_text(), class_text=cfg.class_word or "",
+                                            encode=lambda prompts: self.conditioning(prompts, base.native_size),
+                                            states=self._core_states)
+            except BaseException:
+                self.teardown()
+                raise
+
+    def core_text(self) -> str:
+        """What CoRe's context prompts hold in place of ``{}``: the trigger, as :meth:`prompts` puts it."""
+        return self.token
+
+    def _core_states(self, prompts: list[str], cond: Conditioning | None, timesteps: torch.Tensor) -> list[torch.Tensor]:
+        """Per encoder, the concept prompts' contexts at every UNet layer for the batch's timesteps —
+        (L, B, T, D_e), the keys' states (no bypass), with gradients to the mapper."""
+        pairs = text_encoders(self.base.pipe)
+        return [self.hook.layer_contexts(e, tokenize(tok, prompts, self.base.device), timesteps)[0]
+                for e, (tok, _) in enumerate(pairs)]
 
     # -- setup -------------------------------------------------------------------------------------
     def _init_mapper(self) -> NetiMapper:
@@ -129,6 +155,8 @@ class NetiTrainer:
     def trainable(self) -> dict[str, torch.Tensor]:
         params: dict[str, torch.Tensor] = {f"neti.{k}": p for k, p in self.mapper.named_parameters()}
         params["neti.dropout_rng"] = self.rng_state  # no gradient: checkpointed for a bit-identical resume
+        if self.core is not None:
+            params |= self.core.trainable()
         return params
 
     def param_groups(self) -> list[dict[str, Any]]:
@@ -169,10 +197,16 @@ class NetiTrainer:
         return torch.where(where, vector.to(emb.dtype), emb)
 
     def extra_loss(self) -> torch.Tensor | None:
-        return None
+        return self.core.loss() if self.core is not None else None
 
     def after_step(self) -> None:
+        if self.core is not None:
+            self.core.after_step()
         self.hook.clear_cache()  # contexts cached by previews/evaluations belong to the old weights
+
+    def record(self) -> dict[str, Any]:
+        """What the concept's ``studio.train`` keeps about this run beyond its config."""
+        return self.core.record() if self.core is not None else {}
 
     def preview_prompt(self, prompt: str) -> str:
         self._refresh_token_row()
@@ -186,6 +220,9 @@ class NetiTrainer:
 
     def teardown(self) -> None:
         """Idempotent: hook, token and ``requires_grad`` flags are put back."""
+        core = getattr(self, "core", None)  # None also when __init__ failed before it
+        if core is not None:
+            core.close()
         hook = neti_hook(self.base.pipe)
         if hook is not None and self.token in hook.entries:
             hook.drop(self.token)

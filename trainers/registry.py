@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from studio.errors import StudioError
+from trainers.custom_diffusion import ENTRY as CUSTOM_DIFFUSION
 from trainers.entry import TrainerEntry
 from trainers.lora import ENTRY as LORA
 from trainers.neti import ENTRY as NETI
 from trainers.perfusion import ENTRY as PERFUSION
+from trainers.prospect import ENTRY as PROSPECT
 from trainers.textual_inversion import ENTRY as TEXTUAL_INVERSION
 from trainers.zeroshot import ENTRY as ZEROSHOT
 
 # The order is the order the CLI and the UI list them.
-_TRAINERS: tuple[TrainerEntry, ...] = (TEXTUAL_INVERSION, LORA, NETI, ZEROSHOT, PERFUSION)
+_TRAINERS: tuple[TrainerEntry, ...] = (TEXTUAL_INVERSION, LORA, NETI, ZEROSHOT, PERFUSION, PROSPECT, CUSTOM_DIFFUSION)
 
 
 def trainer_registry() -> dict[str, TrainerEntry]:

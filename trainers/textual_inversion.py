@@ -52,17 +52,19 @@ from studio.configs import option
 from studio.errors import TrainingError
 from studio.methods.runtime import SplicedEmbedding, text_encoders, token_table
 from studio.methods.textual_inversion import TextualInversion, placeholder_tokens
-from studio.methods.textual_inversion.files import SD_KEY, SDXL_KEYS
-from trainers.conditioning import encode_prompts
+from studio.methods.textual_inversion.files import tensor_keys
+from trainers.conditioning import Conditioning, encode_prompts
+from trainers.core import CoreOptions, CoreRegularizer, NormWindow, encoder_states
 from trainers.data import Example
 from trainers.entry import TrainerEntry
+from trainers.flow import FlowOptions
 from trainers.freezing import freeze_pipeline, unfreeze
 from trainers.loop import CommonTrainConfig
 from trainers.templates import fill_templates
 
 
 @dataclass
-class TextualInversionConfig(CommonTrainConfig):
+class TextualInversionConfig(FlowOptions, CoreOptions, CommonTrainConfig):
     # Cross Initialization's optimisation (the paper: 320 steps, effective lr 5e-3, batch 8) replaces
     # the shared defaults: these are the "cross-init" preset, so TextualInversionConfig() trains like the CLI.
     steps: int = option(320, "optimizer steps", group="training")
@@ -81,6 +83,11 @@ class TextualInversionConfig(CommonTrainConfig):
     names_file: str | None = option(None, "for --init names: a text file with one 'First Last' name per line", group="concept",
                                    path="file")
     reg_weight: float = option(1e-5, "λ of the Cross-Initialization regulariser mean‖e − e_init‖₂ (0 = off)", group="training")
+    core_rescale_start: float = option(0.4, "with --core: from this fraction of --steps on, each step puts the "
+                                       "vectors' norms back to their norms there (the paper: steps 120 of 300)",
+                                       group="method")
+    core_rescale_end: float = option(0.6, "with --core: … up to this fraction of --steps (the paper: 180 of 300; "
+                                     "equal to the start = no rescaling)", group="method")
 
     def derives_lr(self) -> bool:
         return True
@@ -95,6 +102,11 @@ class TextualInversionConfig(CommonTrainConfig):
             raise TrainingError(f"lr_scale must be ≥ 0, got {self.lr_scale}.")
         if self.init != "names" and not (self.init_words or self.class_word):
             raise TrainingError("Give --class-word (what the subject is, e.g. dog) or --init-words to start from.")
+        if self.core and not (self.class_word or self.init_words):
+            raise TrainingError("--core compares the concept with its class word: give --class-word (e.g. dog).")
+        if not 0 <= self.core_rescale_start <= self.core_rescale_end <= 1:
+            raise TrainingError(f"core_rescale_start and core_rescale_end are fractions of --steps with 0 ≤ start ≤ "
+                                f"end ≤ 1; got {self.core_rescale_start} and {self.core_rescale_end}.")
 
 
 PRESETS = {
@@ -110,6 +122,12 @@ PRESETS = {
     # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
     # learning tests train with it (README, learning table).
     "demo-world": dict(init="cross", num_vectors=2, steps=200, lr=2e-2, batch_size=8, reg_weight=0.0),
+    # CoRe (Wu et al. 2025; trainers/core.py) on top of Cross Initialization: the paper's weights and
+    # rescaling window (steps 120–180 of 300), every cross-attention layer, the base's context prompts.
+    "core": dict(init="auto", num_vectors=2, steps=320, lr_scale=0.35, batch_size=8, reg_weight=1e-5, core=True),
+    # The demo-world preset with CoRe on (weights measured there: bench/world_compare.py, README).
+    "demo-world-core": dict(init="cross", num_vectors=2, steps=200, lr=2e-2, batch_size=8, reg_weight=0.0,
+                            core=True, core_prompts="world"),
 }
 
 
@@ -222,6 +240,10 @@ class TextualInversionTrainer:
     def __init__(self, base: Any, cfg: TextualInversionConfig, token: str):
         self.base, self.cfg, self.token = base, cfg, token
         pipe = base.pipe
+        if cfg.core and getattr(base, "is_flow", False):
+            from studio.models.families import check_unet_family
+
+            check_unet_family(base, "CoRe's attention and context losses")  # the cross-attention sentence
         self.table = token_table(pipe)
         if self.table.entries:
             raise TrainingError("Remove applied concepts from the pipeline before training.")
@@ -243,10 +265,31 @@ class TextualInversionTrainer:
             te.set_input_embeddings(SplicedEmbedding(spliced.original, p))
             self.params.append(p)
         self._init_dev = [v.to(p.device) for v, p in zip(self.init, self.params)]
+        self.core: CoreRegularizer | None = None
+        self.window: NormWindow | None = None
+        if cfg.core:  # trainers/core.py: the context losses and the norm-rescaling window
+            try:
+                self.core = CoreRegularizer(base, cfg, concept_text=self.text(),
+                                            class_text=cfg.class_word or cfg.init_words or "",
+                                            encode=self._core_encode, states=self._core_states)
+            except BaseException:
+                self.teardown()
+                raise
+            self.window = NormWindow(self.params, round(cfg.core_rescale_start * cfg.steps),
+                                     round(cfg.core_rescale_end * cfg.steps))
+
+    def _core_encode(self, prompts: list[str]) -> Conditioning:
+        return encode_prompts(self.base.pipe, prompts, resolution=self.base.native_size, device=self.base.device)
+
+    def _core_states(self, prompts: list[str], cond: Conditioning | None, timesteps: torch.Tensor) -> list[torch.Tensor]:
+        return encoder_states(self.base.pipe, cond if cond is not None else self._core_encode(prompts))
 
     def trainable(self) -> dict[str, torch.Tensor]:
-        keys = (SD_KEY,) if len(self.params) == 1 else SDXL_KEYS
-        return dict(zip(keys, self.params))
+        keys = tensor_keys(len(self.params), getattr(self.base, "family", ""))
+        out: dict[str, torch.Tensor] = dict(zip(keys, self.params))
+        if self.core is not None and self.window is not None:  # run state (no gradient), checkpointed
+            out |= self.core.trainable() | self.window.trainable()
+        return out
 
     def param_groups(self) -> list[dict[str, Any]]:
         """One group per text encoder, each at its own effective rate (see the module docstring)."""
@@ -281,7 +324,8 @@ class TextualInversionTrainer:
     def record(self) -> dict[str, Any]:
         """What the concept's ``studio.train`` keeps about this run beyond its config."""
         return {"init_chosen": self.chosen, "init_scores": dict(self.init_scores),
-                "lr_effective": [round(lr, 8) for lr in self.lrs], "embedding_rms": [round(s, 6) for s in self.scales]}
+                "lr_effective": [round(lr, 8) for lr in self.lrs], "embedding_rms": [round(s, 6) for s in self.scales]} \
+            | (self.core.record() if self.core is not None else {})
 
     def text(self) -> str:
         return " ".join(self.tokens)
@@ -293,25 +337,31 @@ class TextualInversionTrainer:
         return encode_prompts(self.base.pipe, prompts, resolution=resolution, device=self.base.device)
 
     def extra_loss(self) -> torch.Tensor | None:
+        core = self.core.loss() if self.core is not None else None
         if self.chosen != "cross" or self.cfg.reg_weight <= 0:  # Cross-Init's regulariser goes with its start
-            return None
-        reg = sum((p - v).norm(dim=-1).mean() for p, v in zip(self.params, self._init_dev))
-        return self.cfg.reg_weight * reg
+            return core
+        reg = self.cfg.reg_weight * sum((p - v).norm(dim=-1).mean() for p, v in zip(self.params, self._init_dev))
+        return reg if core is None else reg + core
 
     def after_step(self) -> None:
-        pass
+        if self.core is not None and self.window is not None:
+            self.core.after_step()
+            self.window.after_step(int(self.core.state[0]))
 
     def preview_prompt(self, prompt: str) -> str:
         return prompt.format(self.text())
 
     def export(self) -> Concept:
-        keys = (SD_KEY,) if len(self.params) == 1 else SDXL_KEYS
+        keys = tensor_keys(len(self.params), getattr(self.base, "family", ""))
         tensors = {k: p.detach().float().cpu().clone() for k, p in zip(keys, self.params)}
         return Concept(method=TextualInversion.name, tokens=[self.token], tensors=tensors,
                        class_word=self.cfg.class_word or "", name=self.cfg.name or self.token.strip("<>"))
 
     def teardown(self) -> None:
         """Idempotent: the tokens leave the tokenizer, the encoders get their own embeddings back."""
+        core = getattr(self, "core", None)  # None also when __init__ failed before it
+        if core is not None:
+            core.close()
         self.table.drop(self.key)
         unfreeze(self._frozen)
         self._frozen = []

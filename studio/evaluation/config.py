@@ -18,6 +18,10 @@ from studio.errors import StudioError
 from studio.evaluation.metrics.scorers import DEFAULT_CLIP
 from studio.evaluation.metrics.texts import TEXT_MODES
 from studio.evaluation.protocols import PROTOCOLS
+from studio.methods.decor import DEFAULT_STRENGTH as DECOR_STRENGTH
+from studio.methods.decor import STRENGTH_HELP as DECOR_STRENGTH_HELP
+from studio.methods.decor import WORDS_HELP as DECOR_WORDS_HELP
+from studio.methods.decor import check_settings as check_decor
 
 SCORERS = ("clip", "oracle")
 FIDELITY_KEYS = ("clip_i", "dino")
@@ -40,6 +44,8 @@ class EvaluateConfig:
     guidance: float | None = option(None, "CFG scale (default: the base's — 7.5; 4 on the demo world)",
                                     group="sampling")
     batch_size: int = option(8, "images per pipeline call", group="sampling")
+    decor_words: list[str] = option([], DECOR_WORDS_HELP, group="DECOR")  # as GenerateConfig's (studio.methods.decor)
+    decor_strength: float = option(DECOR_STRENGTH, DECOR_STRENGTH_HELP, group="DECOR")
     scorer: str | None = option(
         None, "judge — clip: CLIP/DINO metrics; oracle: the demo world's oracle (fidelity, editability); default: "
         "the base's (oracle on the demo world for one concept, else clip)", choices=list(SCORERS), group="judges")
@@ -71,6 +77,7 @@ class EvaluateConfig:
         if self.text_mode not in TEXT_MODES:
             raise StudioError(f"text_mode must be one of {', '.join(TEXT_MODES)}, got {self.text_mode!r}.")
         self.strengths()  # a malformed --sweep fails here, before anything loads
+        self.decor_words = check_decor(self.decor_words, self.decor_strength)
 
     def strengths(self) -> list[float] | None:
         """The strengths of :attr:`sweep` (``None`` when no sweep is asked for)."""

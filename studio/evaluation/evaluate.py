@@ -149,7 +149,8 @@ def once(run: Run, strengths: Sequence[float | None], out_dir: Path | None, plot
     assert cfg.steps is not None and cfg.guidance is not None  # filled in by for_base (see prepare)
     uses = [(it.concept, s if s is not None else it.strength, it.source) for it, s in zip(run.items, strengths)]
     images = render_images(run.base, uses, run.prompts, seeds=run.seeds, seed=cfg.seed, steps=cfg.steps,
-                           guidance=cfg.guidance, batch_size=cfg.batch_size, notes=run.notes)
+                           guidance=cfg.guidance, batch_size=cfg.batch_size, notes=run.notes,
+                           decor_words=cfg.decor_words, decor_strength=cfg.decor_strength)
     t1 = time.monotonic()
     report = score_images(images, run.eval_concepts, run.judges,
                           text_mode=cast(TextMode, cfg.text_mode))  # checked against TEXT_MODES by the config
@@ -160,6 +161,7 @@ def once(run: Run, strengths: Sequence[float | None], out_dir: Path | None, plot
         "base": getattr(run.base, "name", ""), "base_identity": getattr(run.base, "identity", ""),
         "strengths": {r.concept.name or r.concept.trigger: r.strength for r in effective_strengths("", "", uses)},
         "fidelity": run.fidelity, "editability": run.editability,
+        **({"decor": {"words": cfg.decor_words, "strength": cfg.decor_strength}} if cfg.decor_words else {}),
         "timing": {"load_s": round(run.load_s, 3), "generation_s": round(t1 - t0, 3), "scoring_s": round(t2 - t1, 3),
                    "images": n, "generation_s_per_image": round((t1 - t0) / max(1, n), 4)},
     })

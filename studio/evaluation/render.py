@@ -18,6 +18,8 @@ from studio.concept import Concept
 from studio.errors import StudioError
 from studio.evaluation.protocols import dedupe_class
 from studio.generation import ConceptUse, GenerateConfig, applied, effective_strengths, parameters_text
+from studio.methods.decor import DEFAULT_STRENGTH as DECOR_STRENGTH
+from studio.methods.decor import decor_applied
 from studio.prompts import rewrite
 
 
@@ -38,11 +40,14 @@ def render_batch(pipe: Any, texts: Sequence[str], seeds: Sequence[int], *, steps
 
 def render_images(base: Any, uses: Sequence[tuple[Concept, float | None, str]], prompts: Sequence[str], *,
                   seeds: int, seed: int = 0, steps: int, guidance: float, batch_size: int = 8,
-                  notes: list[str] | None = None) -> dict[str, list[Image.Image]]:
+                  notes: list[str] | None = None, decor_words: Sequence[str] = (),
+                  decor_strength: float = DECOR_STRENGTH) -> dict[str, list[Image.Image]]:
     """``{prompt: [seeds images]}`` with the concepts applied (``(concept, default strength, source)``,
     as :func:`studio.generation.generate`); prompts resolving to the same strengths share one
-    application of the concepts. Images carry ``parameters``/``studio`` infos like ``generate``'s."""
-    GenerateConfig(prompt=prompts[0] if prompts else "-", seed=seed, steps=steps, guidance=guidance)  # validates
+    application of the concepts. Images carry ``parameters``/``studio`` infos like ``generate``'s.
+    ``decor_words`` / ``decor_strength``: DECOR on every image, as :class:`GenerateConfig`'s fields."""
+    words = GenerateConfig(prompt=prompts[0] if prompts else "-", seed=seed, steps=steps, guidance=guidance,
+                           decor_words=list(decor_words), decor_strength=decor_strength).decor_words  # validates
     if not 1 <= seeds <= 64:
         raise StudioError(f"seeds (images per prompt) must be between 1 and 64, got {seeds}.")
     size = int(base.native_size)
@@ -54,21 +59,25 @@ def render_images(base: Any, uses: Sequence[tuple[Concept, float | None, str]], 
     out: dict[str, list[Image.Image]] = {p: [] for p in prompts}
     for group in groups.values():
         resolved = resolved_of[group[0]]
-        with applied(base, resolved, notes) as replacements:
+        with applied(base, resolved, notes) as replacements, \
+                decor_applied(base.pipe, [rewrite(w, replacements) for w in words], decor_strength,
+                              guided=guidance > 1):
             jobs = [(p, seed + i) for p in group for i in range(seeds)]
             texts = [dedupe_class(rewrite(p, replacements), nouns) for p, _ in jobs]
             images = render_batch(base.pipe, texts, [s for _, s in jobs], steps=steps, guidance=guidance,
                                   size=size, batch_size=batch_size)
         for (prompt, s), text, image in zip(jobs, texts, images):
             cfg = GenerateConfig(prompt=prompt, seed=s, steps=steps, guidance=guidance, width=size, height=size,
-                                 concepts=[ConceptUse(r.source, r.strength) for r in resolved])
+                                 concepts=[ConceptUse(r.source, r.strength) for r in resolved],
+                                 decor_words=words, decor_strength=decor_strength)
             image.info["parameters"] = parameters_text(cfg, seed=s, base=base, width=size, height=size,
                                                        resolved=resolved)
             image.info["studio"] = json.dumps({
                 "prompt": prompt, "text": text, "seed": s, "steps": steps, "guidance": guidance, "width": size,
                 "height": size, "base": base.spec, "base_identity": base.identity,
                 "concepts": [{"source": r.source, "name": r.concept.name, "trigger": r.concept.trigger,
-                              "strength": r.strength} for r in resolved]})
+                              "strength": r.strength} for r in resolved],
+                "decor_words": cfg.decor_words, "decor_strength": cfg.decor_strength})
             out[prompt].append(image)
     return out
 

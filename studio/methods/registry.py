@@ -9,15 +9,17 @@ from types import MappingProxyType
 from typing import Any
 
 from studio.errors import ConceptFormatError
+from studio.methods.custom_diffusion import CustomDiffusion
 from studio.methods.lora import LoRA
 from studio.methods.neti import NeTI
 from studio.methods.perfusion import Perfusion
+from studio.methods.prospect import ProSpect
 from studio.methods.textual_inversion import TextualInversion
 from studio.methods.zeroshot import ZeroShot
 
 # The order is the order the UI lists them.
 METHODS: MappingProxyType[str, Any] = MappingProxyType(
-    {m.name: m for m in (TextualInversion(), LoRA(), Perfusion(), NeTI(), ZeroShot())})
+    {m.name: m for m in (TextualInversion(), LoRA(), Perfusion(), NeTI(), ProSpect(), CustomDiffusion(), ZeroShot())})
 
 
 def get_method(name: str) -> Any:

@@ -56,9 +56,11 @@ class SplicedEmbedding(nn.Module):
 
 
 def text_encoders(pipe: Any) -> list[tuple[Any, Any]]:
-    """``[(tokenizer, text_encoder), …]`` — one pair for SD 1/2, two for SDXL (CLIP-L, then bigG)."""
+    """``[(tokenizer, text_encoder), …]`` of the CLIP encoders — one pair for SD 1/2, two for SDXL and SD 3
+    (CLIP-L, then bigG), one for FLUX (CLIP-L; its ``text_encoder_2`` is T5, which no method trains)."""
     pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if getattr(pipe, "text_encoder_2", None) is not None:
+    te2 = getattr(pipe, "text_encoder_2", None)
+    if te2 is not None and not type(te2).__name__.startswith("T5"):
         pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
     return pairs
 

@@ -25,8 +25,8 @@ from studio.errors import StudioError
 Widget = Literal["checkbox", "dropdown", "int", "float", "text", "list", "file", "files"]
 # Groups shown open; every other group starts collapsed (e.g. memory, checkpoints, previews).
 OPEN_GROUPS = ("concept", "output", "training", "method")
-GROUP_ORDER = ("concept", "output", "method", "training", "lora", "prior", "data", "previews", "evaluation", "memory",
-               "checkpoints", "options")
+GROUP_ORDER = ("concept", "output", "method", "training", "lora", "prior", "classdiffusion", "core", "flow", "data",
+               "previews", "evaluation", "memory", "speed", "checkpoints", "options")
 
 
 @dataclass(frozen=True)

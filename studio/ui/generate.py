@@ -8,12 +8,16 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
+from studio.configs import field_specs
 from studio.generation import SCHEDULERS, ConceptUse, GenerateConfig
 from studio.grid import AXIS_KINDS, parse_axis, xy_grid
 from studio.ui.common import GPU_QUEUE, UIContext, image_name, on, save_png
+from studio.ui.forms import FormField, form_fields, make_widget, parse_form
 
 SLOTS = 6  # concepts with their own strength slider (more can still be given strengths in the prompt)
 MAX_SEED = 2**31 - 1
+# GenerateConfig's "DECOR" group (decor_words, decor_strength), shown in the DECOR accordion.
+DECOR_FIELDS: list[FormField] = [f for f in form_fields(field_specs(GenerateConfig)) if f.group == "DECOR"]
 
 
 # -- handlers (plain functions: tested without gradio) --------------------------------------------
@@ -103,6 +107,7 @@ def build_config(ctx: UIContext, form: dict[str, Any]) -> GenerateConfig:
             values["reference_scale"] = float(form["reference_scale"])
         if str(form.get("adapter") or "").strip():
             values["adapter"] = request_adapter(ctx, str(form["adapter"]))
+    values.update(parse_form(DECOR_FIELDS, {f.name: form[f.name] for f in DECOR_FIELDS if f.name in form}))
     return GenerateConfig(**values).resolved(ctx.studio.settings.profile())
 
 
@@ -209,7 +214,8 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                 examples = example_rows(ctx)
                 c["prompt"] = gr.Textbox(label="Prompt", lines=2, value=examples[0][0], elem_id="gen-prompt",
                                          info="write a concept's trigger token, e.g. <my-dog>, or <my-dog:0.8> for a "
-                                              "strength")
+                                              "strength; ProSpect concepts by stage: <tok@0-4> (layout stages "
+                                              "only; 0 = noisiest) or <tok:1,1,0.5,…>")
                 c["negative"] = gr.Textbox(label="Negative prompt", elem_id="gen-negative")
                 with gr.Row():
                     c["concepts"] = gr.Dropdown(choices=concept_choices(ctx), value=[], multiselect=True,
@@ -247,6 +253,15 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                         c["perfusion_orthogonal"] = gr.Dropdown(
                             choices=["approx", "exact"], value="approx", label="Several concepts",
                             info="approx: sum of each concept's term; exact: the paper's Appendix B")
+                with gr.Accordion("DECOR: remove words from the prompt's text embeddings", open=False):
+                    with gr.Row():
+                        for f in DECOR_FIELDS:
+                            elem_id = "gen-" + f.name.replace("_", "-")
+                            if f.name == "decor_strength":  # α in [0, 1]
+                                c[f.name] = gr.Slider(0, 1, value=f.default, step=0.05, label=f.label, info=f.help,
+                                                      elem_id=elem_id)
+                            else:
+                                c[f.name] = make_widget(f, f.default, elem_id=elem_id)
                 go = gr.Button("Generate", variant="primary", elem_id="gen-go")
                 gr.Examples(examples, [c["prompt"], c["concepts"]], label="Examples (click one, then Generate)",
                             elem_id="gen-examples", examples_per_page=8)

@@ -43,6 +43,16 @@ class AttentionHook:
         """An extra attention output (B, N, inner) added before the output projection, or None."""
         return None
 
+    def wants_probs(self, store: ConditioningStore, layer: LayerInfo) -> bool:
+        """True on the layers (and at the moments) where this hook needs the attention probabilities;
+        only there does the processor materialise them (see :meth:`probs`). Asked on every call."""
+        return False
+
+    def probs(self, store: ConditioningStore, layer: LayerInfo, probs: torch.Tensor, rows: slice) -> None:
+        """Receive ``A = softmax(QKᵀ/√d + mask)`` (B, heads, N, T), float32, of ``layer``'s text
+        attention (after every ``context``/``edit_kv`` hook) — called only where :meth:`wants_probs`
+        said True. ``A`` is part of the autograd graph: a loss on it reaches the keys and queries."""
+
 
 @dataclass
 class ConditioningStore:

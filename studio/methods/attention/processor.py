@@ -17,6 +17,16 @@ processors with its own, the last one installed would silently drop the others. 
      ``attn.to_k``/``attn.to_v`` themselves, so a PEFT LoRA on those projections still applies;
   3. ``extra``: add an output computed from the query (IP-Adapter's image attention).
 
+  **Attention probabilities** (CoRe's attention loss; Break-A-Scene's and other analyses): SDPA never
+  materialises ``A = softmax(QKᵀ/√d)``. A hook that needs it overrides ``wants_probs(store, layer)``
+  (asked on every call, so a hook can capture only on some layers and only during some UNet calls)
+  and ``probs(store, layer, probs, rows)``. On a layer where at least one hook wants them, the
+  processor computes ``A`` (B, heads, N, T) explicitly (mask, ``norm_q``/``norm_k`` and heads as
+  SDPA sees them; float32 softmax), does ``A·V`` itself and hands ``A`` to those hooks, still in the
+  autograd graph; every other layer — and every layer while no hook wants them — runs
+  ``F.scaled_dot_product_attention`` exactly as before. Both paths agree to float error
+  (``tests/test_attention_capture.py``).
+
   When the UNet carries diffusers' IP-Adapter projection (``load_ip_adapter``), diffusers passes
   ``encoder_hidden_states`` as a tuple ``(text, [image tokens per adapter])``: the processor keeps
   the text and puts the image tokens (and ``cross_attention_kwargs["ip_adapter_masks"]``) in
@@ -84,7 +94,13 @@ class StudioCrossAttnProcessor:
         key, value = attn.to_k(ctx_k), attn.to_v(ctx_v)  # (B, T, inner)
         for hook in hooks:  # 2. K/V edits (Perfusion)
             key, value = hook.edit_kv(store, layer, attn, ctx_k, ctx_v, key, value, rows)
-        out = _sdpa(attn, query, key, value, attention_mask)
+        capture = [hook for hook in hooks if hook.wants_probs(store, layer)]
+        if capture:  # only here: A materialised, A·V done by hand (equal to SDPA within float error)
+            out, probs = _attention_with_probs(attn, query, key, value, attention_mask)
+            for hook in capture:
+                hook.probs(store, layer, probs, rows)
+        else:
+            out = _sdpa(attn, query, key, value, attention_mask)
         for hook in hooks:  # 3. extra attention (IP-Adapter)
             more = hook.extra(store, layer, attn, query, rows)
             if more is not None:
@@ -111,6 +127,29 @@ def _sdpa(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         k = attn.norm_k(k)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
     return out.transpose(1, 2).reshape(b, -1, heads * head_dim)
+
+
+def _attention_with_probs(attn: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """What :func:`_sdpa` computes, plus the probabilities: ``(out (B, N, inner), A (B, heads, N, T))``.
+
+    ``A = softmax(q kᵀ / √d + mask)`` with SDPA's scale (``1/√head_dim``) and mask convention (a bool
+    mask keeps True, a float mask is added), softmax in float32; ``out = A·V`` in the values' dtype."""
+    b, heads = query.shape[0], attn.heads
+    head_dim = key.shape[-1] // heads
+    q = query.view(b, -1, heads, head_dim).transpose(1, 2)
+    k = key.view(b, -1, heads, head_dim).transpose(1, 2)
+    v = value.view(b, -1, heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * head_dim ** -0.5  # (B, heads, N, T)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask.float()
+    probs = scores.softmax(dim=-1)
+    out = probs.to(v.dtype) @ v
+    return out.transpose(1, 2).reshape(b, -1, heads * head_dim), probs
 
 
 def unet_layers(unet: Any) -> list[LayerInfo]:

@@ -20,7 +20,10 @@ off and the trigger reads as the class word, 1 = as trained. The trigger is ordi
 identifier and the class word (``sks dog``), see :func:`~studio.methods.base.plain_prompt_text`.
 
 Applied concepts are named PEFT adapters on the pipeline; when the last one is removed every PEFT
-layer is unloaded, so the pipeline's modules and weights are the base's again, bit for bit.
+layer is unloaded, so the pipeline's modules and weights are the base's again, bit for bit. With
+``apply(…, fuse=True)`` (generation's default, ``--no-fuse-lora`` to turn it off) the adapter's
+update is folded into the weights instead and restored from a copy on removal
+(:mod:`studio.methods.lora.fuse`).
 """
 
 from __future__ import annotations
@@ -39,12 +42,15 @@ from studio.concept import Concept
 from studio.errors import ConceptFormatError, IncompatibleConceptError, StudioError
 from studio.methods.base import plain_prompt_text
 from studio.methods.lora.files import EXPORTERS, IMPORTERS
+from studio.methods.lora.flow_keys import FLOW_PREFIX, flow_te_prefixes, is_flow_pipe
+from studio.methods.lora.fuse import FusedWeights, fused_models, peft_factors
 from studio.methods.lora.keys import (
     TE_PREFIXES,
     UNET_PREFIX,
     _io,
     base_modules,
     diffusers_loadable,
+    flow_peft_state,
     lora_modules,
     split_prefix,
 )
@@ -81,24 +87,40 @@ def quiet_loading() -> Iterator[None]:
 
 @dataclass
 class LoraState:
-    """The pipeline's applied LoRA adapters and their weights (hangs on the pipeline, no globals)."""
+    """The pipeline's applied LoRA adapters and their weights (hangs on the pipeline, no globals):
+    ``weights`` the unfused PEFT adapters, ``fused`` those folded into the base weights."""
 
     pipe: Any
     weights: dict[str, float] = field(default_factory=dict)
+    fused: FusedWeights = field(default_factory=FusedWeights)
 
-    def add(self, adapter: str, tensors: dict[str, torch.Tensor], weight: float) -> None:
-        """Load kohya ``tensors`` as adapter ``adapter`` through diffusers and activate it at ``weight``."""
-        if adapter in self.weights:
+    def add(self, adapter: str, tensors: dict[str, torch.Tensor], weight: float, *, fuse: bool = False) -> bool:
+        """Load kohya ``tensors`` as adapter ``adapter`` through diffusers and activate it at ``weight``;
+        with ``fuse``, then fold it into the weights and take its PEFT layers out again (a LoRA that
+        cannot be fused exactly stays a PEFT adapter). Returns whether it was fused."""
+        if adapter in self.weights or adapter in self.fused.adapters:
             raise StudioError(f"The LoRA adapter {adapter} is already applied; remove it first.")
         # Transactional: whatever fails (loading, activating) takes this adapter out again — and
         # every PEFT layer when no other adapter is on — and re-activates the others as they were.
         try:
+            modules = lora_modules(tensors)
+            # SD 3 / FLUX: diffusers' PEFT names with α/r folded in (flow_keys); else kohya names as they are
+            state = flow_peft_state(modules) if is_flow_pipe(self.pipe) else diffusers_loadable(modules)
             with quiet_loading():
-                self.pipe.load_lora_weights(diffusers_loadable(lora_modules(tensors)), adapter_name=adapter)
+                self.pipe.load_lora_weights(state, adapter_name=adapter)
             self.weights[adapter] = float(weight)
             self._activate()
+            factors = peft_factors(fused_models(self.pipe), adapter) if fuse else None
+            if factors is not None:  # the same update, read from the layers diffusers built, now in W
+                del self.weights[adapter]
+                self.fused.add(adapter, factors)  # first, so that the state stays on the pipeline
+                self._forget(adapter)
+                self._activate()
+                return True
+            return False
         except BaseException as err:
             self.weights.pop(adapter, None)
+            self.fused.drop(adapter)
             self._forget(adapter)
             self._activate()
             if isinstance(err, StudioError) or not isinstance(err, Exception):
@@ -107,6 +129,10 @@ class LoraState:
             raise ConceptFormatError(f"diffusers could not load this LoRA ({type(err).__name__}: {detail}).") from None
 
     def drop(self, adapter: str) -> None:
+        if adapter in self.fused.adapters:
+            self.fused.drop(adapter)  # the touched weights are restored from their copies
+            self._forget(adapter)
+            return
         if adapter not in self.weights:
             return
         del self.weights[adapter]
@@ -117,10 +143,10 @@ class LoraState:
         present = {a for names in self.pipe.get_list_adapters().values() for a in names}
         if adapter in present:
             self.pipe.delete_adapters(adapter)
-        if not self.weights:  # no adapter left: take every PEFT layer out (modules are the base's again)
+        if not self.weights:  # no PEFT adapter left: take every PEFT layer out (modules are the base's again)
             self.pipe.unload_lora_weights()
-            if getattr(self.pipe, "_studio_lora", None) is self:
-                del self.pipe._studio_lora
+        if not self.weights and not self.fused and getattr(self.pipe, "_studio_lora", None) is self:
+            del self.pipe._studio_lora
 
     def _activate(self) -> None:
         if self.weights:
@@ -178,7 +204,15 @@ class LoRA:
 
     def check_base(self, concept: Concept, base: BaseModel) -> None:
         modules = lora_modules(concept.tensors)
-        allowed = (UNET_PREFIX, *TE_PREFIXES[len(text_encoders(base.pipe))])
+        n_te = len(text_encoders(base.pipe))
+        allowed = (FLOW_PREFIX, *flow_te_prefixes(n_te)) if getattr(base, "is_flow", False) else \
+            (UNET_PREFIX, *TE_PREFIXES[n_te])
+        if getattr(base, "is_flow", False) != any(n.startswith(FLOW_PREFIX) for n in modules) and any(
+                n.startswith((UNET_PREFIX, FLOW_PREFIX)) for n in modules):
+            made = "an SD 3 / FLUX transformer" if any(n.startswith(FLOW_PREFIX) for n in modules) else "a UNet"
+            raise IncompatibleConceptError(
+                f"Concept {concept.name} adapts {made}, which base {base.name} ({base.family}) does not have; load "
+                "a base of the family it was trained on.")
         wrong = sorted({split_prefix(n)[0] for n in modules} - set(allowed))
         if wrong:
             raise IncompatibleConceptError(
@@ -197,8 +231,10 @@ class LoRA:
                     f"Concept {concept.name}: layer {n} is {fan_in}→{fan_out} in base {base.name} but the LoRA is "
                     f"{m.down.shape[1]}→{m.up.shape[0]}; it was made for another model family.")
 
-    def apply(self, base: BaseModel, concept: Concept, *, strength: float) -> AppliedLoRA:
+    def apply(self, base: BaseModel, concept: Concept, *, strength: float, fuse: bool = False) -> AppliedLoRA:
+        """Apply at ``strength``; ``fuse``: fold the update into the weights for as long as it is applied
+        (faster sampling; the strength is then fixed until :meth:`AppliedLoRA.remove`)."""
         self.check_base(concept, base)
         adapter = adapter_name(concept)
-        lora_state(base.pipe).add(adapter, concept.tensors, strength)
+        lora_state(base.pipe).add(adapter, concept.tensors, strength, fuse=fuse)
         return AppliedLoRA(concept=concept, pipe=base.pipe, strength=strength, adapter=adapter)

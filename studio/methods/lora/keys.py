@@ -13,16 +13,23 @@ import torch
 from torch import nn
 
 from studio.errors import ConceptFormatError
+from studio.methods.lora.flow_keys import (  # SD 3 / FLUX transformers: diffusers' paths under lora_transformer_
+    FLOW_PREFIX,
+    flow_family_of,
+    flow_module_path,
+    flow_te_prefixes,
+    is_flow_pipe,
+)
 from studio.methods.runtime import text_encoders
 
 METHOD = "lora"
 UNET_PREFIX = "lora_unet_"
 TE_PREFIXES = {1: ("lora_te_",), 2: ("lora_te1_", "lora_te2_")}  # by number of text encoders
-ALL_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_")
+ALL_PREFIXES = (UNET_PREFIX, "lora_te_", "lora_te1_", "lora_te2_", FLOW_PREFIX)
 DOWN, UP, ALPHA = "lora_down.weight", "lora_up.weight", "alpha"
 # diffusers' component names, in the order of ALL_PREFIXES[1:] for SDXL
 DIFFUSERS_COMPONENTS = {UNET_PREFIX: "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
-                        "lora_te2_": "text_encoder_2"}
+                        "lora_te2_": "text_encoder_2", FLOW_PREFIX: "transformer"}
 DIFFUSERS_METADATA_KEY = "lora_adapter_metadata"  # the LoraConfig that diffusers writes and reads
 KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 _ARCH = {"sd1": "stable-diffusion-v1", "sd2": "stable-diffusion-v2", "sdxl": "stable-diffusion-xl-v1-base"}
@@ -63,6 +70,8 @@ def split_prefix(module: str) -> tuple[str, str]:
     """A kohya module name → (prefix, module path)."""
     for prefix in sorted(ALL_PREFIXES, key=len, reverse=True):
         if module.startswith(prefix):
+            if prefix == FLOW_PREFIX:
+                return prefix, flow_module_path(module[len(prefix):])
             return prefix, module_path(module[len(prefix):])
     raise ConceptFormatError(f"{module!r} is not a kohya LoRA name (lora_unet_…, lora_te_…, lora_te1_…, lora_te2_…).")
 
@@ -125,7 +134,10 @@ def kohya_tensors(modules: dict[str, LoraModule]) -> dict[str, torch.Tensor]:
 
 
 def base_modules(pipe: Any) -> dict[str, nn.Module]:
-    """Every module of the pipeline's UNet and text encoder(s) under its kohya name."""
+    """Every module of the pipeline's UNet and text encoder(s) under its kohya name (SD 3 / FLUX: the
+    transformer's, :func:`studio.methods.lora.flow_keys.flow_base_modules`)."""
+    if is_flow_pipe(pipe):
+        return flow_base_modules(pipe)
     out: dict[str, nn.Module] = {}
     for name, mod in pipe.unet.named_modules():
         if name:
@@ -156,6 +168,8 @@ def family_of(modules: dict[str, LoraModule], md: dict[str, str]) -> str:
     for family, tag in KOHYA_VERSION.items():
         if version.startswith(tag.split("_base")[0]):
             return family
+    if any(n.startswith(FLOW_PREFIX) for n in modules):
+        return flow_family_of(list(modules))
     if any(n.startswith(("lora_te1_", "lora_te2_")) for n in modules):
         return "sdxl"
     widths = {m.down.shape[1] for n, m in modules.items() if n.endswith(("attn2_to_k", "attn2_to_v"))}
@@ -183,7 +197,7 @@ def kohya_metadata(modules: dict[str, LoraModule], family: str) -> dict[str, str
     rank = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
     alpha = Counter(m.alpha if m.alpha is not None else m.rank for m in modules.values()).most_common(1)[0][0]
     md = {"ss_network_module": "networks.lora", "ss_network_dim": str(rank), "ss_network_alpha": f"{alpha:g}",
-          "ss_network_train_unet_only": str(all(n.startswith(UNET_PREFIX) for n in modules))}
+          "ss_network_train_unet_only": str(all(n.startswith((UNET_PREFIX, FLOW_PREFIX)) for n in modules))}
     if family in KOHYA_VERSION:
         md.update({"ss_base_model_version": KOHYA_VERSION[family], "ss_v2": str(family == "sd2"),
                    "modelspec.architecture": f"{_ARCH[family]}/lora"})
@@ -354,10 +368,11 @@ def kohya_to_diffusers(modules: dict[str, LoraModule]) -> tuple[dict[str, torch.
     for name, m in modules.items():
         prefix, path = split_prefix(name)
         component = DIFFUSERS_COMPONENTS[prefix]
-        if component != "unet":
+        denoiser = component in ("unet", "transformer")
+        if not denoiser:
             # target names without "text_model." match both flattened and nested CLIP modules
             path = path.removeprefix("text_model.")
-        key_path = path if component == "unet" else te_path(path)
+        key_path = path if denoiser else te_path(path)
         tensors[f"{component}.{key_path}.lora_A.weight"] = m.down
         tensors[f"{component}.{key_path}.lora_B.weight"] = m.up
         by_component.setdefault(component, {})[path] = m
@@ -372,3 +387,28 @@ def kohya_to_diffusers(modules: dict[str, LoraModule]) -> tuple[dict[str, torch.
             f"{component}.alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != a0},
         })
     return tensors, config
+
+
+# -- SD 3 / FLUX (studio.methods.lora.flow_keys) ------------------------------------------------------
+def flow_base_modules(pipe: Any) -> dict[str, nn.Module]:
+    """Every module of an SD 3 / FLUX pipeline's transformer and CLIP encoder(s) under its file name."""
+    out: dict[str, nn.Module] = {}
+    for name, mod in pipe.transformer.named_modules():
+        if name:
+            out[kohya_name(FLOW_PREFIX, name)] = mod
+    encoders = text_encoders(pipe)
+    for prefix, (_, te) in zip(flow_te_prefixes(len(encoders)), encoders):
+        for name, mod in te.named_modules():
+            if name:
+                out[kohya_name(prefix, te_path(name))] = mod
+    return out
+
+
+def flow_peft_state(modules: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """diffusers' PEFT names for ``modules`` (``lora_transformer_…`` / ``lora_te1_…`` / ``lora_te2_…``
+    :class:`~studio.methods.lora.keys.LoraModule`): ``transformer.<path>.lora_A.weight`` (A, (r, in)) and
+    ``….lora_B.weight`` (B · α/r, (out, r)); ``text_encoder[_2].text_model.…`` for the CLIPs. With the
+    scale folded in, diffusers applies ``B′A`` at its default α = r: exactly ``(α/r)·BA``."""
+    folded = {n: LoraModule(m.down, m.up * m.scale, float(m.rank)) for n, m in modules.items()}
+    tensors, _ = kohya_to_diffusers(folded)
+    return tensors

@@ -167,6 +167,9 @@ class NeTI:
             raise ConceptFormatError("A NeTI concept has exactly one trigger token.")
 
     def check_base(self, concept: Concept, base: BaseModel) -> None:
+        from studio.models.families import check_unet_family
+
+        check_unet_family(base, "NeTI concepts")  # SD 3 / FLUX: one clear sentence
         cfg = mapper_config(concept)
         label = concept.name or concept.trigger
         widths = [int(te.config.hidden_size) for _, te in text_encoders(base.pipe)]

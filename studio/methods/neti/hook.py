@@ -1,8 +1,11 @@
-"""Per-layer, per-timestep text contexts for every NeTI concept of a pipeline, through the shared
-cross-attention processor (:mod:`studio.methods.attention`).
+"""Per-layer, per-timestep text contexts for every NeTI (and ProSpect) concept of a pipeline, through
+the shared cross-attention processor (:mod:`studio.methods.attention`).
 
-One :class:`NetiHook` per pipeline serves all applied NeTI concepts (two NeTI tokens in one
-prompt are encoded in the same pass). It is a ``context`` hook: each cross-attention layer ``ℓ``
+One :class:`NetiHook` per pipeline serves all applied concepts whose token vector depends on the
+denoising timestep (two such tokens in one prompt are encoded in the same pass). Each is a
+:class:`TimestepTokens` entry: NeTI's :class:`NetiEntry` (a mapper ``M(t, ℓ)``, per layer) or
+ProSpect's stage table (:mod:`studio.methods.prospect`, the same vector at every layer). When no
+entry depends on the layer, one context serves every layer (``L' = 1`` below, not ``L``). It is a ``context`` hook: each cross-attention layer ``ℓ``
 (fixed index from :class:`~studio.methods.attention.LayerInfo`, no call counter) gets
 ``(keys ctx, values ctx)`` for the current UNet call. The work is done **before** the UNet runs,
 in a forward pre-hook on the UNet, so that gradient checkpointing only ever re-reads finished
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -44,15 +47,52 @@ HOOK_KEY = "neti"
 DEFAULT_CACHE_BYTES = 1 << 30
 
 
+class TimestepTokens(Protocol):
+    """One concept served by the hook: its placeholder's input vector per (timestep, layer)."""
+
+    trigger: str  # the placeholder token, e.g. "<hrt>"
+
+    @property
+    def n_layers(self) -> int | None:
+        """How many cross-attention layers the vectors are made for; None: the same at every layer."""
+        ...
+
+    def vectors(self, t: torch.Tensor, layer: torch.Tensor, *, training: bool
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per text encoder ``(token (N, D_e), bypass direction (N, D_e) or None)`` for the queries
+        ``t`` (N,) (raw timesteps) and ``layer`` (N,) (layer indices; all 0 when ``n_layers`` is None).
+        The direction is :func:`~studio.methods.neti.encoder.bypass_direction`'s ``scale · b/‖b‖``."""
+        ...
+
+
 @dataclass
 class NetiEntry:
-    """One NeTI concept on the pipeline."""
+    """One NeTI concept on the pipeline (a :class:`TimestepTokens`)."""
 
     trigger: str  # the placeholder token, e.g. "<hrt>"
     mapper: NetiMapper
     truncation: int | None = None  # keep h[:truncation] (None = all)
     bypass: bool = True
     rng_state: torch.Tensor | None = None  # training: nested-dropout generator state (uint8, updated in place)
+
+    @property
+    def n_layers(self) -> int | None:
+        return self.mapper.cfg.n_layers
+
+    def vectors(self, t: torch.Tensor, layer: torch.Tensor, *, training: bool
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``M(t, ℓ)`` split per encoder; one nested-dropout draw per call while training."""
+        device = self.mapper.w.device
+        gen = None
+        if training and self.rng_state is not None:
+            gen = torch.Generator()
+            gen.set_state(self.rng_state)
+        out = self.mapper(t.to(device), layer.to(device), truncation=self.truncation, dropout=gen)
+        if gen is not None:
+            assert self.rng_state is not None  # gen was made from it
+            self.rng_state.copy_(gen.get_state())
+        scale = self.mapper.cfg.bypass_scale
+        return [(tok, bypass_direction(byp, scale) if self.bypass else None) for tok, byp in self.mapper.split(out)]
 
 
 @dataclass
@@ -67,7 +107,8 @@ class _Record:
 
 @dataclass
 class _Part:
-    """One encoder's edit of a UNet call: batch ``rows`` (R,) take ``keys[ℓ, src]`` (L, Q, T, D_e)."""
+    """One encoder's edit of a UNet call: batch ``rows`` (R,) take ``keys[ℓ, src]`` (L', Q, T, D_e);
+    with ``L' = 1`` every layer reads ``keys[0, src]``."""
 
     rows: torch.Tensor
     src: torch.Tensor
@@ -101,7 +142,7 @@ class NetiHook(AttentionHook):
         self.widths = [int(te.config.hidden_size) for te in self.encoders]
         self.offsets = _offsets(self.widths)  # each encoder's channel slice of the UNet's context
         self.penultimate = len(self.encoders) > 1  # SDXL reads hidden_states[-2]
-        self.entries: dict[str, NetiEntry] = {}
+        self.entries: dict[str, TimestepTokens] = {}
         self.records: list[deque[_Record]] = [deque(maxlen=4) for _ in self.encoders]
         self.cache: dict[tuple[Any, ...], tuple[torch.Tensor, torch.Tensor]] = {}
         self.cache_bytes = 0
@@ -131,9 +172,9 @@ class NetiHook(AttentionHook):
         for r in self.records:
             r.clear()
 
-    def add(self, entry: NetiEntry) -> None:
-        if entry.mapper.cfg.n_layers != self.n_layers:
-            raise ValueError(f"mapper for {entry.mapper.cfg.n_layers} layers on a UNet with {self.n_layers}")
+    def add(self, entry: TimestepTokens) -> None:
+        if entry.n_layers is not None and entry.n_layers != self.n_layers:
+            raise ValueError(f"mapper for {entry.n_layers} layers on a UNet with {self.n_layers}")
         self.entries[entry.trigger] = entry
         self.clear_cache()
 
@@ -148,6 +189,11 @@ class NetiHook(AttentionHook):
         self.cache.clear()
         self.cache_bytes = 0
 
+    @property
+    def n_contexts(self) -> int:
+        """``L'``: contexts per (timestep, prompt) — one per layer when an entry depends on the layer, else 1."""
+        return self.n_layers if any(e.n_layers is not None for e in self.entries.values()) else 1
+
     def bind(self, input_ids: list[torch.Tensor]) -> None:
         """Training: the next UNet call's rows are these prompts, ``input_ids[e]`` (B, T) per encoder."""
         self.bound = list(input_ids)
@@ -156,7 +202,7 @@ class NetiHook(AttentionHook):
     def context(self, store: ConditioningStore, layer: LayerInfo, ctx: torch.Tensor,
                 rows: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(keys ctx, values ctx)`` (B, T, ΣD): planned rows ≥ ``rows.start`` replaced by layer
-        ``layer.index``'s contexts, the other rows as given."""
+        ``layer.index``'s contexts (the one shared context when ``L' = 1``), the other rows as given."""
         plan = self.plan
         if plan is None or tuple(ctx.shape[:2]) != (plan.batch, plan.seq) or layer.index >= self.n_layers:
             return None
@@ -174,9 +220,10 @@ class NetiHook(AttentionHook):
             if not sel.numel():
                 continue
             changed = True
-            keys[sel, :, lo:hi] = part.keys[layer.index, src].to(ctx.dtype)
+            index = layer.index if part.keys.shape[0] > 1 else 0
+            keys[sel, :, lo:hi] = part.keys[index, src].to(ctx.dtype)
             if values is not keys:
-                values[sel, :, lo:hi] = part.values[layer.index, src].to(ctx.dtype)
+                values[sel, :, lo:hi] = part.values[index, src].to(ctx.dtype)
         return (keys, values) if changed else None
 
     # -- 1. which rows -----------------------------------------------------------------------------
@@ -248,53 +295,45 @@ class NetiHook(AttentionHook):
         else:
             self.plan = self._inference_plan(ehs, ts)
 
-    def _mapper_outputs(self, t: torch.Tensor, n_rows: int, training: bool) -> dict[str, torch.Tensor]:
-        """Trigger → ``M(t_q, ℓ)`` (L·Q, 2·ΣD), rows layer-major (row ``ℓ·Q + q``); ``t``: (Q,)."""
-        outs = {}
-        for trigger, entry in self.entries.items():
-            device = entry.mapper.w.device
-            tt = t.to(device).repeat(self.n_layers)
-            ll = torch.arange(self.n_layers, device=device).repeat_interleave(n_rows)
-            gen = None
-            if training and entry.rng_state is not None:
-                gen = torch.Generator()
-                gen.set_state(entry.rng_state)
-            outs[trigger] = entry.mapper(tt, ll, truncation=entry.truncation, dropout=gen)
-            if gen is not None:
-                assert entry.rng_state is not None  # gen was made from it
-                entry.rng_state.copy_(gen.get_state())
-        return outs
+    def _mapper_outputs(self, t: torch.Tensor, n_rows: int, training: bool
+                        ) -> dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]:
+        """Trigger → per encoder ``(token, bypass direction or None)``, each (L'·Q, D_e), rows
+        layer-major (row ``ℓ·Q + q``); ``t``: (Q,)."""
+        n_ctx = self.n_contexts
+        tt = t.repeat(n_ctx)
+        ll = torch.arange(n_ctx, device=t.device).repeat_interleave(n_rows)
+        return {trigger: entry.vectors(tt, ll, training=training) for trigger, entry in self.entries.items()}
 
     def layer_contexts(self, e: int, ids: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder ``e``'s ``(keys, values)`` contexts, each (L, Q, T, D_e), for prompts ``ids``
+        """Encoder ``e``'s ``(keys, values)`` contexts, each (L', Q, T, D_e), for prompts ``ids``
         (Q, T) at timesteps ``t`` (Q,) — every layer in one batched pass, no dropout, no cache."""
         return self._contexts(e, ids, self._mapper_outputs(t, ids.shape[0], training=False))
 
-    def _contexts(self, e: int, ids: torch.Tensor, outs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder ``e``'s contexts for ``Q`` prompts ``ids`` (Q, T) at every layer, from the mapper
-        outputs ``outs`` (L·Q rows each): ``(keys, values)`` each (L, Q, T, D_e), one encoder pass."""
+    def _contexts(self, e: int, ids: torch.Tensor, outs: dict[str, list[tuple[torch.Tensor, torch.Tensor | None]]]
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder ``e``'s contexts for ``Q`` prompts ``ids`` (Q, T) at every layer, from the entries'
+        vectors ``outs`` (L'·Q rows each): ``(keys, values)`` each (L', Q, T, D_e), one encoder pass."""
         te = self.encoders[e]
         n_q, seq = ids.shape
-        ids_rep = ids.to(te.device).repeat(self.n_layers, 1)  # (L·Q, T), row ℓ·Q + q
-        emb = te.get_input_embeddings()(ids_rep)  # (L·Q, T, D)
+        n_ctx = self.n_contexts
+        ids_rep = ids.to(te.device).repeat(n_ctx, 1)  # (L'·Q, T), row ℓ·Q + q
+        emb = te.get_input_embeddings()(ids_rep)  # (L'·Q, T, D)
         bypass: torch.Tensor | None = None
         where: torch.Tensor | None = None
         for trigger, tid in self._placeholder_ids(e).items():
-            mask = ids_rep == tid  # (L·Q, T)
+            mask = ids_rep == tid  # (L'·Q, T)
             if not bool(mask.any()):
                 continue
-            entry = self.entries[trigger]
-            token, byp = entry.mapper.split(outs[trigger])[e]  # (L·Q, D) each
+            token, direction = outs[trigger][e]  # (L'·Q, D) each
             emb = torch.where(mask[..., None], token[:, None, :].to(emb.device, emb.dtype), emb)
-            if entry.bypass:
-                direction = bypass_direction(byp, entry.mapper.cfg.bypass_scale)
+            if direction is not None:
                 direction = direction[:, None, :].to(emb.device, emb.dtype)
                 bypass = torch.where(mask[..., None], direction, bypass if bypass is not None else torch.zeros_like(emb))
                 where = mask if where is None else where | mask
         keys, values = text_states(te, emb, penultimate=self.penultimate, bypass=bypass, where=where)
         self.stats.encoder_passes += 1
         self.stats.sequences += ids_rep.shape[0]
-        shape = (self.n_layers, n_q, seq, keys.shape[-1])
+        shape = (n_ctx, n_q, seq, keys.shape[-1])
         keys = keys.reshape(shape)
         return keys, (keys if values is None or where is None else values.reshape(shape))
 
@@ -341,7 +380,7 @@ class NetiHook(AttentionHook):
                         self.cache[key] = (k, v)
                         self.cache_bytes += size
             got = [self.cache[key] if key in self.cache else fresh[key] for key in order]
-            keys = torch.stack([k for k, _ in got], dim=1)  # (L, Q, T, D_e)
+            keys = torch.stack([k for k, _ in got], dim=1)  # (L', Q, T, D_e)
             same = all(v is k for k, v in got)
             values = keys if same else torch.stack([v for _, v in got], dim=1)
             dev = ehs.device

@@ -212,6 +212,9 @@ class Perfusion:
         concept_floats(concept)
 
     def check_base(self, concept: Concept, base: BaseModel) -> None:
+        from studio.models.families import check_unet_family
+
+        check_unet_family(base, "Perfusion concepts")  # SD 3 / FLUX: one clear sentence
         label = concept.name or concept.trigger
         layers = unet_layers(base.pipe.unet)
         tensors = concept.tensors

@@ -4,7 +4,9 @@ Tensors (the A1111 / ComfyUI / InvokeAI convention, also read by diffusers'
 ``load_textual_inversion(file, token=…)``):
 
 * SD 1.x / 2.x: ``emb_params`` — ``(n, D)`` for ``n`` vectors;
-* SDXL: ``clip_l`` ``(n, 768-ish)`` for the first encoder and ``clip_g`` ``(n, 1280-ish)`` for the second.
+* SDXL and SD 3 / 3.5: ``clip_l`` ``(n, 768-ish)`` for the first encoder and ``clip_g`` ``(n, 1280-ish)`` for
+  the second (SD 3's T5 reads the trigger as plain text);
+* FLUX.1: ``clip_l`` alone (the key of diffusers' advanced FLUX script; T5 is not trained).
 
 The trigger ``<tok>`` becomes ``n`` added tokens ``<tok> <tok>#1 … <tok>#{n-1}``. (Not diffusers'
 ``<tok>_1`` naming: its pipelines expand a prompt's ``<tok>`` into ``<tok> <tok>_1 …`` with a plain
@@ -27,7 +29,17 @@ import torch
 from studio.errors import ConceptFormatError, IncompatibleConceptError, StudioError
 from studio.methods.base import class_word_text
 from studio.methods.runtime import text_encoders, token_table
-from studio.methods.textual_inversion.files import EXPORTERS, IMPORTERS, METHOD, SD_KEY, SDXL_KEYS, tensor_keys  # noqa: F401 (public)
+from studio.methods.textual_inversion.files import (  # noqa: F401 (public)
+    EXPORTERS,
+    FLUX_KEYS,
+    IMPORTERS,
+    KEY_SETS,
+    METHOD,
+    SD_KEY,
+    SDXL_KEYS,
+    concept_keys,
+    tensor_keys,
+)
 from studio.safetensors_io import FLOATS, MIB, Limits, check_values
 
 if TYPE_CHECKING:
@@ -73,8 +85,7 @@ class AppliedTI:
 
 
 def _vectors(concept: Concept) -> list[torch.Tensor]:
-    keys = SDXL_KEYS if SDXL_KEYS[0] in concept.tensors else (SD_KEY,)
-    return [concept.tensors[k] for k in keys]
+    return [concept.tensors[k] for k in concept_keys(concept.tensors)]
 
 
 class TextualInversion:
@@ -93,8 +104,9 @@ class TextualInversion:
 
     def validate(self, concept: Concept) -> None:
         keys = set(concept.tensors)
-        if keys not in ({SD_KEY}, set(SDXL_KEYS)):
-            raise ConceptFormatError(f"A textual-inversion concept holds exactly {SD_KEY!r} or {SDXL_KEYS}; "
+        if keys not in KEY_SETS:
+            raise ConceptFormatError(f"A textual-inversion concept holds exactly {SD_KEY!r}, {SDXL_KEYS} or "
+                                     f"{FLUX_KEYS}; "
                                      f"this one holds {sorted(keys)}.")
         vecs = _vectors(concept)
         if any(v.ndim != 2 or min(v.shape) < 1 for v in vecs) or len({v.shape[0] for v in vecs}) != 1:

@@ -14,12 +14,21 @@ from studio.errors import ConceptFormatError
 
 METHOD = "textual_inversion"
 SD_KEY = "emb_params"
-SDXL_KEYS = ("clip_l", "clip_g")
+SDXL_KEYS = ("clip_l", "clip_g")  # SDXL and SD 3 / 3.5 (CLIP-L, CLIP-G)
+FLUX_KEYS = ("clip_l",)  # FLUX.1: CLIP-L only (diffusers' advanced FLUX script's ``clip_l``; T5 is not trained)
+KEY_SETS = ({SD_KEY}, set(SDXL_KEYS), set(FLUX_KEYS))  # the tensor sets a concept may hold
 
 
-def tensor_keys(n_encoders: int) -> tuple[str, ...]:
-    """The file's tensor names for a base with ``n_encoders`` text encoders."""
+def tensor_keys(n_encoders: int, family: str = "") -> tuple[str, ...]:
+    """The file's tensor names for a base with ``n_encoders`` CLIP text encoders (``family`` flux: ``clip_l``)."""
+    if family == "flux":
+        return FLUX_KEYS
     return (SD_KEY,) if n_encoders == 1 else SDXL_KEYS
+
+
+def concept_keys(tensors: dict) -> tuple[str, ...]:
+    """The encoder tensors of a concept's ``tensors``, in encoder order."""
+    return tuple(k for k in SDXL_KEYS if k in tensors) if SDXL_KEYS[0] in tensors else (SD_KEY,)
 
 def _ti_concept(vectors: dict[str, torch.Tensor], token: str, source: str) -> Concept:
     from studio.concept import Concept
@@ -28,7 +37,8 @@ def _ti_concept(vectors: dict[str, torch.Tensor], token: str, source: str) -> Co
     bad = [k for k, v in vectors.items() if not isinstance(v, torch.Tensor) or not v.is_floating_point() or v.ndim < 1]
     if bad:  # integer / bool / complex / 0-d "embeddings" are refused, never converted
         raise ConceptFormatError(f"{source}: the embedding {bad[0]!r} is not a float tensor of vectors.")
-    family = "sdxl" if SDXL_KEYS[0] in vectors else {768: "sd1", 1024: "sd2"}.get(vectors[SD_KEY].shape[-1], "")
+    family = ("sdxl" if SDXL_KEYS[1] in vectors else "flux") if SDXL_KEYS[0] in vectors else \
+        {768: "sd1", 1024: "sd2"}.get(vectors[SD_KEY].shape[-1], "")
     return Concept(method=METHOD, tokens=[normalize_token(token)],
                    tensors={k: v.detach().float().reshape(-1, v.shape[-1]).contiguous() for k, v in vectors.items()},
                    name=token.strip("<>"), base={"family": family} if family else {})
@@ -46,7 +56,7 @@ def import_ti(tensors: dict, md: dict, path) -> Concept | None:
     ``{token: (n, d)}`` and Cross-Initialization's ``{token}_v0, {token}_v1 …``."""
     import re
 
-    if set(tensors) == {SD_KEY} or set(tensors) == set(SDXL_KEYS):
+    if set(tensors) in KEY_SETS:
         return _ti_concept(dict(tensors), _token_from_name(path), str(path))
     if "string_to_param" in tensors:  # A1111 .pt
         params = tensors["string_to_param"]
@@ -78,7 +88,7 @@ def export_diffusers(concept: Concept, out) -> object:
     from studio.atomic import atomic_path
 
     tensors = ({concept.trigger: concept.tensors[SD_KEY]} if SD_KEY in concept.tensors
-               else {k: concept.tensors[k] for k in SDXL_KEYS})
+               else {k: concept.tensors[k] for k in concept_keys(concept.tensors)})
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
     return out

@@ -188,6 +188,9 @@ class ZeroShot:
         return adapter
 
     def check_base(self, concept: Concept, base: BaseModel) -> None:
+        from studio.models.families import check_unet_family
+
+        check_unet_family(base, "IP-Adapter image prompts")  # SD 3 / FLUX: one clear sentence
         self._check_embeds(concept, self.adapter(concept, base))
 
     @staticmethod
