@@ -360,14 +360,16 @@ def decor(seeds: Sequence[int], methods: Sequence[str], strength: float) -> None
             CONCEPT.write_training_folder(images_dir, seed=seed)
             for method in methods:
                 label, train = found[method]
+                pipe = base_pipeline()  # the pipeline the method's generator renders with (DECOR hooks into it)
                 if method == "dreambooth":
-                    train = found["_dreambooth"][1](Path(tmp))
+                    from tests.learning.test_dreambooth_learns import _demo_base
+
+                    train, pipe = found["_dreambooth"][1](Path(tmp)), _demo_base().pipe
                 t0 = time.perf_counter()
                 trained = train(images_dir, seed, 1.0)
                 seconds = time.perf_counter() - t0
                 for arm, gen in (("none", trained.generate),
-                                 (f"DECOR α={strength:g}", with_decor(trained.generate, base_pipeline(), list(DECOR_WORDS),
-                                                                      strength))):
+                                 (f"DECOR α={strength:g}", with_decor(trained.generate, pipe, list(DECOR_WORDS), strength))):
                     view = type(trained)(subject=trained.subject, generate=gen)
                     row = score_trained(view, seed) | {"seconds": seconds}
                     rows.setdefault(f"{label} · {arm}", []).append(row)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,6 +23,28 @@ def write_photos(folder: Path, n: int = 3, size: int = 32, name: str = "{i}.png"
         im.save(path)
         paths.append(path)
     return paths
+
+
+def write_square_photos(folder: Path, n: int = 2) -> Path:
+    """``n`` 40 px subject photos ``{i}.png`` in ``folder`` (a blue square on an orange background that
+    differs per photo), the instance images of the DreamBooth-family tests; returns ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        im = Image.new("RGB", (40, 40), (200, 60 + 60 * i, 40))
+        im.paste((20, 20, 220), (8, 8, 28, 28))
+        im.save(folder / f"{i}.png")
+    return folder
+
+
+def dreambooth_config(images: Path, out: Path, cache: Path, **overrides: Any) -> Any:
+    """The ``dreambooth`` trainer's config for a short test run on a tiny base: class word "dog", lr 3e-2,
+    seed 0, two class images generated in one step into ``cache``; ``overrides`` set any other field."""
+    from trainers import get_trainer
+
+    values: dict[str, Any] = dict(images=str(images), out=str(out), class_word="dog", lr=3e-2, log_every=0, seed=0,
+                                  num_class_images=2, class_steps=1, class_batch_size=2, class_cache_dir=str(cache))
+    values.update(overrides)
+    return get_trainer("dreambooth").resolve(**values)
 
 
 def write_tiny_clip(folder: Path) -> Path:

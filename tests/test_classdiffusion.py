@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 from studio.errors import TrainingError
+from tests.helpers import dreambooth_config, write_square_photos
 from trainers import get_trainer
 from trainers.classdiffusion import class_counterparts, semantic_preservation_loss, sentence_features
 from trainers.data import load_image_folder
@@ -22,12 +22,7 @@ BASES = ["tiny", "tiny-sdxl"]
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cd-imgs")
-    for i in range(2):
-        im = Image.new("RGB", (40, 40), (200, 60 + 60 * i, 40))
-        im.paste((20, 20, 220), (8, 8, 28, 28))
-        im.save(d / f"{i}.png")
-    return d
+    return write_square_photos(tmp_path_factory.mktemp("cd-imgs"))
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +31,8 @@ def cache_dir(tmp_path_factory):
 
 
 def _cfg(images, out, cache, **kw):
-    values = dict(images=str(images), out=str(out), class_word="dog", steps=1, lr=3e-2, log_every=0, seed=0,
-                  num_class_images=2, class_steps=1, class_batch_size=2, class_cache_dir=str(cache), probe=False,
-                  token="sks", train_text_encoder=True, classdiffusion_weight=1.0)
-    values.update(kw)
-    return ENTRY.resolve(**values)
+    return dreambooth_config(images, out, cache, **{"steps": 1, "probe": False, "token": "sks",
+                                                    "train_text_encoder": True, "classdiffusion_weight": 1.0, **kw})
 
 
 def test_class_counterparts_follow_the_training_prompts():

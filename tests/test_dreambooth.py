@@ -13,7 +13,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from studio.errors import StudioError, TrainingError
 from studio.generation import applied, effective_strengths
@@ -24,6 +23,7 @@ from studio.methods.lora.keys import lora_modules, module_path, sgm_to_diffusers
 from studio.models import build_tiny_pipeline
 from studio.prompts import rewrite
 from tests.conftest import render
+from tests.helpers import dreambooth_config, write_square_photos
 from tests.method_cases import make_lora
 from trainers import get_trainer
 from trainers.loop import TrainCallbacks, TrainControl, TrainingStopped, _noise, _optimizer
@@ -52,12 +52,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("db-imgs")
-    for i in range(2):
-        im = Image.new("RGB", (40, 40), (200, 60 + 60 * i, 40))
-        im.paste((20, 20, 220), (8, 8, 28, 28))
-        im.save(d / f"{i}.png")
-    return d
+    return write_square_photos(tmp_path_factory.mktemp("db-imgs"))
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +62,7 @@ def cache_dir(tmp_path_factory):
 
 def _cfg(images, out, cache, **kw):
     # the UNet-only LoRA unless a test asks for the text encoder (the default trains both)
-    values = dict(images=str(images), out=str(out), class_word="dog", steps=3, lr=3e-2, log_every=0, seed=0,
-                  num_class_images=2, class_steps=1, class_batch_size=2, class_cache_dir=str(cache),
-                  train_text_encoder=False)
-    values.update(kw)
-    return ENTRY.resolve(**values)
+    return dreambooth_config(images, out, cache, **{"steps": 3, "train_text_encoder": False, **kw})
 
 
 def _state(pipe):

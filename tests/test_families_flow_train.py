@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from studio.errors import IncompatibleConceptError, TrainingError
@@ -18,6 +17,7 @@ from studio.methods.lora.files import export_diffusers
 from studio.methods.lora.flow_keys import flow_module_path
 from studio.models import build_tiny_pipeline, load_base
 from studio.prompts import rewrite
+from tests.helpers import write_square_photos
 from trainers import get_trainer
 from trainers.flow import image_ids, loss_weights, pack_latents, sigmas_from_draw, unpack_latents
 from trainers.runner import train
@@ -33,12 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("flow-imgs")
-    for i in range(2):
-        im = Image.new("RGB", (40, 40), (200, 60 + 60 * i, 40))
-        im.paste((20, 20, 220), (8, 8, 28, 28))
-        im.save(d / f"{i}.png")
-    return d
+    return write_square_photos(tmp_path_factory.mktemp("flow-imgs"))
 
 
 @pytest.fixture(scope="module")

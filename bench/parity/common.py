@@ -26,6 +26,7 @@ drawn in different orders: the math after the draws is what is compared.
 from __future__ import annotations
 
 import contextlib
+import enum
 import importlib.util
 import runpy
 import subprocess
@@ -195,6 +196,52 @@ def legacy_library_shims() -> Iterator[None]:
         yield
 
 
+def torchvision_stub() -> tuple[types.ModuleType, types.ModuleType]:
+    """``torchvision`` / ``torchvision.transforms`` stand-ins: official datasets build transforms that the
+    replayed batches never call (each returns the identity)."""
+    tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
+
+    def unused(*args: Any, **kwargs: Any) -> Any:
+        return lambda img: img
+
+    for name in ("Compose", "Resize", "CenterCrop", "RandomCrop", "ToTensor", "Normalize", "RandomHorizontalFlip",
+                 "RandomApply", "RandomRotation"):
+        setattr(tr, name, unused)
+    InterpolationMode = enum.Enum(  # noqa: N806 - the library's name
+        "InterpolationMode", "NEAREST BILINEAR BICUBIC BOX HAMMING LANCZOS NEAREST_EXACT")
+    tr.InterpolationMode = InterpolationMode  # type: ignore[attr-defined]
+    tv.transforms = tr  # type: ignore[attr-defined]
+    return tv, tr
+
+
+@contextlib.contextmanager
+def torchvision_standins() -> Iterator[None]:
+    """:func:`torchvision_stub` in ``sys.modules`` for the run, only when ``torchvision`` is neither imported
+    nor installed. ``transformers`` is imported first: it asks importlib about ``torchvision``."""
+    import transformers  # noqa: F401
+
+    with contextlib.ExitStack() as stack:
+        if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+            tv, tr = torchvision_stub()
+            stack.enter_context(patched(sys.modules, "torchvision", tv))
+            stack.enter_context(patched(sys.modules, "torchvision.transforms", tr))
+        yield
+
+
+@contextlib.contextmanager
+def diffusers_example_shims() -> Iterator[None]:
+    """What a diffusers training example needs for a parity run: :func:`torchvision_standins` (its dataset's
+    transforms; the replayed batches replace its images), ``check_min_version`` as a no-op (examples on
+    the main branch ask for the next diffusers release) and :func:`legacy_library_shims`."""
+    import diffusers.utils
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torchvision_standins())
+        stack.enter_context(patched(diffusers.utils, "check_min_version", lambda *a, **k: None))
+        stack.enter_context(legacy_library_shims())
+        yield
+
+
 # ----------------------------------------------------------------------------- recording and replaying
 
 
@@ -302,6 +349,24 @@ def record_studio_draws(trainer: Any) -> Iterator[StudioDraws]:
 
     with patched(loop._Fit, "per_sample", record), patched(trainer, "prompts", record_prompts):
         yield draws
+
+
+def record_ti_training(base: Any, cfg: Any, trainer: Any) -> dict[str, Any]:
+    """Train a textual-inversion ``trainer`` through the studio's loop, recording its draws and every step.
+
+    Returns ``init`` (the first text encoder's vectors before training, ``(n, D)``), ``text`` (the concept's prompt text),
+    ``rec`` (:class:`StepRecorder` of the trained ``(n, D)`` tensor), ``draws`` (:class:`StudioDraws`),
+    ``losses``, ``final`` (the saved ``emb_params``, ``(n, D)``) and ``scaling`` (the VAE's factor)."""
+    from trainers.loop import load_training_images, run_training
+
+    init = trainer.init[0].clone()
+    text = trainer.text()
+    examples = load_training_images(cfg, base)
+    rec = StepRecorder(select=lambda opt: whole(opt.param_groups[0]["params"][0]))
+    with rec.install(), record_studio_draws(trainer) as draws:
+        result = run_training(base, trainer, cfg, method="textual_inversion", examples=examples, save=False)
+    return {"rec": rec, "draws": draws, "init": init, "text": text, "losses": result.losses,
+            "final": result.concept.tensors["emb_params"], "scaling": float(base.pipe.vae.config.scaling_factor)}
 
 
 class _Latent:

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import enum
 import sys
 import tempfile
 import time
@@ -75,10 +74,11 @@ from bench.parity.common import (
     legacy_library_shims,
     patched,
     print_table,
-    record_studio_draws,
+    record_ti_training,
     ref_label,
     require_file,
     run_script,
+    torchvision_standins,
     whole,
     write_images,
 )
@@ -95,23 +95,6 @@ CLASS = "dog"
 # ----------------------------------------------------------------------------- shims and models
 
 
-def torchvision_stub() -> tuple[types.ModuleType, types.ModuleType]:
-    """``torchvision`` / ``torchvision.transforms`` stand-ins: their dataset builds transforms that the
-    replayed batches never call."""
-    tv, tr = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
-
-    def unused(*args: Any, **kwargs: Any) -> Any:
-        return lambda img: img
-
-    for name in ("Compose", "Resize", "CenterCrop", "RandomCrop", "ToTensor", "Normalize", "RandomHorizontalFlip",
-                 "RandomApply", "RandomRotation"):
-        setattr(tr, name, unused)
-    InterpolationMode = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC")  # noqa: N806 - the library's name
-    tr.InterpolationMode = InterpolationMode  # type: ignore[attr-defined]
-    tv.transforms = tr  # type: ignore[attr-defined]
-    return tv, tr
-
-
 @contextlib.contextmanager
 def reference_shims(ref: Path, *, feature_cosine: bool) -> Any:
     """Their modules importable on today's libraries; ``feature_cosine``: their ``utils.F.cosine_similarity``
@@ -119,10 +102,7 @@ def reference_shims(ref: Path, *, feature_cosine: bool) -> Any:
     with contextlib.ExitStack() as stack:
         stack.enter_context(isolated_imports([ref]))
         stack.enter_context(legacy_library_shims())
-        if "torchvision" not in sys.modules:
-            tv, tr = torchvision_stub()
-            stack.enter_context(patched(sys.modules, "torchvision", tv))
-            stack.enter_context(patched(sys.modules, "torchvision.transforms", tr))
+        stack.enter_context(torchvision_standins())
         import modules.my_clip.clip_model as clip_model
         import utils as their_utils
 
@@ -284,22 +264,14 @@ def function_level(ref: Path, folder: Path, images: Path) -> tuple[list[Row], li
 
 def studio_run(folder: Path, images: Path, prompt_file: Path, factor: float, args: argparse.Namespace) -> dict[str, Any]:
     """The studio's ``--core`` TI through its own loop, weights rescaled to their normalisation."""
-    from trainers.loop import load_training_images, run_training
-
     base, cfg, trainer = ti_trainer(
         folder, images, steps=args.steps, lr=args.lr, batch_size=args.batch, seed=args.seed,
         core_embedding_weight=args.lambda_emb * factor, core_attention_weight=args.lambda_attn * args.batch,
         core_prompts_file=str(prompt_file), core_layers="all",
         core_rescale_start=args.rescale_start / args.steps, core_rescale_end=args.rescale_stop / args.steps)
-    init = trainer.init[0].clone()
-    text = trainer.text()
-    examples = load_training_images(cfg, base)
-    rec = StepRecorder(select=lambda opt: whole(opt.param_groups[0]["params"][0]))
-    with rec.install(), record_studio_draws(trainer) as draws:
-        result = run_training(base, trainer, cfg, method="textual_inversion", examples=examples, save=False)
-    return {"rec": rec, "draws": draws, "init": init, "text": text, "losses": result.losses,
-            "final": result.concept.tensors["emb_params"], "scaling": float(base.pipe.vae.config.scaling_factor),
-            "window": (trainer.window.start, trainer.window.end) if trainer.window else None}
+    out = record_ti_training(base, cfg, trainer)
+    out["window"] = (trainer.window.start, trainer.window.end) if trainer.window else None
+    return out
 
 
 def official_run(ref: Path, folder: Path, images: Path, prompt_file: Path, studio: dict[str, Any],

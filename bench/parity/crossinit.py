@@ -45,11 +45,10 @@ from bench.parity.common import (
     load_module,
     patched,
     print_table,
-    record_studio_draws,
+    record_ti_training,
     require_file,
     rows_of,
     run_script,
-    whole,
     write_images,
 )
 
@@ -61,7 +60,6 @@ TOKEN = "<parity>"
 def studio_run(folder: Path, images: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train with the studio's own loop, recording its draws and every step."""
     from studio.models import load_base
-    from trainers.loop import load_training_images, run_training
     from trainers.textual_inversion import TextualInversionConfig, TextualInversionTrainer
 
     base = load_base(str(folder), device="cpu", dtype="float32")
@@ -69,15 +67,7 @@ def studio_run(folder: Path, images: Path, args: argparse.Namespace) -> dict[str
                                  num_vectors=2, steps=args.steps, lr=args.lr, batch_size=args.batch, flip=False,
                                  seed=args.seed, weight_decay=1e-2, reg_weight=args.reg_weight, probe=False,
                                  budget="fixed", log_every=0)
-    trainer = TextualInversionTrainer(base, cfg, TOKEN)
-    init = trainer.init[0].clone()
-    text = trainer.text()
-    examples = load_training_images(cfg, base)
-    rec = StepRecorder(select=lambda opt: whole(opt.param_groups[0]["params"][0]))
-    with rec.install(), record_studio_draws(trainer) as draws:
-        result = run_training(base, trainer, cfg, method="textual_inversion", examples=examples, save=False)
-    return {"rec": rec, "draws": draws, "init": init, "text": text, "losses": result.losses,
-            "final": result.concept.tensors["emb_params"], "scaling": float(base.pipe.vae.config.scaling_factor)}
+    return record_ti_training(base, cfg, TextualInversionTrainer(base, cfg, TOKEN))
 
 
 class _CompatEncoder:

@@ -62,8 +62,8 @@ from bench.parity.common import (
     StepRecorder,
     build_tiny_folder,
     compare,
+    diffusers_example_shims,
     isolated_imports,
-    legacy_library_shims,
     patched,
     print_table,
     record_studio_draws,
@@ -72,7 +72,6 @@ from bench.parity.common import (
     run_script,
     write_images,
 )
-from bench.parity.core import torchvision_stub
 
 SCRIPT = "examples/custom_diffusion/train_custom_diffusion.py"
 MERGE = "src/diffusers_composenW.py"
@@ -149,24 +148,6 @@ def studio_run(folder: Path, images: Path, classes: Path, args: argparse.Namespa
             "scaling": float(base.pipe.vae.config.scaling_factor), "layers": sorted(trainer.deltas)}
 
 
-@contextlib.contextmanager
-def example_shims() -> Any:
-    """For the run only: ``check_min_version`` (main-branch examples ask for the next release), the Hub
-    names of ``legacy_library_shims`` and ``torchvision.transforms`` stand-ins (the replayed batches
-    replace the images its dataset would read)."""
-    import diffusers.utils
-    import transformers  # noqa: F401 - before the stand-in: it asks importlib about torchvision
-
-    with contextlib.ExitStack() as stack:
-        if "torchvision" not in sys.modules:
-            tv, tr = torchvision_stub()
-            stack.enter_context(patched(sys.modules, "torchvision", tv))
-            stack.enter_context(patched(sys.modules, "torchvision.transforms", tr))
-        stack.enter_context(patched(diffusers.utils, "check_min_version", lambda *a, **k: None))
-        stack.enter_context(legacy_library_shims())
-        yield
-
-
 def official_run(ref: Path, folder: Path, images: Path, classes: Path, studio: dict[str, Any],
                  args: argparse.Namespace, out: Path, wd: float, channel_mask: bool) -> dict[str, Any]:
     """The diffusers example on the studio's draws. ``channel_mask``: the replayed valid-region mask
@@ -222,7 +203,7 @@ def official_run(ref: Path, folder: Path, images: Path, classes: Path, studio: d
             "--report_to", "all", "--no_safe_serialization"]
     with contextlib.ExitStack() as stack:
         stack.enter_context(isolated_imports([script.parent]))
-        stack.enter_context(example_shims())
+        stack.enter_context(diffusers_example_shims())
         stack.enter_context(patched(UNet2DConditionModel, "set_attn_processor", keep))
         stack.enter_context(replay.install())
         stack.enter_context(rec.install(backward_owner=Accelerator))

@@ -33,12 +33,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import enum
-import importlib.util
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +46,8 @@ from bench.parity.common import (
     StepRecorder,
     build_tiny_folder,
     compare,
+    diffusers_example_shims,
     isolated_imports,
-    legacy_library_shims,
     patched,
     print_table,
     record_studio_draws,
@@ -115,34 +112,6 @@ def studio_run(folder: Path, images: Path, classes: Path, args: argparse.Namespa
 
 
 @contextlib.contextmanager
-def example_shims() -> Any:
-    """For the run only: ``check_min_version`` (examples on the main branch ask for the next diffusers
-    release), the Hub names of :func:`legacy_library_shims` and, when ``torchvision`` is not installed,
-    stand-ins for the ``transforms`` the example's dataset builds (its images are never read through
-    them: the replayed batches replace its data loader). Nothing else of the example is changed."""
-    import diffusers.utils
-    import transformers  # noqa: F401 - imported before the stand-in: it asks importlib about torchvision
-
-    with contextlib.ExitStack() as stack:
-        if importlib.util.find_spec("torchvision") is None:
-            tv, tv_transforms = types.ModuleType("torchvision"), types.ModuleType("torchvision.transforms")
-
-            def unused(*args: Any, **kwargs: Any) -> Any:
-                return lambda img: img
-
-            for name in ("Compose", "Resize", "CenterCrop", "RandomCrop", "ToTensor", "Normalize"):
-                setattr(tv_transforms, name, unused)
-            InterpolationMode = enum.Enum("InterpolationMode", "NEAREST BILINEAR BICUBIC BOX HAMMING LANCZOS NEAREST_EXACT")
-            tv_transforms.InterpolationMode = InterpolationMode  # type: ignore[attr-defined]
-            tv.transforms = tv_transforms  # type: ignore[attr-defined]
-            stack.enter_context(patched(sys.modules, "torchvision", tv))
-            stack.enter_context(patched(sys.modules, "torchvision.transforms", tv_transforms))
-        stack.enter_context(patched(diffusers.utils, "check_min_version", lambda *a, **k: None))
-        stack.enter_context(legacy_library_shims())
-        yield
-
-
-@contextlib.contextmanager
 def same_start(init: dict[str, torch.Tensor], models: dict[str, Any]) -> Any:
     """After the example's ``unet.add_adapter`` / ``text_encoder.add_adapter`` (PEFT's gaussian init from the
     global generator), overwrite its LoRA tensors with the studio's starting values; ``models`` collects
@@ -200,7 +169,7 @@ def official_run(ref: Path, folder: Path, images: Path, classes: Path, studio: d
                  "--num_class_images", str(len(list(classes.iterdir()))), "--prior_loss_weight", "1.0"]
     with contextlib.ExitStack() as stack:
         stack.enter_context(isolated_imports([script.parent]))
-        stack.enter_context(example_shims())
+        stack.enter_context(diffusers_example_shims())
         stack.enter_context(same_start(studio["init"], models))
         stack.enter_context(replay.install())
         stack.enter_context(rec.install(backward_owner=Accelerator))

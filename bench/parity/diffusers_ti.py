@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -40,16 +38,15 @@ from bench.parity.common import (
     StepRecorder,
     build_tiny_folder,
     compare,
+    diffusers_example_shims,
     isolated_imports,
-    legacy_library_shims,
     patched,
     print_table,
-    record_studio_draws,
+    record_ti_training,
     ref_label,
     require_file,
     rows_of,
     run_script,
-    whole,
     write_images,
 )
 
@@ -61,7 +58,6 @@ TOKEN = "<parity>"
 def studio_run(folder: Path, images: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train with the studio's loop (plain TI), recording its draws and every step."""
     from studio.models import load_base
-    from trainers.loop import load_training_images, run_training
     from trainers.textual_inversion import TextualInversionConfig, TextualInversionTrainer
 
     base = load_base(str(folder), device="cpu", dtype="float32")
@@ -69,43 +65,27 @@ def studio_run(folder: Path, images: Path, args: argparse.Namespace) -> dict[str
                                  num_vectors=args.num_vectors, steps=args.steps, lr=args.lr, batch_size=args.batch,
                                  flip=False, seed=args.seed, weight_decay=1e-2, reg_weight=0.0, probe=False,
                                  budget="fixed", log_every=0)
-    trainer = TextualInversionTrainer(base, cfg, TOKEN)
-    init = trainer.init[0].clone()
-    text = trainer.text()
-    examples = load_training_images(cfg, base)
-    rec = StepRecorder(select=lambda opt: whole(opt.param_groups[0]["params"][0]))
-    with rec.install(), record_studio_draws(trainer) as draws:
-        result = run_training(base, trainer, cfg, method="textual_inversion", examples=examples, save=False)
-    return {"rec": rec, "draws": draws, "init": init, "text": text, "losses": result.losses,
-            "final": result.concept.tensors["emb_params"], "scaling": float(base.pipe.vae.config.scaling_factor)}
+    return record_ti_training(base, cfg, TextualInversionTrainer(base, cfg, TOKEN))
 
 
 @contextlib.contextmanager
 def example_shims() -> Any:
-    """What the example needs from libraries that this environment lacks or changed, for the run only:
+    """What the example needs from libraries that this environment lacks or changed, for the run only
+    (:func:`diffusers_example_shims` and one more):
 
-    * ``torchvision.transforms.RandomHorizontalFlip`` — built by its dataset, which the replayed
-      batches replace (no image is read through it);
+    * ``torchvision.transforms`` stand-ins when it is not installed (``RandomHorizontalFlip`` is built by
+      its dataset, which the replayed batches replace: no image is read through it);
     * ``CLIPTextModel.text_model`` — today's ``transformers`` flattened the model (``embeddings``,
       ``encoder``, ``final_layer_norm`` sit on the model itself); older examples freeze them through
       ``text_model``, so it is the model itself here;
     * ``check_min_version`` — examples on the main branch ask for the next diffusers release.
     """
-    import diffusers.utils
     from transformers import CLIPTextModel
 
-    tv = types.ModuleType("torchvision")
-    tv_transforms = types.ModuleType("torchvision.transforms")
-    tv_transforms.RandomHorizontalFlip = lambda p=0.5: (lambda img: img)  # type: ignore[attr-defined]
-    tv.transforms = tv_transforms  # type: ignore[attr-defined]
     with contextlib.ExitStack() as stack:
-        if "torchvision" not in sys.modules:
-            stack.enter_context(patched(sys.modules, "torchvision", tv))
-            stack.enter_context(patched(sys.modules, "torchvision.transforms", tv_transforms))
+        stack.enter_context(diffusers_example_shims())
         if not hasattr(CLIPTextModel, "text_model"):
             stack.enter_context(patched(CLIPTextModel, "text_model", property(lambda self: self)))
-        stack.enter_context(patched(diffusers.utils, "check_min_version", lambda *a, **k: None))
-        stack.enter_context(legacy_library_shims())
         yield
 
 

@@ -116,6 +116,25 @@ def trained(base: Any, concept: Any) -> Trained:
     return Trained(subject=concept.trigger, generate=generate, size_bytes=concept_bytes(concept))
 
 
+def lora_trained(base: Any, concept: Any) -> Trained:
+    """Render with the DreamBooth-LoRA ``concept`` applied through the LoRA method; its identifier is a plain
+    word, so the prompts name the subject as ``"<identifier> <class word>"`` without a rewrite."""
+    from studio.methods import get_method
+    from studio.world.score import pipeline_generator
+
+    plain = pipeline_generator(base.pipe)
+
+    def generate(prompts, gen_seed):
+        handle = get_method("lora").apply(base, concept, strength=1.0)
+        try:
+            return plain(prompts, gen_seed)
+        finally:
+            handle.remove()
+
+    return Trained(subject=f"{concept.trigger.strip('<>')} {concept.class_word}", generate=generate,
+                   size_bytes=concept_bytes(concept))
+
+
 def report(line: str) -> None:
     """Print ``line``, and append it to the file ``$STUDIO_LEARNING_LOG`` names (parallel test workers'
     prints are not shown: the README's numbers are read from that file)."""

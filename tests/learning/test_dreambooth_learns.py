@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from studio.world.score import pipeline_generator
 from studio.world.task import CONCEPT
-from tests.learning.harness import Trained, assert_does_not_learn, assert_learns, concept_bytes
+from tests.learning.defaults import lora_trained
+from tests.learning.harness import Trained, assert_does_not_learn, assert_learns
 from trainers.lora import PRESETS as DREAMBOOTH_PRESETS
 
 # The hand-tuned ``demo-world`` preset: opt-in (``pytest -m slow``) since the default settings are what CI
@@ -38,7 +38,6 @@ def _demo_base():
 
 def train_dreambooth(workdir: Path):
     """A harness trainer ``(images_dir, seed, lr_scale) -> Trained`` that writes into ``workdir``."""
-    from studio.methods import get_method
     from trainers import get_trainer
     from trainers.runner import train
 
@@ -50,18 +49,7 @@ def train_dreambooth(workdir: Path):
         cfg = entry.resolve(images=str(images_dir), class_word=CONCEPT.class_word, seed=seed, log_every=0,
                           out=str(workdir / f"dreambooth-{seed}-{lr_scale:g}.safetensors"),
                           class_cache_dir=str(workdir / "class-images"), **values)
-        concept = train(entry, cfg, base).concept
-        generate_plain = pipeline_generator(base.pipe)
-
-        def generate(prompts, gen_seed):
-            handle = get_method("lora").apply(base, concept, strength=1.0)
-            try:
-                return generate_plain(prompts, gen_seed)
-            finally:
-                handle.remove()
-
-        return Trained(subject=f"{concept.trigger.strip('<>')} {concept.class_word}", generate=generate,
-                       size_bytes=concept_bytes(concept))
+        return lora_trained(base, train(entry, cfg, base).concept)
 
     return run
 
