@@ -16,26 +16,37 @@ from studio.methods.runtime import text_encoders
 
 
 def make_ti(base, trigger: str, seed: int) -> Concept:
+    """Two random ``(2, D_e)`` vectors per CLIP encoder of ``base``, under the family's file keys
+    (``emb_params`` SD 1/2; ``clip_l`` + ``clip_g`` SDXL / SD 3; ``clip_l`` FLUX)."""
+    from studio.methods.textual_inversion.files import FLUX_KEYS, SD_KEY, SDXL_KEYS
+
     g = torch.Generator().manual_seed(seed)
     encs = text_encoders(base.pipe)
-    keys = ["emb_params"] if len(encs) == 1 else ["clip_l", "clip_g"]
+    keys = FLUX_KEYS if getattr(base, "family", "") == "flux" else (SD_KEY,) if len(encs) == 1 else SDXL_KEYS
     tensors = {k: torch.randn(2, te.config.hidden_size, generator=g) * 2.0 for k, (_, te) in zip(keys, encs)}
     return Concept(method="textual_inversion", tokens=[trigger], tensors=tensors, class_word="cat",
                    name=trigger.strip("<>"), base=base.fingerprint())
 
 
 def make_lora(base, trigger: str, seed: int, *, rank: int = 4, text_encoder: bool = True) -> Concept:
-    """Random rank-``rank`` kohya LoRA on the UNet's attention projections (and the text encoders'
-    q/k/v/out_proj), ``alpha = rank / 2`` so the scale is not 1."""
+    """Random rank-``rank`` kohya LoRA on the UNet's attention projections — on an SD 3 / FLUX base, the
+    transformer's default targets (:func:`studio.methods.lora.flow_keys.default_targets`) — and the CLIP
+    text encoders' q/k/v/out_proj, ``alpha = rank / 2`` so the scale is not 1."""
+    from studio.methods.lora.flow_keys import FLOW_PREFIX, default_targets
     from studio.methods.lora.keys import UNET_PREFIX, base_modules
 
+    if getattr(base, "is_flow", False):
+        prefix = FLOW_PREFIX
+        targets = tuple("_" + t.replace(".", "_") for t in default_targets(base.family))
+    else:
+        prefix, targets = UNET_PREFIX, ("_to_q", "_to_k", "_to_v", "_to_out_0")
     g = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, mod in base_modules(base.pipe).items():
-        unet = name.startswith(UNET_PREFIX) and name.endswith(("_to_q", "_to_k", "_to_v", "_to_out_0"))
-        te = text_encoder and not name.startswith(UNET_PREFIX) and name.endswith(("_q_proj", "_k_proj", "_v_proj",
-                                                                                  "_out_proj"))
-        if unet or te:
+        denoiser = name.startswith(prefix) and name.endswith(targets)
+        te = text_encoder and not name.startswith(prefix) and name.endswith(("_q_proj", "_k_proj", "_v_proj",
+                                                                             "_out_proj"))
+        if denoiser or te:
             tensors[f"{name}.lora_down.weight"] = torch.randn(rank, mod.in_features, generator=g) * 0.3
             tensors[f"{name}.lora_up.weight"] = torch.randn(mod.out_features, rank, generator=g) * 0.3
             tensors[f"{name}.alpha"] = torch.tensor(rank / 2)
