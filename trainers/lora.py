@@ -226,8 +226,9 @@ def ensure_class_images(base: Any, prompt: str, resolution: int, count: int, *, 
     return paths
 
 
-def class_prior(base: Any, cfg: DreamBoothConfig, resolution: int) -> PriorSet | None:
-    """Class images (the user's folder, or generated and cached) and their prompts, or None."""
+def class_prior(base: Any, cfg: Any, resolution: int) -> PriorSet | None:
+    """Class images (the user's folder, or generated and cached) and their prompts, or None. ``cfg``: any config
+    with DreamBooth's prior-preservation fields (DreamBooth's, Custom Diffusion's)."""
     if not cfg.prior_preservation:
         return None
     prompt = cfg.class_text()
