@@ -11,13 +11,24 @@ count, the same images, the same base folder, float32 unless ``--mixed-precision
 * **bare** — the least a step can do: cached latents and text states, one UNet forward and
   backward, AdamW on the trained tensors (a token row through the text encoder for textual
   inversion; a PEFT LoRA on the UNet for DreamBooth). The floor the others are measured against.
+  It leaves out per-step work the studio does: a fresh latent ``μ + σ·ε`` from the cached posterior
+  (it uses the mean), one fixed prompt (no template drawn), no loss or weight NaN guard, no
+  callbacks; it decays no weight, as the studio's default ``--weight-decay 0`` does not.
 
 Measured per contender: **seconds per step** as the slope between two step counts
 (``(T(n₂) − T(n₁)) / (n₂ − n₁)`` of the whole process's wall time, so model loading, data
-preparation and saving cancel out), **time to the first optimizer step** (from process launch; a
-global optimizer-step hook records it), and **peak RSS** of the process. Runs are interleaved
+preparation and saving cancel out) — and the same slope of the process's **CPU time** (user + sys,
+from the kernel's accounting of the finished child), which a machine shared with other jobs
+disturbs far less than wall time. On a small base, where a step takes milliseconds and start-up
+seconds, the difference of two processes is noisy; so each process also times its own steps (wall
+and CPU clocks read by the optimizer-step hook) and the **in-run** slope of the longer run — from
+the end of step ``n₁`` to the end of its last step, start-up and saving left out — is reported
+too. Also measured: **time to the first optimizer step** (from process launch; a
+global optimizer-step hook records it, with the process's CPU time then — user + sys, what a shared
+machine disturbs least; the studio's latent store is empty for each run unless ``--studio-latents
+warm``), and **peak RSS** of the process. Runs are interleaved
 (example, studio, bare, then again) and the median of ``--repeats`` is reported, with each one's
-ratio to the example.
+ratio to the example and to the bare loop.
 
 The example scripts are never committed; fetch them for the installed diffusers version::
 
@@ -29,6 +40,7 @@ The example scripts are never committed; fetch them for the installed diffusers 
 then::
 
     python bench/compare_examples.py --examples-dir /tmp/examples --size small     # the tiny base, a CPU
+    python bench/compare_examples.py --examples-dir /tmp/examples --size world     # the demo world's base
     python bench/compare_examples.py --examples-dir /tmp/examples --size sd15 --device cuda --mixed-precision fp16
 
 The scripts import ``torchvision.transforms``; where no torchvision matching the installed torch can
@@ -42,6 +54,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -68,10 +81,11 @@ import torch
 torch.set_num_threads(threads)
 from torch.optim.optimizer import register_optimizer_step_post_hook
 steps = []
-register_optimizer_step_post_hook(lambda opt, a, k: steps.append(time.time()))
+register_optimizer_step_post_hook(lambda opt, a, k: steps.append((time.time(), time.process_time())))
 def report():
     with open(out, "w") as f:
-        json.dump({"steps": len(steps), "first_step": steps[0] if steps else None, "end": time.time(),
+        json.dump({"steps": len(steps), "first_step": steps[0][0] if steps else None, "end": time.time(),
+                   "step_wall": [w for w, _ in steps], "step_cpu": [c for _, c in steps],
                    "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, f)
 atexit.register(report)
 standin = os.environ.get("COMPARE_EXAMPLES_TRANSFORMS")
@@ -220,7 +234,7 @@ def bare(task: str, base_dir: str, images: str, steps: int, resolution: int, see
             p.data = p.data.float()
         with torch.no_grad():
             states = te(ids)[0]
-    opt = torch.optim.AdamW(params, lr=LR[task])
+    opt = torch.optim.AdamW(params, lr=LR[task], weight_decay=0.0)  # the studio's update (no decay by default)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     for _ in range(steps):
         i = torch.randint(len(latents), (1,))
@@ -276,22 +290,41 @@ def _command(who: str, task: str, ns: argparse.Namespace, work: Path, steps: int
 def _run(who: str, task: str, ns: argparse.Namespace, work: Path, steps: int, env: dict[str, str]) -> dict[str, Any]:
     kind, target, args = _command(who, task, ns, work, steps)
     report = work / f"report-{who}-{task}-{steps}.json"
+    if who == "studio":  # the latent store (trainers.latents): empty for each run (cold), or one primed store (warm)
+        store = tempfile.mkdtemp(prefix="latents-", dir=work) if ns.studio_latents == "cold" else str(work / "latents")
+        env = dict(env, STUDIO_LATENT_CACHE=store)
     launched = time.time()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _CHILD, str(report), str(ns.threads), kind, target, *args],
                           env=env, capture_output=True, text=True, cwd=str(REPO))
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # this child's user + sys (runs are sequential)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         raise SystemExit(f"compare_examples: {who} {task} ({steps} steps) failed:\n{tail}")
     r = json.loads(report.read_text())
     if r["steps"] < steps:
         raise SystemExit(f"compare_examples: {who} {task} made {r['steps']} optimizer steps, expected {steps}.")
-    return {"wall": wall, "first_step": r["first_step"] - launched, "peak_rss_mb": r["peak_rss_mb"]}
+    # in the run: from the end of step n1 to the end of the last step (start-up and saving left out)
+    n1 = ns.steps[0]
+    inner = {k: (r[f"step_{k}"][-1] - r[f"step_{k}"][n1 - 1]) / (len(r[f"step_{k}"]) - n1)
+             for k in ("wall", "cpu")} if r["steps"] > n1 else {"wall": None, "cpu": None}
+    return {"wall": wall, "cpu": cpu, "run_wall": inner["wall"], "run_cpu": inner["cpu"], "first_step": r["first_step"] - launched,
+            "first_step_cpu": r["step_cpu"][0], "peak_rss_mb": r["peak_rss_mb"]}
 
 
 def _base_folder(size: str, folder: Path) -> None:
-    """Write the base the three contenders load (random weights; ``small``: the tiny base)."""
+    """Write the base the three contenders load (``small``: the tiny random base; ``world``: a copy of
+    the demo world's committed base, 32 px; ``sd15``: SD-1.5-sized random weights)."""
+    if size == "world":
+        import shutil
+
+        from studio.world import DEMO_BASE_DIR
+
+        shutil.copytree(DEMO_BASE_DIR, folder)
+        return
     if size == "small":
         from studio.models.tiny import build_tiny_pipeline
 
@@ -322,39 +355,59 @@ def compare(ns: argparse.Namespace) -> list[dict[str, Any]]:
                   "transforms they use", flush=True)
         for task in ns.tasks:
             runs: dict[str, dict[int, list[dict[str, Any]]]] = {w: {n: [] for n in ns.steps} for w in ns.who}
+            if "studio" in ns.who and ns.studio_latents == "warm":  # an earlier run on these photos filled the store
+                _run("studio", task, ns, work, 1, env)
             for _ in range(ns.repeats):
                 for n in ns.steps:
                     for who in ns.who:  # interleaved: a slow moment of the machine hits every contender
                         r = _run(who, task, ns, work, n, env)
                         runs[who][n].append(r)
-                        print(f"{TASKS[task]:32s} {who:8s} {n:4d} steps  {r['wall']:.2f} s  first step "
-                              f"{r['first_step']:.2f} s  peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+                        print(f"{TASKS[task]:32s} {who:8s} {n:4d} steps  {r['wall']:.2f} s  CPU {r['cpu']:.2f} s  first step "
+                              f"{r['first_step']:.2f} s (CPU {r['first_step_cpu']:.2f} s)  peak RSS {r['peak_rss_mb']:.0f} MB",
+                              flush=True)
             n1, n2 = ns.steps
             for who in ns.who:
                 t1 = statistics.median(r["wall"] for r in runs[who][n1])
                 t2 = statistics.median(r["wall"] for r in runs[who][n2])
+                c1 = statistics.median(r["cpu"] for r in runs[who][n1])
+                c2 = statistics.median(r["cpu"] for r in runs[who][n2])
                 rows.append({"task": TASKS[task], "who": who, "s/step": (t2 - t1) / (n2 - n1),
+                             "CPU s/step": (c2 - c1) / (n2 - n1),
+                             "in-run s/step": statistics.median(r["run_wall"] for r in runs[who][n2]),
+                             "in-run CPU s/step": statistics.median(r["run_cpu"] for r in runs[who][n2]),
                              "first step s": statistics.median(r["first_step"] for r in runs[who][n1]),
+                             "first step CPU s": statistics.median(r["first_step_cpu"] for r in runs[who][n1]),
                              "peak RSS MB": max(r["peak_rss_mb"] for r in runs[who][n2])})
             ref = next((r for r in rows if r["task"] == TASKS[task] and r["who"] == "example"), None)
+            floor = next((r for r in rows if r["task"] == TASKS[task] and r["who"] == "bare"), None)
             for r in rows:
                 if r["task"] == TASKS[task] and ref is not None:
                     r["× example s/step"] = r["s/step"] / ref["s/step"] if ref["s/step"] > 0 else None
                     r["× example RSS"] = r["peak RSS MB"] / ref["peak RSS MB"]
+                    r["× example first step"] = r["first step s"] / ref["first step s"]
+                    r["× example first-step CPU"] = r["first step CPU s"] / ref["first step CPU s"]
+                if r["task"] == TASKS[task] and floor is not None:
+                    r["× bare s/step"] = r["s/step"] / floor["s/step"] if floor["s/step"] > 0 else None
+                    r["× bare CPU"] = r["CPU s/step"] / floor["CPU s/step"] if floor["CPU s/step"] > 0 else None
+                    r["× bare in-run"] = r["in-run s/step"] / floor["in-run s/step"]
+                    r["× bare in-run CPU"] = r["in-run CPU s/step"] / floor["in-run CPU s/step"]
     return rows
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples-dir", help="folder holding textual_inversion.py and train_dreambooth_lora.py (see above)")
-    p.add_argument("--size", choices=["small", "sd15"], default="small", help="small: the tiny base (32 px); sd15: "
-                   "SD-1.5-sized random weights (GPU)")
-    p.add_argument("--resolution", type=int, default=None, help="default: 32 small, 512 sd15")
+    p.add_argument("--size", choices=["small", "world", "sd15"], default="small", help="small: the tiny random base "
+                   "(32 px); world: the demo world's base (32 px); sd15: SD-1.5-sized random weights (GPU)")
+    p.add_argument("--resolution", type=int, default=None, help="default: 32 small and world, 512 sd15")
     p.add_argument("--steps", type=int, nargs=2, default=[10, 30], metavar=("N1", "N2"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     p.add_argument("--who", nargs="+", choices=["example", "studio", "bare"], default=["example", "studio", "bare"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--studio-latents", choices=["cold", "warm"], default="cold",
+                   help="the studio's latent store (trainers.latents): cold = empty for every run (a first run on "
+                        "these photos); warm = filled by an unmeasured run first (a later run on the same photos)")
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
@@ -370,7 +423,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"{', '.join(missing)} not found in {ns.examples_dir}")
         if ns.steps[1] <= ns.steps[0] or ns.steps[0] < 1:
             p.error("--steps N1 N2 needs 1 ≤ N1 < N2")
-        ns.resolution = ns.resolution or (32 if ns.size == "small" else 512)
+        ns.resolution = ns.resolution or (512 if ns.size == "sd15" else 32)
     return ns
 
 
@@ -383,7 +436,10 @@ def main(argv: list[str] | None = None) -> int:
     from bench.common import table
 
     rows = compare(ns)
-    print(table(rows, ["task", "who", "s/step", "× example s/step", "first step s", "peak RSS MB", "× example RSS"]))
+    print(table(rows, ["task", "who", "s/step", "CPU s/step", "in-run s/step", "in-run CPU s/step",
+                       "× example s/step", "× bare s/step", "× bare CPU", "× bare in-run", "× bare in-run CPU",
+                       "first step s", "first step CPU s", "× example first step", "× example first-step CPU",
+                       "peak RSS MB", "× example RSS"]))
     if ns.json:
         Path(ns.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -171,8 +171,9 @@ def _evaluate_parser(sub: Any) -> None:
                        "or the demo world's oracle; optionally sweep the strength")
     _base_flags(e)
     _library_flag(e)
-    e.add_argument("--concept", action="append", required=True, metavar="FILE[:STRENGTH]",
-                   help="concept file or library name (repeat for a multi-concept evaluation)")
+    e.add_argument("--concept", action="append", required=True, metavar="FILE[@STAGES][:STRENGTH]",
+                   help="concept file or library name (repeat for a multi-concept evaluation); ProSpect concepts by "
+                   "stage as on generate: FILE@0-4 (stages 0-4 on, the others off), FILE@0-4:0.8, FILE:1,1,0.5,…")
     e.add_argument("--images", action="append", default=[], metavar="REFDIR",
                    help="reference photos of each --concept, in the same order (default: the embeddings stored in "
                         "the concept)")
@@ -283,7 +284,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     from studio.configs import from_namespace
     from studio.evaluation import EvaluateConfig, format_summary
     from studio.generation import ConceptUse
-    from studio.prompts import split_concept_spec
+    from studio.prompts import parse_concept_spec
     from studio.service import Studio
 
     cfg = from_namespace(EvaluateConfig, ns)
@@ -292,7 +293,7 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
     if ns.images and len(ns.images) != len(ns.concept):
         raise StudioError(f"Got {len(ns.images)} --images folders for {len(ns.concept)} --concept; give one per "
                           "concept, in the same order, or none (stored embeddings).")
-    uses = [ConceptUse(*split_concept_spec(s)) for s in ns.concept]
+    uses = [ConceptUse(*parse_concept_spec(s)) for s in ns.concept]  # generate's parser: FILE@0-4:0.8 too
     strengths = cfg.strengths()
     if strengths is not None and (len(uses) != 1 or cfg.store_refs):
         raise StudioError("--sweep scores one --concept (without --store-refs).")
@@ -323,8 +324,9 @@ def _compare_parser(sub: Any) -> None:
                        "the same prompts and seeds, side by side with their scores")
     _base_flags(p)
     _library_flag(p)
-    p.add_argument("--concept", action="append", required=True, metavar="FILE[:STRENGTH]",
-                   help="concept file or library name, a column each (repeat: A, B …)")
+    p.add_argument("--concept", action="append", required=True, metavar="FILE[@STAGES][:STRENGTH]",
+                   help="concept file or library name, a column each (repeat: A, B …); ProSpect concepts by stage "
+                   "as on generate: FILE@0-4, FILE@5-9:0.8, FILE:1,1,0.5,…")
     p.add_argument("--strengths", default=None, metavar="S1,S2,...",
                    help="one --concept at each of these strengths, a column each, e.g. 0,0.5,1")
     p.add_argument("--baseline", action="store_true", help="add a first column with the base alone")
@@ -340,17 +342,17 @@ def cmd_compare(ns: argparse.Namespace) -> int:
     from studio.configs import from_namespace
     from studio.evaluation import EvaluateConfig
     from studio.generation import ConceptUse
-    from studio.prompts import split_concept_spec
+    from studio.prompts import parse_concept_spec
     from studio.service import Studio
 
     cfg = from_namespace(EvaluateConfig, ns)
     if not cfg.out_dir:
         raise StudioError("--out DIR is required: the folder for compare.png and compare.json.")
-    uses = [ConceptUse(*split_concept_spec(s)) for s in ns.concept]
+    uses = [ConceptUse(*parse_concept_spec(s)) for s in ns.concept]  # generate's parser: FILE@0-4:0.8 too
     if ns.strengths is not None:
         if len(uses) != 1:
             raise StudioError("--strengths compares one --concept at several strengths; give exactly one --concept.")
-        arms = arms_for_strengths(uses[0].source, ns.strengths, baseline=ns.baseline)
+        arms = arms_for_strengths(uses[0], ns.strengths, baseline=ns.baseline)  # its stages kept (FILE@0-4)
     else:
         if len(uses) < 2 and not ns.baseline:
             raise StudioError("Give two --concept (A and B), or one with --strengths 0,0.5,1 or --baseline.")

@@ -88,14 +88,20 @@ class Arm:
 
 def concept_label(entry: ConceptEntry) -> str:
     """A short name for a concept entry: the library name or file stem (``dogs/kit.safetensors`` →
-    ``kit``), the in-memory concept's name, with ``:strength`` when one is given."""
+    ``kit``), the in-memory concept's name, with its per-stage strengths as written (``kit@0-4``,
+    ``kit:1,1,0.5,…``) and ``:strength`` when one is given (``kit@0-4:0.8``)."""
+    stages = None
     if isinstance(entry, Concept):
         name, strength = entry.name or entry.trigger.strip("<>"), entry.strength
     else:
         use = entry if isinstance(entry, ConceptUse) else ConceptUse(str(entry))
         source = use.source.rstrip("/\\")
         name = Path(source).stem if source.endswith(".safetensors") else Path(source).name or source
-        strength = use.strength
+        strength, stages = use.strength, use.stages
+    if stages is not None:
+        name += str(stages)
+        if stages.values is not None:  # one strength per stage: they are the strengths
+            return name
     return name if strength is None else f"{name}:{strength:g}"
 
 
@@ -130,12 +136,16 @@ def arms_for_strengths(concept: ConceptEntry, strengths: str | Sequence[float], 
     """One arm per strength of one concept (labels ``kit:0``, ``kit:0.5`` …); ``baseline`` puts the
     base alone first. ``strengths``: numbers or the text ``"0, 0.5, 1"`` (:func:`parse_strengths`)."""
     values = parse_strengths(strengths)
+    stages = concept.stages if isinstance(concept, ConceptUse) else None
+    if stages is not None and stages.values is not None:
+        raise StudioError(f"{concept_label(concept)}: one strength per stage leaves nothing for --strengths to vary; "
+                          "select the stages it drives with @, e.g. FILE@0-4.")
     arms = [Arm(BASE_LABEL)] if baseline else []
     for s in values:
         if isinstance(concept, Concept):
             entry: ConceptEntry = dataclasses.replace(concept, strength=s)
         else:
-            entry = ConceptUse(concept.source if isinstance(concept, ConceptUse) else str(concept), s)
+            entry = ConceptUse(concept.source if isinstance(concept, ConceptUse) else str(concept), s, stages)
         arms.append(Arm(concept_label(entry), [entry]))
     return arms
 
@@ -164,11 +174,15 @@ class ArmResult:
         return {k: float(v.mean) for k, v in self.report.summaries.items() if math.isfinite(v.mean)}
 
     def concepts_text(self) -> str:
-        """The concepts applied and their effective strengths (``kit:0.5, hat:1``), or "base alone"."""
+        """The concepts applied and their effective strengths (``kit:0.5, hat:1``; per-stage strengths after
+        ``@``, stage 0 the noisiest: ``kit:1@1,1,0,…``), or "base alone"."""
         strengths = self.report.settings.get("strengths") or {}
+        stages = self.report.settings.get("stages") or {}
         if self.arm.is_base or not strengths:
             return "base alone"
-        return ", ".join(f"{name}:{float(s):g}" for name, s in strengths.items())
+        return ", ".join(f"{name}:{float(s):g}" + ("@" + ",".join(f"{float(v):g}" for v in stages[name])
+                                                  if name in stages else "")
+                         for name, s in strengths.items())
 
 
 @dataclass

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Photos' latents are kept on disk across runs (trainers/latents.py): the tests keep theirs in a folder of
+# their own per process, never in the user's cache.
+os.environ.setdefault("STUDIO_LATENT_CACHE", tempfile.mkdtemp(prefix="studio-test-latents-"))
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -256,6 +256,73 @@ def test_cli_user_errors_are_one_line(world, tmp_path, capsys, extra, message):
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-stage concept specs (ProSpect), through generate's parser
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def staged(demo, tmp_path_factory):
+    """A studio on the demo base whose library holds ``pst`` (a ProSpect concept: every one of its 10 stages
+    the input embedding of "purple dotted circle", untrained) and ``rsc`` (a textual inversion, no stages)."""
+    from studio.methods.prospect import concept_from_tables
+
+    studio = Studio(BaseSettings(base="demo"), library=tmp_path_factory.mktemp("compare-staged"), base=demo)
+    words = world_concept(demo, "<pst>", ("purple", "dotted", "circle")).tensors["emb_params"].mean(0)
+    steps = int(demo.pipe.scheduler.config.num_train_timesteps)
+    studio.library.add(concept_from_tables([words.expand(10, -1)], token="<pst>", class_word="circle", name="pst",
+                                           num_train_timesteps=steps, base=demo.fingerprint()), "pst")
+    studio.library.add(world_concept(demo, "<rsc>", ("red", "striped", "circle")), "rsc")
+    return studio
+
+
+def test_cli_compare_takes_the_per_stage_concept_spec(staged, demo, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(BaseSettings, "load", lambda self, device=None: demo)
+    head = ["compare", "--base", "demo", "--library", str(staged.library.folder), "--prompts",
+            str(_prompt_file(tmp_path)), "--seeds", "2", "--steps", "10"]
+    # the layout stages only, beside every stage: two columns, the stages in the labels, the table and the report
+    assert main([*head, "--concept", "pst@0-4", "--concept", "pst", "--out", str(tmp_path / "ab")]) == 0
+    data = json.loads((tmp_path / "ab" / "compare.json").read_text())
+    assert [a["label"] for a in data["arms"]] == ["pst@0-4", "pst"]
+    assert data["arms"][0]["concepts"] == "pst:1@1,1,1,1,1,0,0,0,0,0" and data["arms"][1]["concepts"] == "pst:1"
+    assert data["arms"][0]["report"]["settings"]["stages"] == {"pst": [1.0] * 5 + [0.0] * 5}
+    assert "stages" not in data["arms"][1]["report"]["settings"]
+    layout = sorted((tmp_path / "ab" / "images").glob("00-*/*.png"))
+    every = sorted((tmp_path / "ab" / "images").glob("01-*/*.png"))
+    assert len(layout) == len(every) == 2
+    assert any(not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))) for a, b in zip(layout, every))
+    assert "<pst>:1@1,1,1,1,1,0,0,0,0,0" in Image.open(layout[0]).info["parameters"]
+    # --strengths drives the selected stages; at 0 every stage reads the class word: the base's pixels
+    assert main([*head, "--concept", "pst@0-4", "--strengths", "0,1", "--baseline", "--out", str(tmp_path / "s")]) == 0
+    data = json.loads((tmp_path / "s" / "compare.json").read_text())
+    assert [a["label"] for a in data["arms"]] == ["base", "pst@0-4:0", "pst@0-4:1"]
+    assert data["arms"][2]["report"]["settings"]["stages"] == {"pst": [1.0] * 5 + [0.0] * 5}
+    base_images = sorted((tmp_path / "s" / "images").glob("00-*/*.png"))
+    off_images = sorted((tmp_path / "s" / "images").glob("01-*/*.png"))
+    assert [np.asarray(Image.open(p)).tolist() for p in base_images] == \
+        [np.asarray(Image.open(p)).tolist() for p in off_images]
+    capsys.readouterr()
+    # a concept without stages, and one strength per stage with --strengths: one-line errors
+    for extra, message in [(["--concept", "rsc@0-4", "--baseline"], "no denoising stages"),
+                           (["--concept", "pst:1,1,1,1,1,0,0,0,0,0", "--strengths", "0,1"], "nothing for --strengths")]:
+        assert main([*head, *extra, "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+
+def test_arms_keep_the_stages_of_their_concept_spec():
+    from studio.generation import ConceptUse
+    from studio.prompts import StageStrengths, parse_concept_spec
+
+    use = ConceptUse(*parse_concept_spec("dir/pst.safetensors@0-4:0.8"))
+    assert use == ConceptUse("dir/pst.safetensors", 0.8, StageStrengths(on=(0, 1, 2, 3, 4)))
+    arms = arms_for_strengths(use, [0, 0.5])
+    assert [a.label for a in arms] == ["pst@0-4:0", "pst@0-4:0.5"]
+    assert [a.concepts[0] for a in arms] == [ConceptUse("dir/pst.safetensors", s, use.stages) for s in (0, 0.5)]
+    assert [a.label for a in arms_for_concepts([use, ConceptUse(*parse_concept_spec("pst:1,0.5"))])] == \
+        ["pst@0-4:0.8", "pst:1,0.5"]
+
+
+# ----------------------------------------------------------------------------------------------
 # The Compare tab's handlers (no gradio)
 # ----------------------------------------------------------------------------------------------
 

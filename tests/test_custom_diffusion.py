@@ -307,3 +307,165 @@ def test_default_rate_is_the_papers_on_sd15():
     cfg = CustomDiffusionConfig(class_word="cat")
     assert cfg.lr is None and cfg.batch_size == 2 and cfg.scale_lr
     assert cfg.lr_scale / SD15_KV_FAN_IN == pytest.approx(1e-5)  # per sample; × batch 2 = 2e-5 (diffusers --scale_lr)
+
+
+# -- the random-scale augmentation ---------------------------------------------------------------------------
+def test_scale_draws_follow_the_official_pipeline():
+    from trainers.custom_diffusion import SHRINK_PREFIXES, ZOOM_PREFIXES, draw_scale, scale_outcomes
+
+    # 512 px: the shrink branch (2/3) draws 343 sides in [170, 512], 137 of them (≤ 306, rounded up to even)
+    # below 0.6 × 512; the zoom branch (1/3) always enlarges
+    assert scale_outcomes(512) == pytest.approx({"shrink": 2 / 3 * 137 / 343, "keep": 2 / 3 * 206 / 343,
+                                                 "zoom": 1 / 3})
+    size, n = 64, 3000
+    gen = torch.Generator().manual_seed(0)
+    draws = [draw_scale(size, gen) for _ in range(n)]
+    for d in draws:
+        assert d.side % 2 == 0
+        if d.kind == "shrink":
+            assert 22 <= d.side < 0.6 * size and d.prefix in SHRINK_PREFIXES
+            assert 0 <= d.top <= size - d.side and 0 <= d.left <= size - d.side
+        elif d.kind == "zoom":
+            assert 76 <= d.side <= 88 and d.prefix in ZOOM_PREFIXES
+            assert 0 <= d.top <= d.side - size and 0 <= d.left <= d.side - size
+        else:
+            assert d.kind == "keep" and d.prefix == "" and 0.6 * size <= d.side <= size
+    for kind, p in scale_outcomes(size).items():
+        assert sum(d.kind == kind for d in draws) / n == pytest.approx(p, abs=0.03), kind
+    assert {d.prefix for d in draws} == {"", *SHRINK_PREFIXES, *ZOOM_PREFIXES}
+    # the rescaled outcomes only: no keep, shrink and zoom in their relative proportion
+    rescaled = [draw_scale(size, torch.Generator().manual_seed(s), rescaled_only=True) for s in range(600)]
+    assert {d.kind for d in rescaled} == {"shrink", "zoom"}
+    out = scale_outcomes(size)
+    share = sum(d.kind == "shrink" for d in rescaled) / len(rescaled)
+    assert share == pytest.approx(out["shrink"] / (out["shrink"] + out["zoom"]), abs=0.06)
+    # deterministic under the seed
+    again = torch.Generator().manual_seed(0)
+    assert [draw_scale(size, again) for _ in range(n)] == draws
+    other = torch.Generator().manual_seed(1)
+    assert [draw_scale(size, other) for _ in range(50)] != draws[:50]
+
+
+def test_a_shrunk_photo_sits_on_the_canvas_with_its_eroded_mask_and_a_zoom_is_a_window():
+    import torch.nn.functional as F
+
+    from trainers.custom_diffusion import ScaleDraw, apply_scale, valid_mask
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, 64, 64, generator=g) * 2 - 1
+    mask = (torch.rand(1, 64, 64, generator=g) > 0.3).float()
+    small = lambda x, s: F.interpolate(x[None], size=(s, s), mode="bilinear", antialias=True)[0]  # noqa: E731
+    shrink = ScaleDraw("shrink", 38, 5, 20, "very small ")
+    out, moved = apply_scale(pixels, mask, shrink)
+    assert out.shape == pixels.shape and moved is not None and moved.shape == mask.shape
+    assert torch.allclose(out[:, 5:43, 20:58], small(pixels, 38), atol=1e-6)
+    inside = torch.zeros(64, 64, dtype=torch.bool)
+    inside[5:43, 20:58] = True
+    assert out[:, ~inside].abs().max() == 0 and moved[:, ~inside].abs().max() == 0  # mid-gray canvas, no mask
+    assert torch.allclose(moved[:, 5:43, 20:58], small(mask, 38).clamp(0, 1), atol=1e-6)
+    # latent mask (8 px per latent pixel): rows ⌊5/8⌋+1 … ⌊43/8⌋−1, columns ⌊20/8⌋+1 … ⌊58/8⌋−1
+    expected = torch.zeros(1, 8, 8)
+    expected[:, 1:4, 3:6] = 1
+    assert torch.equal(valid_mask(shrink, 64, 8), expected)
+    corner = valid_mask(ScaleDraw("shrink", 30, 0, 0, "a far away "), 64, 8)  # rows and columns 1 … ⌊30/8⌋−1
+    assert corner.sum() == 1 and corner[0, 1, 1] == 1
+    assert valid_mask(ScaleDraw("shrink", 22, 0, 0, "a far away "), 64, 8).sum() == 0  # too small: no loss
+    # a zoom is a window of the enlarged photo, the whole of it scored
+    zoom = ScaleDraw("zoom", 80, 3, 7, "close up ")
+    out, moved = apply_scale(pixels, mask, zoom)
+    assert torch.allclose(out, small(pixels, 80)[:, 3:67, 7:71], atol=1e-6) and moved is not None
+    assert torch.allclose(moved, small(mask, 80)[:, 3:67, 7:71].clamp(0, 1), atol=1e-6)
+    assert torch.equal(valid_mask(zoom, 64, 8), torch.ones(1, 8, 8))
+    keep = ScaleDraw("keep", 64, 0, 0, "")
+    assert apply_scale(pixels, None, keep) == (pixels, None)
+
+
+def _photos(folder):
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(folder / f"{i}.png")
+    return folder
+
+
+def test_trainer_adds_the_rescaled_photos_with_their_prompts_masks_and_weights(tiny, tmp_path):
+    from trainers import get_trainer
+    from trainers.custom_diffusion import ScaleAugment, apply_scale, valid_mask
+
+    entry = get_trainer("custom-diffusion")
+    common = dict(images=str(_photos(tmp_path / "photos")), class_word="cat", batch_size=6, num_class_images=2,
+                  class_steps=1, class_cache_dir=str(tmp_path / "cls"), log_every=0, seed=3)
+
+    def make(**kw):
+        return entry.make_trainer(tiny, entry.resolve(**(common | kw)), "<new1>")
+
+    trainer = make()
+    try:
+        scale = trainer.scale
+        assert isinstance(scale, ScaleAugment) and scale.weight == pytest.approx((1 - scale.p_keep) / scale.p_keep)
+        assert trainer.prior().weight == pytest.approx(1.0 / scale.p_keep)  # λ_prior / p_keep
+        assert trainer.trainable()["scale_augment.step"].dtype == torch.int64
+        loss = trainer.extra_loss()
+        assert loss is not None and loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
+        loss.backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.embeddings)
+        last = scale.last
+        assert len(last["draws"]) == 6 and {d.kind for d in last["draws"]} <= {"shrink", "zoom"}
+        for draw, prompt in zip(last["draws"], last["prompts"]):
+            assert prompt == f"{draw.prefix}photo of a <new1> cat"  # the prefix in front of the instance prompt
+        assert last["masks"].shape == (6, 1, 16, 16)  # tiny: 32 px photos, 16 × 16 latents
+        pixels, _, _ = scale.batch()  # the same micro-step's draw again: the same photos
+        for k, draw in enumerate(last["draws"]):
+            assert torch.equal(last["masks"][k], valid_mask(draw, 32, 2))  # photos without masks: the valid area
+            moved, _ = apply_scale(pixels[k], None, draw)
+            assert moved.shape == (3, 32, 32)
+        first = (last["draws"], last["prompts"], last["examples"], last["flips"])
+        trainer.after_step()
+        scale.loss()
+        assert (scale.last["draws"], scale.last["prompts"]) != first[:2]  # a new step draws anew
+    finally:
+        trainer.teardown()
+    # the same seed draws the same rescaled photos, another seed others
+    for seed, same in ((3, True), (4, False)):
+        again = make(seed=seed)
+        try:
+            again.extra_loss()
+            drawn = (again.scale.last["draws"], again.scale.last["prompts"], again.scale.last["examples"],
+                     again.scale.last["flips"])
+            assert (drawn == first) is same
+        finally:
+            again.teardown()
+    off = make(scale_augment=False)
+    try:
+        assert off.scale is None and off.extra_loss() is None and off.prior().weight == 1.0
+        assert "scale_augment.step" not in off.trainable()
+    finally:
+        off.teardown()
+    with pytest.raises(StudioError, match="--scale-augment rescales square crops"):
+        entry.resolve(**(common | {"buckets": True}))
+
+
+def test_a_resumed_run_draws_the_same_rescaled_photos(tiny, tmp_path):
+    from trainers import get_trainer
+    from trainers.loop import run_training
+
+    entry = get_trainer("custom-diffusion")
+    photos = _photos(tmp_path / "photos")
+
+    def run(steps, **kw):
+        cfg = entry.resolve(images=str(photos), class_word="cat", token="<new1>", steps=steps, batch_size=2,
+                            grad_accum=2, lr=1e-2, token_lr=1e-2, prior_preservation=False, log_every=0, seed=0,
+                            probe=False, checkpoint_dir=str(tmp_path / "ckpt"), **kw)
+        trainer = entry.make_trainer(tiny, cfg, "<new1>")
+        return run_training(tiny, trainer, cfg, method=entry.method, save=False).concept.tensors
+
+    whole = run(4)
+    run(2, checkpoint_every=1, keep_checkpoints=5)
+    resumed = run(4, resume="latest")
+    assert resumed.keys() == whole.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=0, atol=0)
+    plain = run(4, scale_augment=False)
+    assert any(not torch.equal(plain[k], whole[k]) for k in whole)  # the rescaled photos did train

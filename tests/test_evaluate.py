@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -243,6 +244,60 @@ def test_cli_sweep_stores_a_strength(tiny, tmp_path, clip_dir, photos, concept_f
     assert (out / "strength-0" / "report.json").is_file() and (out / "strength-1" / "contact_sheet.png").is_file()
     concept = load_concept(concept_file)
     assert concept.strength in (0.0, 1.0) and concept.metrics["sweep"]["recommended"] == concept.strength
+
+
+def test_cli_evaluate_takes_the_per_stage_concept_spec(tiny, tmp_path, clip_dir, photos, concept_file, capsys):
+    """``--concept FILE@0-4:0.7`` (generate's parser) renders exactly what ``<aa@0-4:0.7>`` written in the prompt
+    renders, and the report and each image record the per-stage strengths."""
+    from studio.methods.prospect import random_concept
+
+    path = save_concept(random_concept(tiny, "<aa>", 9), tmp_path / "aa.safetensors")
+    (tmp_path / "spec.txt").write_text("a photo of {} on the beach\n")
+    (tmp_path / "written.txt").write_text("a photo of <aa@0-4:0.7> on the beach\n")
+    common = ["evaluate", "--base", "tiny", "--clip-model", str(clip_dir), "--images", str(photos), "--seeds", "2",
+              "--steps", "3", "--guidance", "1", "--no-write"]
+    assert main([*common, "--concept", f"{path}@0-4:0.7", "--prompts", str(tmp_path / "spec.txt"),
+                 "--out", str(tmp_path / "spec")]) == 0
+    assert main([*common, "--concept", str(path), "--prompts", str(tmp_path / "written.txt"),
+                 "--out", str(tmp_path / "written")]) == 0
+    report = json.loads((tmp_path / "spec" / "report.json").read_text())
+    assert report["settings"]["strengths"] == {"aa": 0.7}
+    assert report["settings"]["stages"] == {"aa": [0.7] * 5 + [0.0] * 5}
+    spec_images = sorted((tmp_path / "spec" / "images").glob("*.png"))
+    written_images = sorted((tmp_path / "written" / "images").glob("*.png"))
+    assert len(spec_images) == len(written_images) == 2
+    for a, b in zip(spec_images, written_images):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), (a.name, b.name)
+        info = json.loads(Image.open(a).info["studio"])
+        assert info["concepts"][0]["stages"] == [0.7] * 5 + [0.0] * 5
+        assert "<aa>:0.7@0.7,0.7,0.7,0.7,0.7,0,0,0,0,0" in Image.open(a).info["parameters"]
+    # all stages on at the concept's strength is not the layout-only image
+    assert main([*common, "--concept", str(path), "--prompts", str(tmp_path / "spec.txt"), "--out",
+                 str(tmp_path / "all")]) == 0
+    every = sorted((tmp_path / "all" / "images").glob("*.png"))
+    assert any(not np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+               for a, b in zip(spec_images, every))
+    capsys.readouterr()
+    # a concept without stages, and a sweep over one strength per stage: one-line errors
+    for argv, message in [(["--concept", f"{concept_file}@0-4"], "no denoising stages"),
+                          (["--concept", f"{path}:1,1,1,1,1,0,0,0,0,0", "--sweep", "0,1"], "a sweep varies one")]:
+        assert main([*common, *argv, "--prompts", str(tmp_path / "spec.txt"), "--out", str(tmp_path / "e")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_evaluation_renders_what_generate_renders(tiny):
+    """The evaluation's renderer edits what ``generate`` edits: a Perfusion concept (whose hook edits only the
+    conditional CFG rows) gives ``generate``'s pixels, prompt, seed and settings being equal."""
+    from studio.evaluation.render import render_images
+    from studio.generation import GenerateConfig, generate
+    from tests.method_cases import make_perfusion
+
+    concept = make_perfusion(tiny, "<pp>", 0)
+    prompt = "a photo of <pp> on the beach"
+    via_eval = render_images(tiny, [(concept, None, "pp")], [prompt], seeds=1, seed=4, steps=2, guidance=3.0)
+    via_generate = generate(tiny, GenerateConfig(prompt=prompt, seed=4, steps=2, guidance=3.0), [(concept, None, "pp")])
+    assert np.array_equal(np.asarray(via_eval[prompt][0]), np.asarray(via_generate[0]))
 
 
 def _prompt_file(tmp_path: Path) -> Path:

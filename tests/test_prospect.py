@@ -382,3 +382,23 @@ def test_training_changes_only_the_stage_vectors_and_exports(tiny_bases, images,
     assert store_of(base.pipe.unet) is None and not token_table(base.pipe).entries
     handle = get_method("prospect").apply(base, concept, strength=1.0)  # the result applies on its base
     handle.remove()
+
+
+def test_measured_initialisation_scores_both_starts_and_keeps_the_lower(tiny, images):
+    """``init auto`` (the default): class and cross are scored by the probe's denoising loss, the lower is
+    the start of every stage, and both scores go into the concept's ``studio.train``."""
+    from trainers import get_trainer
+    from trainers.loop import run_training
+
+    entry = get_trainer("prospect")
+    cfg = entry.resolve(images=str(images), class_word="cat", token="<pp>", log_every=0, budget="fixed", steps=1,
+                        batch_size=1, lr=0.0, stages=4)
+    assert cfg.init == "auto"
+    trainer = entry.make_trainer(tiny, cfg, "<pp>")
+    result = run_training(tiny, trainer, cfg, method=entry.method, save=False)
+    train = result.concept.train
+    scores = train["init_scores"]
+    assert set(scores) == {"class", "cross"} and scores["class"] != scores["cross"]
+    assert train["init_chosen"] == min(scores, key=scores.get)
+    start = trainer._initial_vectors(train["init_chosen"])[0]  # lr 0: the table is still its start
+    assert torch.equal(stage_tables(result.concept)[0], start[None].expand(4, -1).to(torch.float32))

@@ -36,16 +36,42 @@ def tokenize(tokenizer: Any, prompts: list[str], device: torch.device) -> torch.
                      return_tensors="pt").input_ids.to(device)
 
 
-def encode_prompts(pipe: Any, prompts: list[str], *, resolution: int, device: torch.device) -> Conditioning:
+class TokenCache:
+    """Token ids of prompts, each prompt tokenized once per tokenizer state: a training run draws its
+    prompts from a few templates × captions, and tokenizing them again every step is Python work that a
+    small base notices. Rows are tokenized alone (padded to the tokenizer's max length), so a batch is the
+    same ``(B, 77)`` ids :func:`tokenize` gives. Keyed by tokenizer and its length, so tokens added or
+    removed meanwhile never serve stale ids."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple[int, int, str, torch.device], torch.Tensor] = {}
+
+    def __call__(self, tokenizer: Any, prompts: list[str], device: torch.device) -> torch.Tensor:
+        """(B, 77) long ids of ``prompts`` on ``device``."""
+        rows = []
+        for prompt in prompts:
+            key = (id(tokenizer), len(tokenizer), prompt, torch.device(device))
+            row = self._rows.get(key)
+            if row is None:
+                row = self._rows[key] = tokenize(tokenizer, [prompt], device)[0]
+            rows.append(row)
+        return torch.stack(rows)
+
+
+def encode_prompts(pipe: Any, prompts: list[str], *, resolution: int, device: torch.device,
+                   ids: TokenCache | None = None) -> Conditioning:
+    """The UNet's text conditioning of ``prompts`` (see the module docstring), through the encoders with
+    gradients where they train. ``ids``: a run's :class:`TokenCache` (the same ids, tokenized once)."""
     if hasattr(pipe, "transformer") and getattr(pipe, "unet", None) is None:  # SD 3 / FLUX (trainers.flow)
         return encode_flow_prompts(pipe, prompts, device)
+    token_ids = ids or tokenize
     pairs = text_encoders(pipe)
     if len(pairs) == 1:
         tok, te = pairs[0]
-        return Conditioning(te(tokenize(tok, prompts, device))[0])
+        return Conditioning(te(token_ids(tok, prompts, device))[0])
     hidden, pooled = [], None
     for tok, te in pairs:
-        out = te(tokenize(tok, prompts, device), output_hidden_states=True)
+        out = te(token_ids(tok, prompts, device), output_hidden_states=True)
         hidden.append(out.hidden_states[-2])
         pooled = out[0]  # the last encoder's projected pooled output
     time_ids = square_time_ids(resolution, len(prompts), device=device, dtype=hidden[0].dtype)

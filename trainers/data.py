@@ -103,6 +103,13 @@ def load_image_folder(folder: str | os.PathLike[str], resolution: int, *, min_im
     return [_load_example(p, resolution, buckets) for p in images]
 
 
+def load_image_files(paths: list[Path], resolution: int) -> list[Example]:
+    """Load exactly ``paths``, in this order, as :func:`load_image_folder` loads a folder's images (square
+    ``resolution`` crops, sidecar captions and masks): e.g. the class images a run uses out of a cache
+    folder that may hold more."""
+    return [_load_example(Path(p), resolution) for p in paths]
+
+
 def _open(path: Path) -> Image.Image:
     """Decoded, upright, in mode RGB/RGBA/L; too large (:data:`MAX_PIXELS`, checked from the header
     before decoding), corrupt or not an image → a :class:`DatasetError` naming the file."""

@@ -4,7 +4,8 @@ A method supplies a :class:`MethodTrainer` (its trainable parameters, how prompt
 conditioning, extra losses, and ``export() -> Concept``); this loop does the rest:
 
 1. validate and load the image folder; encode it with the VAE **once** (latent mean and std of
-   every image and of its mirror image — a fresh latent sample is drawn from them each step);
+   every image and of its mirror image — a fresh latent sample is drawn from them each step;
+   each image when first drawn, and kept on disk for the next run: :mod:`trainers.latents`);
    with ``--buckets`` each image keeps its own aspect ratio (:mod:`trainers.buckets`): batches are
    drawn within one bucket and SDXL's ``time_ids`` carry each image's size and crop;
 2. draw every random number from one seeded ``torch.Generator`` (images, flips, templates,
@@ -53,7 +54,7 @@ from trainers.checkpoint import (
 from trainers.conditioning import Conditioning, with_time_ids
 from trainers.data import Example, load_image_folder
 from trainers.flow import FLOW_DEFAULTS, FlowFit
-from trainers.latents import encode_examples
+from trainers.latents import LatentStore, encode_examples
 from trainers.precision import Precision, check_trainable, precision_note
 from trainers.probe import AutoBudget, DenoisingProbe, verdict
 
@@ -102,7 +103,8 @@ class CommonTrainConfig:
     preview_prompt: str | None = option(None, "preview prompt (default: 'a photo of {}')", group="previews")
     log_every: int = option(10, "report the loss every N steps", group="previews")
     budget: str = option("auto", "auto: measure the denoising gain every --probe-every steps and stop when it stops "
-                         "improving (--steps is then the cap), keeping the best step; fixed: train --steps steps",
+                         "improving (--steps is then the cap), keeping the latest step tied with the best; "
+                         "fixed: train --steps steps",
                          choices=["auto", "fixed"], group="training")
     probe_every: int = option(0, "with --budget auto: steps between measurements (0 = a tenth of --steps, at "
                               "least 10)", group="training")
@@ -309,6 +311,17 @@ def _hashed_config(cfg: CommonTrainConfig) -> dict[str, Any]:
     return values
 
 
+def _gain_at_start(probe: DenoisingProbe, trainer: MethodTrainer) -> float:
+    """``probe.gain(trainer)`` before step 1. When the measured initialization has just taken L(concept) of
+    the start it chose on this probe (``trainer.start_loss``: the same tensors on the same fixed samples,
+    so the same number), only L(class) is measured here: one probe pass instead of two."""
+    known = getattr(trainer, "start_loss", None)
+    if known is None or known[0] is not probe:
+        return probe.gain(trainer)
+    plain = probe.loss(trainer, concept=False)
+    return 1.0 - known[1] / max(plain, 1e-12)  # DenoisingProbe.gain's ratio (tests/test_startup.py holds them equal)
+
+
 def checkpoint_folder(checkpoint_dir: str | None, out: str | None) -> Path | None:
     """Where a run's checkpoints go: ``checkpoint_dir``, else ``OUT.checkpoints/`` beside the output."""
     if checkpoint_dir:
@@ -338,12 +351,15 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     # 1. data, encoded once.
     if examples is None:
         examples = load_training_images(cfg, base)
-    cache = encode_examples(pipe.vae, examples, device, pipe.vae.dtype)
+    # each example when first needed (the probe needs them all), read from the store if encoded before
+    store = LatentStore.for_base(base)
+    cache = encode_examples(pipe.vae, examples, device, pipe.vae.dtype, lazy=True, store=store)
     if not cfg.buckets and not cache.uniform:
         raise TrainingError("The training images were prepared at different sizes; train them with --buckets.")
     n_examples = len(examples)
     prior: PriorSet | None = trainer.prior() if hasattr(trainer, "prior") else None
-    prior_cache = encode_examples(pipe.vae, prior.examples, device, pipe.vae.dtype) if prior else None
+    prior_cache = encode_examples(pipe.vae, prior.examples, device, pipe.vae.dtype, lazy=True, store=store) \
+        if prior else None
     if prior_cache is not None and not prior_cache.uniform:
         raise TrainingError("The class images were prepared at different sizes; they must share one size.")
     # SD 3 / FLUX: only the number of levels is read (trainers.flow turns the loop's draws into σ)
@@ -364,7 +380,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                                resolution=resolution, seed=cfg.seed)
         if hasattr(trainer, "choose_init"):
             trainer.choose_init(probe, cb.on_log)
-        gain_start = probe.gain(trainer)
+        gain_start = _gain_at_start(probe, trainer)
     if hasattr(trainer, "announce"):  # what the method derived from this base (effective rates), before step 1
         trainer.announce(cb.on_log)
     # 3. optimizer over exactly the method's parameters.
@@ -375,6 +391,7 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
         cb.on_log(note)
     optimizer = _optimizer(cfg, trainer.param_groups())
     optimizer = acc.prepare_optimizer(optimizer, device_placement=False)
+    stepper = _stepped(optimizer, acc)  # what the step path calls (checkpoints keep the prepared one)
     rng = torch.Generator().manual_seed(cfg.seed)
     world, rank = acc.num_processes, acc.process_index
     meta = {"method": method, "config_hash": config_hash(_hashed_config(cfg)), "data": data_digest(examples)}
@@ -430,8 +447,9 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                 flips = torch.randint(2, (bg,), generator=rng) if cfg.flip else torch.zeros(bg, dtype=torch.long)
                 tpl = torch.randint(len(templates), (bg,), generator=rng)
                 timesteps = torch.randint(n_train_t, (bg,), generator=rng)
-                eps_lat = torch.randn((bg, *cache.shape(int(idx[0]))), generator=rng)
-                noise = _noise(rng, (bg, *cache.shape(int(idx[0]))), cfg.noise_offset)
+                shape = cache.shape(int(idx[0]))
+                eps_lat = torch.randn((bg, *shape), generator=rng)
+                noise = _noise(rng, (bg, *shape), cfg.noise_offset)
                 sl = slice(rank * cfg.batch_size, (rank + 1) * cfg.batch_size)
                 idx, flips, tpl, timesteps, eps_lat, noise = (x[sl] for x in (idx, flips, tpl, timesteps, eps_lat, noise))
                 latents = cache.sample(idx, flips, eps_lat)
@@ -477,23 +495,24 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                     loss = loss + prior.weight * per[n_inst:].mean()
                 extra = trainer.extra_loss()
                 total_loss = loss + extra if extra is not None else loss
-                if not torch.isfinite(total_loss.detach()):
+                value = float(total_loss.detach())  # the one read of the loss per micro-step: guard and log
+                if not math.isfinite(value):
                     where = _last_good(ckpt_dir)
-                    raise TrainingError(f"The loss became {float(total_loss.detach())} at step {step + 1} (learning rate too "
+                    raise TrainingError(f"The loss became {value} at step {step + 1} (learning rate too "
                                         f"high?); training stopped before the bad update{where}. Lower --lr and "
                                         "resume.")
                 precision.backward(total_loss / cfg.grad_accum)  # scaled under fp16
-                step_loss += float(total_loss.detach()) / cfg.grad_accum
+                step_loss += value / cfg.grad_accum
             # 4. average gradients over processes (exactly DDP's mean), then step.
             for p in trainable.values():
                 if p.grad is not None and world > 1:
                     p.grad = acc.reduce(p.grad, reduction="mean")
-            precision.unscale(optimizer)  # fp16: true gradients before clipping
+            precision.unscale(stepper)  # fp16: true gradients before clipping
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(list(trainable.values()), cfg.max_grad_norm)
-            precision.step(optimizer)  # fp16: skipped when a gradient overflowed
-            optimizer.zero_grad(set_to_none=True)
-            if not all(torch.isfinite(p).all() for p in trainable.values()):
+            precision.step(stepper)  # fp16: skipped when a gradient overflowed
+            stepper.zero_grad(set_to_none=True)
+            if not _all_finite(trainable.values()):
                 where = _last_good(ckpt_dir)
                 raise TrainingError(f"The weights became NaN/inf at step {step + 1} (learning rate too high?){where}.")
             trainer.after_step()
@@ -562,6 +581,10 @@ class _Fit:
     scheduler: Any
     prediction: str
     precision: Precision
+    dtype: torch.dtype = field(init=False)  # the UNet's, read once: diffusers walks every module to find it
+
+    def __post_init__(self) -> None:
+        self.dtype = self.unet.dtype
 
     def per_sample(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning,
                    mask: torch.Tensor | None) -> torch.Tensor:
@@ -571,7 +594,7 @@ class _Fit:
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         target = noise if self.prediction == "epsilon" else self.scheduler.get_velocity(latents, noise, timesteps)
         with self.precision.autocast():
-            pred = self.unet(noisy.to(self.unet.dtype), timesteps, cond.encoder_hidden_states,
+            pred = self.unet(noisy.to(self.dtype), timesteps, cond.encoder_hidden_states,
                              added_cond_kwargs=cond.added_cond_kwargs).sample
         err = (pred.float() - target.float()) ** 2
         if mask is None:
@@ -579,6 +602,31 @@ class _Fit:
         n = len(mask)
         per = (err[:n] * mask).sum(dim=(1, 2, 3)) / (mask.sum(dim=(1, 2, 3)) * err.shape[1]).clamp(min=1e-6)
         return torch.cat([per, err[n:].mean(dim=(1, 2, 3))])
+
+
+def _stepped(optimizer: Any, acc: Any) -> Any:
+    """The optimizer the step path calls: the one ``accelerate`` wrapped, when its wrapper would only
+    forward ``step`` / ``zero_grad`` to it — no loss scaler of its own (mixed precision is the run's own,
+    :mod:`trainers.precision`), not on XLA, gradients always in sync (the loop accumulates itself) — after
+    bookkeeping on every call (package look-ups, signature inspection) that on a small base costs more than
+    the AdamW update. Otherwise the wrapper itself."""
+    from accelerate.utils import DistributedType
+
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is None or getattr(optimizer, "scaler", None) is not None or acc.distributed_type == DistributedType.XLA:
+        return optimizer
+    return inner
+
+
+def _all_finite(tensors: Any) -> bool:
+    """True when no value of ``tensors`` (parameters of any shape) is NaN or ±inf: the largest magnitude
+    over all of them (``torch.nn.utils.get_total_norm`` with ``inf``: one reduction per device and dtype,
+    NaN propagating) is finite exactly then — one read of the device per step, not one per tensor.
+    Integer tensors (run state) are always finite; empty ones have nothing to check."""
+    floats = [t.detach() for t in tensors if t.is_floating_point() and t.numel()]
+    if not floats:
+        return True
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(floats, norm_type=math.inf)))
 
 
 def _rows(cond: Conditioning, rows: slice) -> Conditioning:

@@ -56,11 +56,11 @@ from studio.methods.lora.keys import (
     kohya_tensors,
     te_path,
 )
-from studio.methods.runtime import text_encoders, token_table
+from studio.methods.runtime import text_encoders
 from studio.models.profile import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from trainers.classdiffusion import check_trainable_text, class_counterparts, semantic_preservation_loss
-from trainers.conditioning import Conditioning, encode_prompts
-from trainers.data import Example, load_image_folder
+from trainers.conditioning import Conditioning, TokenCache, encode_prompts
+from trainers.data import Example, load_image_files, load_image_folder
 from trainers.entry import TrainerEntry
 from trainers.flow import FlowOptions
 from trainers.freezing import freeze_pipeline, unfreeze
@@ -111,7 +111,10 @@ class DreamBoothConfig(FlowOptions, CommonTrainConfig):
     text_encoder_lr: float | None = option(None, "text-encoder learning rate (default: --lr if given, else "
                                            "--lr-scale / the text encoder's fan-in)", group="lora")
     instance_prompt: str = option("a photo of a {}", "instance prompt; {} = identifier + class word", group="concept")
-    use_templates: bool = option(False, "vary the instance prompt with --templates instead", group="concept")
+    use_templates: bool = option(True, "vary the instance prompt over --templates (on by default: with one fixed "
+                                 "prompt the identifier also binds the photos' backgrounds — measured on the "
+                                 "learnable bases, README \"Defaults that learn\"); off = --instance-prompt only",
+                                 group="concept")
     prior_preservation: bool = option(True, "train on class images too (keeps the class word's meaning)", group="prior")
     prior_weight: float = option(1.0, "w_prior: weight of the class-image loss", group="prior")
     class_prompt: str | None = option(None, "class prompt (default: 'a photo of a CLASS_WORD')", group="prior")
@@ -168,15 +171,18 @@ class DreamBoothConfig(FlowOptions, CommonTrainConfig):
 
 PRESETS = {
     # Rates in units of 1/fan-in (trainers.rates): the values in comments are SD 1.5's.
-    "lora": dict(full=False, train_text_encoder=True, steps=500, lr_scale=0.078, rank=8),  # 1e-4
-    # diffusers' DreamBooth-LoRA example's recipe: rank 4, UNet only
-    "lora-unet-only": dict(full=False, train_text_encoder=False, steps=500, lr_scale=0.078, rank=4),  # 1e-4
-    "full": dict(full=True, train_text_encoder=False, steps=800, lr_scale=0.0039),  # 5e-6
-    "full-text-encoder": dict(full=True, train_text_encoder=True, steps=800, lr_scale=0.00155),  # 2e-6
+    "lora": dict(full=False, train_text_encoder=True, steps=500, lr_scale=0.078, rank=8, use_templates=True),  # 1e-4
+    # diffusers' DreamBooth-LoRA example's recipe: rank 4, UNet only, one fixed instance prompt
+    "lora-unet-only": dict(full=False, train_text_encoder=False, steps=500, lr_scale=0.078, rank=4,
+                           use_templates=False),  # 1e-4
+    # the paper's full fine-tune: one fixed instance prompt
+    "full": dict(full=True, train_text_encoder=False, steps=800, lr_scale=0.0039, use_templates=False),  # 5e-6
+    "full-text-encoder": dict(full=True, train_text_encoder=True, steps=800, lr_scale=0.00155,
+                              use_templates=False),  # 2e-6
     # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
     # learning tests train with it (README, learning table).
     "demo-world": dict(full=False, train_text_encoder=True, steps=200, lr=2e-3, batch_size=4, rank=8,
-                       num_class_images=48, class_steps=20, class_guidance=4.0, prior_weight=1.0),
+                       num_class_images=48, class_steps=20, class_guidance=4.0, prior_weight=1.0, use_templates=False),
 }
 # ClassDiffusion (trainers.classdiffusion): the demo world's DreamBooth recipe with the semantic preservation
 # loss on, beside prior preservation. λ = 0.01 (the low end of the paper's sweep): measured on the world,
@@ -237,8 +243,7 @@ def class_prior(base: Any, cfg: Any, resolution: int) -> PriorSet | None:
     else:
         paths = ensure_class_images(base, prompt, resolution, cfg.num_class_images, root=cfg.class_cache_dir,
                                     steps=cfg.class_steps, guidance=cfg.class_guidance, batch_size=cfg.class_batch_size)
-        wanted = set(paths)
-        examples = [e for e in load_image_folder(paths[0].parent, resolution, max_images=10**6) if e.path in wanted]
+        examples = load_image_files(paths, resolution)  # these only: the cache folder may hold more
     return PriorSet(examples=examples, prompts=[e.caption or prompt for e in examples], weight=cfg.prior_weight)
 
 
@@ -250,7 +255,10 @@ class _DreamBoothTrainer:
         self.base, self.cfg, self.token = base, cfg, token
         pipe = base.pipe
         self.denoiser = base.denoiser  # the UNet, or the SD 3 / FLUX transformer
-        if token_table(pipe).entries or getattr(pipe, "_studio_lora", None) or getattr(self.denoiser, "peft_config", None):
+        # the pipeline's token table if it has one (making one here would copy every tokenizer for nothing)
+        table = getattr(pipe, "_studio_tokens", None)
+        if (table is not None and table.entries) or getattr(pipe, "_studio_lora", None) \
+                or getattr(self.denoiser, "peft_config", None):
             raise TrainingError("Remove applied concepts from the pipeline before training.")
         self.text = plain_prompt_text(Concept(method=LoRA.name, tokens=[token], tensors={},
                                               class_word=cfg.class_word or ""), 1.0)
@@ -270,6 +278,7 @@ class _DreamBoothTrainer:
             self.lrs[1:] = [cfg.text_encoder_lr] * (len(self.fan_in) - 1)
         self._flags = freeze_pipeline(pipe)
         self._text_cache: dict[str, Conditioning] = {}
+        self._ids = TokenCache()  # with a trained text encoder: each prompt tokenized once
         self._spl_pairs: tuple[list[str], list[str]] | None = None  # (concept prompts, class prompts) of this step
         self._te_checkpointing = cfg.gradient_checkpointing and cfg.train_text_encoder
         if self._te_checkpointing:
@@ -316,7 +325,7 @@ class _DreamBoothTrainer:
         encoded once, alone (batch of one, so the values never depend on the batch it came in)."""
         pipe, device = self.base.pipe, self.base.device
         if self.cfg.train_text_encoder or not self.cfg.cache_text_embeddings:
-            return encode_prompts(pipe, prompts, resolution=resolution, device=device)
+            return encode_prompts(pipe, prompts, resolution=resolution, device=device, ids=self._ids)
         for p in dict.fromkeys(prompts):
             if p not in self._text_cache:
                 with torch.no_grad():

@@ -3,7 +3,9 @@
 
 The model (README, "Memory"). The run's phases follow each other; its peak is the largest:
 
-* ``encode``       = weights + trained + the VAE encoding the photos (2 images a call, no gradient);
+* ``encode``       = weights + trained + the VAE encoding the photos (2 images a call, no gradient); a photo
+  is encoded when first drawn (:mod:`trainers.latents`), so — unless the probe encodes them all before
+  step 1 and there are no class images — the optimizer state is counted here too;
 * ``probe``        = weights + trained + the probe's no-gradient UNet passes (8 rows; also textual
   inversion's measured initialisation);
 * ``class images`` = weights + DreamBooth generating its class images when they are not cached
@@ -197,7 +199,10 @@ def estimate(entry_or_method: TrainerEntry | str, base: Any, cfg: Any = None, *,
     temp = optimizer_temporaries(cfg.optimizer, sizes, layout.device.type)
     weights = _weights(layout, dtype) + plan.extra_weights - _bytes(dtype) * plan.base_trained
     persistent = weights + trainable + plan.extra_state
-    phases = {"encode": persistent + encode.peak, "step": persistent + state + step.peak,
+    # photos (and class images) are encoded when first drawn, beside the optimizer state, unless the probe
+    # needs every photo before step 1 and no class image is drawn later (trainers.latents)
+    lazy = not (cfg.probe and plan.probe) or bool(getattr(cfg, "prior_preservation", False))
+    phases = {"encode": persistent + encode.peak + (state if lazy else 0), "step": persistent + state + step.peak,
               "update": persistent + trainable + state + temp}
     if probe.peak:
         phases["probe"] = persistent + probe.peak
@@ -379,7 +384,7 @@ def table_rows(est: MemoryEstimate) -> list[tuple[str, str]]:
         (f"activations (forward + backward, {est.rows} × {est.resolution} px"
          f"{', checkpointed' if est.gradient_checkpointing else ''})", human(est.activations)),
         ("  of which text encoder(s)", human(est.text_encoder)),
-        ("encoding the photos (VAE, before training)", human(est.vae_encode)),
+        ("encoding the photos (VAE, each when first drawn)", human(est.vae_encode)),
     ]
     if est.probe:
         rows.append((f"probe (no gradient, {PROBE_ROWS} rows)", human(est.probe)))

@@ -176,6 +176,11 @@ class AutoBudget:
     flat for its first hundred-odd steps and then rises — a plateau rule alone stopped it there
     (world-b seed 0: stopped at step 150, gain +0.006, fidelity 0.00). The curve of (step, gain) is kept.
 
+    The step kept is the **latest** one whose gain is within ``min_delta`` of the best: the gain is a
+    proxy measured on 16 noises, so steps within its resolution are a tie, and along a tie the
+    concept keeps learning what the gain no longer shows (Perfusion on world-b, seed 1: gain
+    +0.153 at step 160 and +0.156 at 240, fidelity 0.47 at 160 but 0.64 after 400 steps).
+
     The best tensors live in buffers allocated once (``trainable``'s shapes) — unless they would hold
     more than ``keep_limit`` elements (a whole-model fine-tune), when the run still stops on a plateau
     but keeps its last step. :meth:`state` and :meth:`tensors` go into checkpoints, so a resumed run
@@ -188,6 +193,7 @@ class AutoBudget:
         self.probe, self.every, self.patience, self.min_delta = probe, max(1, every), patience, min_delta
         self.curve: list[tuple[int, float]] = []
         self.best_gain, self.best_step, self.stale, self.has_best = float("-inf"), 0, 0, False
+        self.keep_step = 0  # the latest measured step within min_delta of the best: what the run keeps
         keep = sum(v.numel() for v in trainable.values()) <= keep_limit
         self._best = {k: v.detach().clone() for k, v in trainable.items()} if keep else None
 
@@ -200,24 +206,32 @@ class AutoBudget:
         self.curve.append((step, round(gain, 4)))
         if log is not None:
             log(f"step {step}: denoising gain {gain:+.3f} (best so far {max(gain, self.best_gain):+.3f})")
-        if gain > self.best_gain + self.min_delta or not self.has_best:
+        improved = gain > self.best_gain + self.min_delta or not self.has_best
+        if improved:
             self.best_gain, self.best_step, self.stale, self.has_best = gain, step, 0, True
+        else:
+            self.stale += 1
+        if improved or gain >= self.best_gain - self.min_delta:  # a new best, or a tie with it: keep the later
+            self.keep_step = step
             if self._best is not None:
                 with torch.no_grad():
                     for k, v in trainable.items():
                         self._best[k].copy_(v)
-        else:
-            self.stale += 1
         return self.stale >= self.patience and self.best_gain >= LEARNED_GAIN
 
+    def _restores(self) -> bool:
+        """True when the kept step is not the last measured one (its buffers then hold other tensors)."""
+        return self._best is not None and self.has_best and self.keep_step != self.curve[-1][0]
+
     def restore_best(self, trainable: dict[str, torch.Tensor]) -> None:
-        """Put the best measured step's tensors back (nothing when the last measurement was the best,
-        or when the tensors were too large to keep)."""
-        if self._best is None or not self.has_best or self.stale == 0:
+        """Put the kept step's tensors back (nothing when the last measurement was kept, or when the
+        tensors were too large to keep)."""
+        best = self._best
+        if best is None or not self._restores():
             return
         with torch.no_grad():
             for k, v in trainable.items():
-                v.copy_(self._best[k])
+                v.copy_(best[k])
 
     def kept_best(self) -> bool:
         return self._best is not None
@@ -225,19 +239,20 @@ class AutoBudget:
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the watch besides :meth:`tensors` (JSON)."""
         return {"curve": [list(p) for p in self.curve], "best_gain": self.best_gain, "best_step": self.best_step,
-                "stale": self.stale, "has_best": self.has_best}
+                "stale": self.stale, "has_best": self.has_best, "keep_step": self.keep_step}
 
     def load_state(self, state: dict[str, Any] | None) -> None:
         if state:
             self.curve = [(int(a), float(b)) for a, b in state["curve"]]
             self.best_gain, self.best_step = float(state["best_gain"]), int(state["best_step"])
             self.stale, self.has_best = int(state["stale"]), bool(state["has_best"])
+            self.keep_step = int(state.get("keep_step", self.best_step))  # checkpoints before the tie rule
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The best-step buffers under checkpoint names (loaded back in place on resume)."""
         return {self.PREFIX + k: v for k, v in (self._best or {}).items()}
 
     def record(self, steps_run: int) -> dict[str, Any]:
-        kept = self.best_step if self.stale and self.kept_best() else steps_run
+        kept = self.keep_step if self._restores() else steps_run
         return {"steps_run": steps_run, "kept_step": kept,
                 "curve": [list(p) for p in self.curve], "every": self.every}

@@ -10,13 +10,16 @@ batch's timesteps, the hook puts the vector of each sample's stage at the trigge
 batch in one text-encoder pass with gradients. Objective: the plain ε (or v) MSE of the shared loop —
 the paper's only loss; each sample's gradient reaches only the row of its timestep's stage.
 
-Initialisation (``init``): ``class`` (default) — every stage starts at the class word's input
+Initialisation (``init``): ``auto`` (default) measures both starts below by the probe's denoising
+loss of the training photos (``trainers.probe``, the same fixed noises textual inversion and
+Perfusion score their starts with) and keeps the lower; both scores go into the concept's
+``studio.train`` (``init_scores``). ``class`` — every stage starts at the class word's input
 embedding (the mean over its tokens), as the paper starts its mapper from the initializer word.
 That start is also the strength-0 point of the method (``e_class + s·(p − e_class)``), so an untrained
 concept is exactly the class word at every strength and per-stage strengths interpolate from it.
 ``cross`` starts every stage from Cross Initialization's vector (the encoder's output for the class
 word, fed back as input; :func:`trainers.textual_inversion.initial_vectors`) — on the demo world it
-learned less in the same steps (README, "ProSpect"), so it is an option, not the default.
+learned less in the same steps (README, "ProSpect"), and the measurement picks ``class`` there.
 
 Learning rate: as textual inversion, ``lr_scale ×`` the RMS of the initializer word's input
 embedding on this base, unless ``--lr`` is given (the optimizer's value as is). The paper's 1e-4 is
@@ -69,9 +72,10 @@ class ProSpectTrainConfig(CommonTrainConfig):
     batch_size: int = option(8, "images per step per process", group="training")
     stages: int = option(DEFAULT_STAGES, "denoising stages, one token vector each (stage 0 = the noisiest "
                          "timesteps: layout; the last = the least noisy: detail, material)", group="concept")
-    init: str = option("class", "initialisation of every stage: class (the class word's input embedding, the "
-                       "strength-0 point) or cross (Cross Initialization's encoder output)",
-                       choices=["class", "cross"], group="concept")
+    init: str = option("auto", "initialisation of every stage: auto (class and cross scored by the denoising loss "
+                       "of the photos, the lower kept), class (the class word's input embedding, the strength-0 "
+                       "point) or cross (Cross Initialization's encoder output)",
+                       choices=["auto", "class", "cross"], group="concept")
 
     def derives_lr(self) -> bool:
         return True
@@ -90,9 +94,9 @@ class ProSpectTrainConfig(CommonTrainConfig):
 PRESETS = {
     # The studio's defaults: 10 stages (the paper), class-word start, 600 steps (the paper's count) at
     # batch 8 and textual inversion's rate in embedding units.
-    "default": dict(stages=10, init="class", steps=600, lr_scale=0.35, batch_size=8),
+    "default": dict(stages=10, init="auto", steps=600, lr_scale=0.35, batch_size=8),
     # A quick CPU run.
-    "cpu": dict(stages=10, init="class", steps=150, lr_scale=0.35, batch_size=4),
+    "cpu": dict(stages=10, init="auto", steps=150, lr_scale=0.35, batch_size=4),
     # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there: the
     # learning test trains with it (tests/learning/test_prospect_learns.py).
     "demo-world": dict(stages=10, init="class", steps=200, lr=2e-2, batch_size=8),
@@ -114,7 +118,9 @@ class ProSpectTrainer:
         self.steps_total = int(pipe.scheduler.config.get("num_train_timesteps", 1000))
         if cfg.stages > self.steps_total:
             raise TrainingError(f"stages ({cfg.stages}) cannot exceed the base's {self.steps_total} training timesteps.")
-        start = self._initial_vectors()
+        self.chosen = "class" if cfg.init == "auto" else cfg.init  # until choose_init measures both
+        self.init_scores: dict[str, float] = {}
+        start = self._initial_vectors(self.chosen)
         self.params = [nn.Parameter(v[None].repeat(cfg.stages, 1).to(te.device, torch.float32))
                        for v, (_, te) in zip(start, text_encoders(pipe))]  # (G, D_e) each
         self._frozen = freeze_pipeline(pipe)
@@ -123,16 +129,37 @@ class ProSpectTrainer:
         self.hook = self._init_hook()
 
     # -- setup -------------------------------------------------------------------------------------
-    def _initial_vectors(self) -> list[torch.Tensor]:
-        """Per encoder, the ``(D_e,)`` start of every stage (``init``; see the module doc)."""
+    def _initial_vectors(self, kind: str) -> list[torch.Tensor]:
+        """Per encoder, the ``(D_e,)`` start of every stage for ``kind`` ("class" / "cross"; see the module doc)."""
         pipe, cfg = self.base.pipe, self.cfg
-        if cfg.init == "cross":
+        if kind == "cross":
             from trainers.textual_inversion import TextualInversionConfig, initial_vectors
 
             ti = TextualInversionConfig(images=cfg.images, class_word=cfg.class_word, init="cross", num_vectors=1)
             return [v[0].float() for v in initial_vectors(pipe, ti, "cross")]
         widths = [int(te.config.hidden_size) for _, te in text_encoders(pipe)]
         return class_origins(pipe, cfg.class_word or "", widths)
+
+    def choose_init(self, probe: Any, log: Any) -> None:
+        """Measured initialisation (``init auto``): score ``class`` and ``cross`` by the probe's denoising
+        loss of the photos (the concept's prompts), keep the lower; the scores go into :meth:`record`."""
+        if self.cfg.init != "auto":
+            return
+        candidates = {kind: self._initial_vectors(kind) for kind in ("class", "cross")}
+        for kind, vecs in candidates.items():
+            self._load(vecs)
+            self.init_scores[kind] = round(probe.loss(self), 6)
+        self.chosen = min(self.init_scores, key=lambda k: self.init_scores[k])
+        self._load(candidates[self.chosen])
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.init_scores.items())
+        log(f"init: {self.chosen} (denoising loss of the photos: {scores})")
+
+    def _load(self, vectors: list[torch.Tensor]) -> None:
+        """Every stage of each encoder's table set to that encoder's ``(D_e,)`` start; the token row follows."""
+        with torch.no_grad():
+            for p, v in zip(self.params, vectors):
+                p.copy_(v.to(p.device, p.dtype)[None].expand_as(p))
+        self._refresh_token_row()
 
     def _refresh_token_row(self) -> None:
         """The trigger's fixed input row: the mean of the stage vectors (SDXL's pooled embedding reads it)."""
@@ -164,7 +191,8 @@ class ProSpectTrainer:
             "timesteps")
 
     def record(self) -> dict[str, Any]:
-        return {"lr_effective": [round(lr, 8) for lr in self.lrs], "embedding_rms": [round(s, 6) for s in self.scales]}
+        return {"init_chosen": self.chosen, "init_scores": dict(self.init_scores),
+                "lr_effective": [round(lr, 8) for lr in self.lrs], "embedding_rms": [round(s, 6) for s in self.scales]}
 
     def prompts(self, templates: list[str], examples: list[Example]) -> list[str]:
         return fill_templates(templates, [ex.caption for ex in examples], self.token, self.token)

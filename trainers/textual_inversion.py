@@ -53,7 +53,7 @@ from studio.errors import TrainingError
 from studio.methods.runtime import SplicedEmbedding, text_encoders, token_table
 from studio.methods.textual_inversion import TextualInversion, placeholder_tokens
 from studio.methods.textual_inversion.files import tensor_keys
-from trainers.conditioning import Conditioning, encode_prompts
+from trainers.conditioning import Conditioning, TokenCache, encode_prompts
 from trainers.core import CoreOptions, CoreRegularizer, NormWindow, encoder_states
 from trainers.data import Example
 from trainers.entry import TrainerEntry
@@ -252,6 +252,7 @@ class TextualInversionTrainer:
         self.chosen = next(iter(self.candidates))  # until choose_init measures them
         self.init = self.candidates[self.chosen]
         self.init_scores: dict[str, float] = {}
+        self.start_loss: tuple[Any, float] | None = None  # (probe, L(concept)) of the chosen start: choose_init
         words = cfg.init_words or cfg.class_word or ""
         self.scales = embedding_scale(pipe, words) if words.strip() else [1.0] * len(text_encoders(pipe))
         self.lrs = [cfg.lr if cfg.lr is not None else cfg.lr_scale * sc for sc in self.scales]
@@ -265,6 +266,7 @@ class TextualInversionTrainer:
             te.set_input_embeddings(SplicedEmbedding(spliced.original, p))
             self.params.append(p)
         self._init_dev = [v.to(p.device) for v, p in zip(self.init, self.params)]
+        self._ids = TokenCache()  # the training prompts' token ids, each tokenized once
         self.core: CoreRegularizer | None = None
         self.window: NormWindow | None = None
         if cfg.core:  # trainers/core.py: the context losses and the norm-rescaling window
@@ -299,12 +301,16 @@ class TextualInversionTrainer:
         """Measured initialisation: the candidate whose vectors denoise the photos best on the probe's
         fixed noises (lowest loss) starts training; every score is kept for the concept's metadata."""
         if len(self.candidates) > 1:
+            losses: dict[str, float] = {}
             for kind, vecs in self.candidates.items():
                 self._load(vecs)
-                self.init_scores[kind] = round(probe.loss(self), 6)
+                losses[kind] = probe.loss(self)
+                self.init_scores[kind] = round(losses[kind], 6)
             self.chosen = min(self.init_scores, key=lambda k: self.init_scores[k])
             self.init = self.candidates[self.chosen]
             self._load(self.init)
+            # L(concept) of this start on this probe: the loop's starting gain reuses it (trainers.loop)
+            self.start_loss = (probe, losses[self.chosen])
             self._init_dev = [v.to(p.device) for v, p in zip(self.init, self.params)]
             scores = ", ".join(f"{k} {v:.4f}" for k, v in self.init_scores.items())
             log(f"init: {self.chosen} (denoising loss of the photos: {scores})")
@@ -334,7 +340,7 @@ class TextualInversionTrainer:
         return fill_templates(templates, [ex.caption for ex in examples], self.token, self.text())
 
     def conditioning(self, prompts: list[str], resolution: int):
-        return encode_prompts(self.base.pipe, prompts, resolution=resolution, device=self.base.device)
+        return encode_prompts(self.base.pipe, prompts, resolution=resolution, device=self.base.device, ids=self._ids)
 
     def extra_loss(self) -> torch.Tensor | None:
         core = self.core.loss() if self.core is not None else None

@@ -36,8 +36,9 @@ from studio.evaluation.metrics.texts import TextMode
 from studio.evaluation.protocols import MULTI_PROMPTS, build_prompts, load_protocol, read_prompt_file
 from studio.evaluation.references import load_reference_images, stand_ins
 from studio.evaluation.render import render_images
-from studio.generation import ConceptUse, effective_strengths
+from studio.generation import ConceptEntry, ConceptUse, effective_strengths
 from studio.methods import load_concept, save_concept
+from studio.prompts import StageStrengths
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _Item:
     strength: float | None
     source: str
     path: Path | None
+    stages: StageStrengths | None = None  # per-stage strengths (``--concept FILE@0-4``; staged methods only)
 
 
 @dataclass
@@ -94,7 +96,7 @@ def prepare(target: Any, concepts: Sequence[str | ConceptUse | Concept], config:
         path = studio.library.resolve(use.source) if studio is not None else Path(use.source).expanduser()
         if not path.is_file():
             raise StudioError(f"No concept file {path}; pass a .safetensors concept (or a library name via Studio).")
-        items.append(_Item(load_concept(path), use.strength, use.source, path))
+        items.append(_Item(load_concept(path), use.strength, use.source, path, use.stages))
     # 2. prompts: a file / list, else a protocol (default: the base's), else the shared multi-concept prompts.
     prompts = config.prompts
     templates = read_prompt_file(prompts) if isinstance(prompts, (str, Path)) else list(prompts or [])
@@ -147,7 +149,8 @@ def once(run: Run, strengths: Sequence[float | None], out_dir: Path | None, plot
     t0 = time.monotonic()
     cfg = run.config
     assert cfg.steps is not None and cfg.guidance is not None  # filled in by for_base (see prepare)
-    uses = [(it.concept, s if s is not None else it.strength, it.source) for it, s in zip(run.items, strengths)]
+    uses: list[ConceptEntry] = [(it.concept, s if s is not None else it.strength, it.source, it.stages)
+                                for it, s in zip(run.items, strengths)]
     images = render_images(run.base, uses, run.prompts, seeds=run.seeds, seed=cfg.seed, steps=cfg.steps,
                            guidance=cfg.guidance, batch_size=cfg.batch_size, notes=run.notes,
                            decor_words=cfg.decor_words, decor_strength=cfg.decor_strength)
@@ -156,10 +159,13 @@ def once(run: Run, strengths: Sequence[float | None], out_dir: Path | None, plot
                           text_mode=cast(TextMode, cfg.text_mode))  # checked against TEXT_MODES by the config
     t2 = time.monotonic()
     n = sum(len(v) for v in images.values())
+    resolved = effective_strengths("", "", uses)
+    staged = {r.concept.name or r.concept.trigger: list(r.stages) for r in resolved if r.stages is not None}
     report.settings.update({
         "protocol": run.protocol, "seeds": run.seeds, "seed": cfg.seed, "steps": cfg.steps, "guidance": cfg.guidance,
         "base": getattr(run.base, "name", ""), "base_identity": getattr(run.base, "identity", ""),
-        "strengths": {r.concept.name or r.concept.trigger: r.strength for r in effective_strengths("", "", uses)},
+        "strengths": {r.concept.name or r.concept.trigger: r.strength for r in resolved},
+        **({"stages": staged} if staged else {}),  # one strength per denoising stage (stage 0 = the noisiest)
         "fidelity": run.fidelity, "editability": run.editability,
         **({"decor": {"words": cfg.decor_words, "strength": cfg.decor_strength}} if cfg.decor_words else {}),
         "timing": {"load_s": round(run.load_s, 3), "generation_s": round(t1 - t0, 3), "scoring_s": round(t2 - t1, 3),

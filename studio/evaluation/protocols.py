@@ -17,6 +17,7 @@ from typing import Any
 from studio.concept import Concept
 from studio.errors import StudioError
 from studio.methods import get_method
+from studio.prompts import find_triggers
 
 PROTOCOL_DIR = Path(__file__).resolve().parents[1] / "assets" / "protocols"
 PROTOCOLS = ("dreambench", "dreambench-object", "dreambench-live", "world")
@@ -91,7 +92,8 @@ def subject(concept: Concept) -> str:
 
 def build_prompts(templates: Sequence[str], concepts: Sequence[Concept]) -> list[str]:
     """Prompts naming the concepts by trigger: ``{}`` → every concept (joined by "and"), ``{0}``,
-    ``{1}`` … → one each; a template already holding every trigger is kept. Duplicates are dropped."""
+    ``{1}`` … → one each; a template already holding every trigger (in any written form: ``<tok:0.8>``,
+    ``<tok@0-4>``) is kept. Duplicates are dropped."""
     joint = " and ".join(subject(c) for c in concepts)
     out: list[str] = []
     for template in templates:
@@ -105,7 +107,8 @@ def build_prompts(templates: Sequence[str], concepts: Sequence[Concept]) -> list
                                   f"({len(concepts)} concept(s)).") from None
         else:
             prompt = template
-        missing = [c.trigger for c in concepts if c.trigger not in prompt and f"{c.trigger[:-1]}:" not in prompt]
+        named = {use.token for use in find_triggers(prompt)}  # <tok>, <tok:0.8>, <tok@0-4> …
+        missing = [c.trigger for c in concepts if c.trigger not in named and c.trigger not in prompt]
         if missing:
             raise StudioError(f"Prompt {template!r} does not name {', '.join(missing)}; write {{}} where the "
                               "concept goes.")

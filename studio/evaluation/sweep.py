@@ -63,6 +63,9 @@ def sweep_strength(target: Any, concept: str | ConceptUse | Concept, strengths: 
     for s in values:
         if not 0.0 <= s <= 2.0:
             raise StudioError(f"Sweep strengths must be between 0 and 2, got {s}.")
+    if isinstance(concept, ConceptUse) and concept.stages is not None and concept.stages.values is not None:
+        raise StudioError(f"{concept.source}: a sweep varies one strength, and one strength per stage fixes them "
+                          "all; select the stages the sweep drives with @, e.g. FILE@0-4.")
     run = prepare(target, [concept], cfg, references=references, judges=judges, **injected)
     out = Path(cfg.out_dir).expanduser() if cfg.out_dir else None
     reports = []

@@ -29,7 +29,7 @@ BASES: dict[str, Path] = {"world": Path(DEMO_BASE_DIR), "world-b": Path(WORLD_B_
 """The learnable bases by name: the demo world and the second base (other widths, depth,
 vocabulary, latent size and resolution; ``scripts/build_world.py --variant world-b``)."""
 
-METHODS = ("textual-inversion", "dreambooth", "neti", "perfusion")
+METHODS = ("textual-inversion", "dreambooth", "neti", "perfusion", "prospect", "custom-diffusion")
 """Trainers whose defaults are tested (the IP-Adapter fine-tune trains an adapter for a base, not a
 concept: it is tested with the world's own adapter in test_adapter_learns.py)."""
 

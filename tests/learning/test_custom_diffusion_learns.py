@@ -101,6 +101,9 @@ def train_dreambooth_lora_same(workdir: Path, **overrides: Any):
     return run
 
 
+# The demo-world preset's tests are opt-in (-m slow): the defaults tests (test_defaults_custom_diffusion.py)
+# supersede them in CI, as for every other trainer.
+@pytest.mark.slow
 def test_custom_diffusion_learns(tmp_path):
     assert_learns(train_custom_diffusion(tmp_path), tmp_path, seeds=(0,), name="Custom Diffusion")
 
@@ -110,5 +113,6 @@ def test_custom_diffusion_learns_on_a_second_seed(tmp_path):
     assert_learns(train_custom_diffusion(tmp_path), tmp_path, seeds=(1,), name="Custom Diffusion")
 
 
+@pytest.mark.slow
 def test_custom_diffusion_at_learning_rate_zero_does_not_learn(tmp_path):
     assert_does_not_learn(train_custom_diffusion(tmp_path), tmp_path, name="Custom Diffusion")

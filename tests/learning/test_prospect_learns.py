@@ -62,10 +62,14 @@ def train_ti_same(images_dir: Path, seed: int, lr_scale: float) -> Trained:
                   reg_weight=0.0)
 
 
+# The demo-world preset's tests are opt-in (-m slow): the defaults tests (test_defaults_prospect.py) supersede
+# them in CI, as for every other trainer.
+@pytest.mark.slow
 def test_prospect_learns(tmp_path):
     assert_learns(train_prospect, tmp_path, seeds=(0, 1), name="ProSpect")
 
 
+@pytest.mark.slow
 def test_prospect_at_learning_rate_zero_does_not_learn(tmp_path):
     assert_does_not_learn(train_prospect, tmp_path, name="ProSpect")
 
