@@ -38,11 +38,13 @@ def write_square_photos(folder: Path, n: int = 2) -> Path:
 
 def dreambooth_config(images: Path, out: Path, cache: Path, **overrides: Any) -> Any:
     """The ``dreambooth`` trainer's config for a short test run on a tiny base: class word "dog", lr 3e-2,
-    seed 0, two class images generated in one step into ``cache``; ``overrides`` set any other field."""
+    seed 0, one fixed instance prompt (``--no-use-templates``, so a test can name each step's prompt), two
+    class images generated in one step into ``cache``; ``overrides`` set any other field."""
     from trainers import get_trainer
 
     values: dict[str, Any] = dict(images=str(images), out=str(out), class_word="dog", lr=3e-2, log_every=0, seed=0,
-                                  num_class_images=2, class_steps=1, class_batch_size=2, class_cache_dir=str(cache))
+                                  num_class_images=2, class_steps=1, class_batch_size=2, class_cache_dir=str(cache),
+                                  use_templates=False)
     values.update(overrides)
     return get_trainer("dreambooth").resolve(**values)
 

@@ -396,7 +396,7 @@ def test_trainer_adds_the_rescaled_photos_with_their_prompts_masks_and_weights(t
 
     entry = get_trainer("custom-diffusion")
     common = dict(images=str(_photos(tmp_path / "photos")), class_word="cat", batch_size=6, num_class_images=2,
-                  class_steps=1, class_cache_dir=str(tmp_path / "cls"), log_every=0, seed=3)
+                  class_steps=1, class_cache_dir=str(tmp_path / "cls"), log_every=0, seed=3, scale_augment=True)
 
     def make(**kw):
         return entry.make_trainer(tiny, entry.resolve(**(common | kw)), "<new1>")
@@ -457,7 +457,7 @@ def test_a_resumed_run_draws_the_same_rescaled_photos(tiny, tmp_path):
     def run(steps, **kw):
         cfg = entry.resolve(images=str(photos), class_word="cat", token="<new1>", steps=steps, batch_size=2,
                             grad_accum=2, lr=1e-2, token_lr=1e-2, prior_preservation=False, log_every=0, seed=0,
-                            probe=False, checkpoint_dir=str(tmp_path / "ckpt"), **kw)
+                            probe=False, checkpoint_dir=str(tmp_path / "ckpt"), **({"scale_augment": True} | kw))
         trainer = entry.make_trainer(tiny, cfg, "<new1>")
         return run_training(tiny, trainer, cfg, method=entry.method, save=False).concept.tensors
 

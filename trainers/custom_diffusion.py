@@ -26,8 +26,9 @@ The token trains at the same rate (the paper has one optimizer group for both) u
 On the demo world (64-d text) the paper's rule gives 2.4e-4 at batch 2, which does not learn the
 concept within a few hundred steps there; its ``demo-world`` preset is measured (README).
 
-**Random-scale augmentation** (``--scale-augment``, on by default: the official data pipeline applies it to
-every instance photo and has no switch). Per instance sample the official code draws a side ``s``: with
+**Random-scale augmentation** (``--scale-augment``; on in the official code, whose data pipeline applies it to
+every instance photo with no switch, but off by default here: with it the defaults did not learn on either
+learnable base, docs/methods.md). Per instance sample the official code draws a side ``s``: with
 probability 2/3 uniformly from ``[R/3, R]``, else from ``[1.2R, 1.4R)`` (``R`` the training resolution; odd
 sides + 1). ``s < 0.6R``: the photo is shrunk to ``s`` and pasted at a uniform place on a canvas of zeros
 (``[−1, 1]`` units: mid-gray), the loss is masked to latent rows ``⌊top/f⌋+1`` to ``⌊(top+s)/f⌋−1`` (end
@@ -149,7 +150,7 @@ PRESETS = {
     # For --base demo (the learnable world: 32 px, a 64-wide text encoder), measured there (README). Without the
     # random-scale augmentation: the world draws two sizes only and its latents are 8 × 8, so a shrunk photo keeps
     # 0-9 latent pixels of loss and a zoomed one shows a circle larger than any the base knows; with it the
-    # concept is not learned (fidelity 0.000 on seed 0, 0.999 without).
+    # concept is not learned (fidelity 0.000 on seeds 0-2, 0.998-1.000 without).
     "demo-world": dict(steps=200, batch_size=4, lr=2e-3, token_lr=2e-2, scale_lr=False, num_class_images=48,
                        class_steps=20, class_guidance=4.0, prior_weight=1.0, scale_augment=False),
 }
