@@ -1,21 +1,20 @@
-"""NeTI's default settings learn on both learnable bases; at learning rate 0 they do not
-(what, why and how: :mod:`tests.learning.defaults`)."""
+"""NeTI's default settings learn on the demo world; at learning rate 0 they do not (world-b is in
+test_defaults_neti_world_b.py: NeTI's runs are the longest, and two files let two test workers share
+them; what, why and how: :mod:`tests.learning.defaults`)."""
 
 from __future__ import annotations
 
 import pytest
 
-from tests.learning.defaults import BASES, check_control, check_learns
+from tests.learning.defaults import check_control, check_learns
 
 pytestmark = pytest.mark.learning
-METHOD = "neti"
+METHOD, BASE = "neti", "world"
 
 
-@pytest.mark.parametrize("base", sorted(BASES))
-def test_defaults_learn(base, workdir):
-    check_learns(METHOD, base, workdir)
+def test_defaults_learn(workdir):
+    check_learns(METHOD, BASE, workdir)
 
 
-@pytest.mark.parametrize("base", sorted(BASES))
-def test_defaults_at_learning_rate_zero_do_not_learn(base, workdir):
-    check_control(METHOD, base, workdir)
+def test_defaults_at_learning_rate_zero_do_not_learn(workdir):
+    check_control(METHOD, BASE, workdir)

@@ -1,0 +1,20 @@
+"""NeTI's default settings learn on world-b; at learning rate 0 they do not (the demo world is in
+test_defaults_neti.py: NeTI's runs are the longest, and two files let two test workers share
+them; what, why and how: :mod:`tests.learning.defaults`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.learning.defaults import check_control, check_learns
+
+pytestmark = pytest.mark.learning
+METHOD, BASE = "neti", "world-b"
+
+
+def test_defaults_learn(workdir):
+    check_learns(METHOD, BASE, workdir)
+
+
+def test_defaults_at_learning_rate_zero_do_not_learn(workdir):
+    check_control(METHOD, BASE, workdir)
