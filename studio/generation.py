@@ -380,10 +380,10 @@ def _flow_checks(base: Any, cfg: GenerateConfig, notes: list[str] | None) -> Non
     if not _is_flow(base):
         return
     label = "FLUX.1" if base.family == "flux" else "SD 3"
-    if cfg.reference_images:
-        from studio.models.families import check_unet_family
+    if cfg.reference_images:  # FLUX.1 takes them (XLabs-layout adapters); SD 3 is refused in one sentence
+        from studio.methods.zeroshot import check_family
 
-        check_unet_family(base, "IP-Adapter image prompts")
+        check_family(base)
     if cfg.scheduler != "default":
         raise StudioError(f"--scheduler {cfg.scheduler} is a sampler for noise-prediction bases; {label} is a "
                           "flow-matching model with its own flow Euler sampler, so pass --scheduler default.")

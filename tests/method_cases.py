@@ -172,6 +172,35 @@ def save_tiny_adapter(folder, unet, kind: str = "base", seed: int = 0):
     return folder
 
 
+def save_tiny_flux_adapter(folder, transformer, seed: int = 0, *, num_tokens: int = 4):
+    """A fresh random FLUX IP-Adapter for ``transformer`` in XLabs' layout (``folder/ip_adapter.safetensors``)
+    + a tiny CLIP image encoder (``folder/image_encoder/``): what ``FluxPipeline.load_ip_adapter`` reads."""
+    from pathlib import Path
+
+    from studio.methods.zeroshot.adapter import save_adapter_file
+    from studio.methods.zeroshot.flux import double_layers
+    from studio.methods.zeroshot.xlabs import to_xlabs
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    encoder = tiny_image_encoder(seed)
+    encoder.save_pretrained(str(folder / "image_encoder"))
+    g = torch.Generator().manual_seed(seed)
+    width, embed = int(transformer.config.joint_attention_dim), int(encoder.config.projection_dim)
+    state: dict[str, dict[str, torch.Tensor]] = {
+        "image_proj": {"proj.weight": 0.3 * torch.randn(num_tokens * width, embed, generator=g),
+                       "proj.bias": 0.1 * torch.randn(num_tokens * width, generator=g),
+                       "norm.weight": 1 + 0.1 * torch.randn(width, generator=g),
+                       "norm.bias": 0.1 * torch.randn(width, generator=g)},
+        "ip_adapter": {}}
+    for i, (_, attn) in enumerate(double_layers(transformer)):
+        for which in ("to_k_ip", "to_v_ip"):
+            state["ip_adapter"][f"{i}.{which}.weight"] = 0.5 * torch.randn(attn.inner_dim, width, generator=g)
+            state["ip_adapter"][f"{i}.{which}.bias"] = 0.1 * torch.randn(attn.inner_dim, generator=g)
+    save_adapter_file(folder / "ip_adapter.safetensors", to_xlabs(state))
+    return folder
+
+
 _TINY_ADAPTERS: dict[tuple[str, str], Any] = {}
 
 
@@ -187,7 +216,10 @@ def tiny_adapter_folder(base, kind: str = "base"):
 
         tmp = Path(tempfile.mkdtemp(prefix="studio-ip-"))
         atexit.register(shutil.rmtree, tmp, ignore_errors=True)
-        _TINY_ADAPTERS[key] = save_tiny_adapter(tmp / kind, base.pipe.unet, kind)
+        if getattr(base, "family", "") == "flux":  # FLUX.1: XLabs' layout (base kind only)
+            _TINY_ADAPTERS[key] = save_tiny_flux_adapter(tmp / kind, base.pipe.transformer)
+        else:
+            _TINY_ADAPTERS[key] = save_tiny_adapter(tmp / kind, base.pipe.unet, kind)
     return _TINY_ADAPTERS[key]
 
 

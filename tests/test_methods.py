@@ -96,9 +96,10 @@ def test_ti_strength_interpolates_from_the_class_word(tiny):
         h.remove()
 
 
-# -- the flow families (SD 3 / FLUX): TI and LoRA apply; every other method refuses in one sentence ------
+# -- the flow families (SD 3 / FLUX): TI, LoRA (and zero-shot on FLUX) apply; the rest refuse in one sentence
 FLOW = ["tiny-sd3", "tiny-flux"]
 FLOW_METHODS = {"textual_inversion", "lora"}  # the methods that carry over to a joint-attention transformer
+FLUX_METHODS = FLOW_METHODS | {"zeroshot"}  # FLUX.1 also takes IP-Adapters (XLabs layout: tests/test_flux_ip_adapter.py)
 
 
 def _flow_state(pipe) -> dict[str, torch.Tensor]:
@@ -127,7 +128,7 @@ def test_flow_families_apply_or_refuse_in_one_sentence(tiny_bases, method, famil
     base = tiny_bases(family)
     before, tok_lens = _flow_state(base.pipe), _tokenizer_lengths(base.pipe)
     processors = {k: type(v) for k, v in base.pipe.transformer.attn_processors.items()}
-    if method in FLOW_METHODS:
+    if method in (FLUX_METHODS if base.family == "flux" else FLOW_METHODS):
         plain = render(base, "a photo of cat on the grass")
         c = CASES[method](base, "<aa>", 0)
         assert np.abs(_run(base, [c], _prompt(c)) - plain).max() > 1e-3

@@ -372,12 +372,10 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
     #    chooses among the method's candidates by it, and the verdict reads its gain at the end.
     probe = None
     flow = bool(getattr(base, "is_flow", False))  # SD 3 / FLUX: the flow-matching objective (trainers.flow)
-    if flow and cfg.probe:  # the probe measures ε/v denoising through a UNet
-        cb.on_log("the denoising probe (verdict, --budget auto) is not available on SD 3 / FLUX bases yet; "
-                  "training --steps steps")
-    if cfg.probe and getattr(trainer, "measurable", True) and not flow:
+    if cfg.probe and getattr(trainer, "measurable", True):  # on SD 3 / FLUX it measures the flow loss at fixed σ
         probe = DenoisingProbe(pipe, cache, scheduler, examples, templates, class_text=cfg.class_word or "",
-                               resolution=resolution, seed=cfg.seed)
+                               resolution=resolution, seed=cfg.seed,
+                               flow=FlowFit.for_base(base, cfg, precision) if flow else None)
         if hasattr(trainer, "choose_init"):
             trainer.choose_init(probe, cb.on_log)
         gain_start = _gain_at_start(probe, trainer)
@@ -457,6 +455,8 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
                 time_ids = [examples[int(i)].time_ids(bool(f)) for i, f in zip(idx, flips)]
                 n_inst = len(idx)
                 m = cache.mask(idx, flips).to(device) if cache.has_masks else None  # instance images only
+                if hasattr(trainer, "loss_mask"):  # the method's own masks of these rows (Break-A-Scene: the drawn
+                    m = trainer.loss_mask(idx, flips, shape[-2:]).to(device)  # concepts' union), after prompts()
                 parts = None  # (latents, noise, timesteps) of the class half when it cannot join the instance half
                 if prior is not None and prior_cache is not None:  # the class half of the batch: (2B, C, h, w)
                     c_idx = torch.randint(len(prior.examples), (bg,), generator=rng)
@@ -566,6 +566,8 @@ def _run(base: Any, trainer: MethodTrainer, cfg: CommonTrainConfig, *, method: s
 
         if cfg.writes_folder():  # a whole model, written while the trained weights are in the pipeline
             written = trainer.save_model(out_path, concept)  # type: ignore[attr-defined]
+        elif hasattr(trainer, "save_concepts"):  # one file per token (Break-A-Scene): the first file's path
+            written = trainer.save_concepts(out_path, concept)
         else:
             written = save_concept(concept, out_path)
     acc.wait_for_everyone()

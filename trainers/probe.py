@@ -8,7 +8,10 @@ two measurements differ only by what training changed.
 Two numbers come out of it, with no extra model (docs/methods.md, "Measured defaults"):
 
 * the **denoising loss** ``L(p) = mean_i ‖ε̂(x_t^i, t_i, c(p_i)) − target_i‖²`` (masked like the
-  training loss; ``target`` = ε or v as the base predicts) for prompts ``p``;
+  training loss; ``target`` = ε or v as the base predicts) for prompts ``p``; on SD 3 / FLUX bases the
+  flow-matching loss of training instead (:class:`trainers.flow.FlowFit`:
+  ``w(σ_i) · ‖v̂(x_σ^i, σ_i, c(p_i)) − (ε_i − x₀^i)‖²``), at the fixed noise levels ``σ_i`` that the
+  training density gives the probe's stratified draws (:meth:`~trainers.flow.FlowFit.sigmas`);
 * the **gain** of the concept prompt over the class prompt,
   ``g = 1 − L(concept prompts) / L(class prompts)`` — how much better the concept's prompt
   explains the photos than the bare class word does. 0 when the concept adds nothing; it grows as
@@ -51,10 +54,11 @@ class DenoisingProbe:
     ``cache`` is the loop's :class:`~trainers.latents.LatentCache` (per example (2, C, h, w) means,
     stds, masks); ``class_text`` what stands for the subject without the concept (the class word, ""
     for none). With aspect-ratio buckets the rows are measured in batches of one bucket each, with
-    each example's micro-conditioning (SDXL)."""
+    each example's micro-conditioning (SDXL). ``flow``: the :class:`~trainers.flow.FlowFit` of an SD 3 /
+    FLUX base (the same draws; each row's timestep becomes its fixed σ); None for a UNet."""
 
     def __init__(self, pipe: Any, cache: Any, scheduler: Any, examples: list[Any], templates: list[str], *,
-                 class_text: str, resolution: int, seed: int, n: int = 16, batch: int = 8):
+                 class_text: str, resolution: int, seed: int, n: int = 16, batch: int = 8, flow: Any = None):
         g = torch.Generator().manual_seed(0x5EED + int(seed))
         n_ex = len(cache)
         n_t = int(scheduler.config.num_train_timesteps)
@@ -81,6 +85,9 @@ class DenoisingProbe:
         self.micro = any(getattr(ex, "original_size", None) is not None for ex in examples)
         self.pipe, self.cache, self.scheduler, self.examples = pipe, cache, scheduler, examples
         self.class_text, self.resolution, self.batch = class_text, resolution, batch
+        self.flow = flow
+        # SD 3 / FLUX: the fixed noise level of each row (n,), what FlowFit.per_sample derives from its draw
+        self.sigmas = flow.sigmas(timesteps) if flow is not None else None
 
     @torch.no_grad()
     def loss(self, trainer: Any, *, concept: bool = True) -> float:
@@ -97,7 +104,7 @@ class DenoisingProbe:
 
     def _loss(self, trainer: Any, concept: bool) -> float:
         s, pipe = self.samples, self.pipe
-        device = pipe.unet.device
+        device = (pipe.unet if self.flow is None else pipe.transformer).device
         total, count = 0.0, 0
         for rows in s.groups:
             sl = torch.tensor(rows)
@@ -115,6 +122,12 @@ class DenoisingProbe:
             cond = trainer.conditioning(prompts, self.resolution)
             if self.micro:
                 cond = with_time_ids(cond, [self.examples[int(i)].time_ids(bool(f)) for i, f in zip(idx, flips)])
+            if self.flow is not None:  # SD 3 / FLUX: the training objective at the rows' fixed σ
+                m = self.cache.mask(idx, flips).to(device) if self.cache.has_masks else None
+                per = self.flow.per_sample(latents, noise, t, cond, m)
+                total += float(per.sum())
+                count += len(per)
+                continue
             noisy = self.scheduler.add_noise(latents, noise, t)
             target = noise if self.scheduler.config.prediction_type == "epsilon" else \
                 self.scheduler.get_velocity(latents, noise, t)

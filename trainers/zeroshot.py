@@ -34,6 +34,7 @@ from studio.concept import Concept
 from studio.configs import option
 from studio.errors import TrainingError
 from studio.methods.attention import add_hook, remove_hook
+from studio.methods.zeroshot import check_trainable
 from studio.methods.zeroshot.adapter import PRESETS as ADAPTER_PRESETS
 from studio.methods.zeroshot.adapter import (
     WEIGHT_NAME,
@@ -120,6 +121,7 @@ class AdapterTrainer:
 
     def __init__(self, base: Any, cfg: AdapterTrainConfig, token: str):
         self.base, self.cfg, self.token = base, cfg, token
+        check_trainable(base)  # SD 3 / FLUX.1: one sentence
         pipe, unet = base.pipe, base.pipe.unet
         # 1. the adapter and its image encoder.
         if cfg.adapter == "new":

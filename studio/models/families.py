@@ -96,10 +96,10 @@ _EPS_VALUES = {"epsilon", "eps"}
 def check_unet_family(base: Any, what: str, *, planned: bool = False) -> None:
     """Refuse, in one sentence, a method that needs what only the UNet families have.
 
-    The attention-based methods (Perfusion, NeTI, ProSpect, Custom Diffusion, CoRe, IP-Adapter)
-    hook the UNet's cross-attention layers, which SD 3 and FLUX do not have: their transformers
-    attend over text and image tokens jointly. Textual inversion and LoRA do carry over to those
-    families, but not yet (``planned``).
+    The attention-based methods (Perfusion, NeTI, ProSpect, Custom Diffusion, CoRe) hook the UNet's
+    cross-attention layers, which SD 3 and FLUX do not have: their transformers attend over text and
+    image tokens jointly (IP-Adapter has its own FLUX.1 path, ``studio.methods.zeroshot.flux``).
+    Textual inversion and LoRA do carry over to those families, but not yet (``planned``).
 
     Args:
         base: the loaded :class:`~studio.models.BaseModel` (anything with ``family`` and ``name``).

@@ -1,5 +1,6 @@
 """LoRA files of other tools: import kohya and diffusers/PEFT LoRAs, export to both
-(docs/methods.md §3). Names and conversions live in :mod:`studio.methods.lora.keys`."""
+(docs/methods.md §3). Names and conversions live in :mod:`studio.methods.lora.keys`; FLUX.1's
+kohya sd-scripts and BFL layouts (fused q/k/v) in :mod:`studio.methods.lora.flux_formats`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import torch
 
 from studio.concept import Concept
 from studio.errors import ConceptFormatError, StudioError
+from studio.methods.lora import flux_formats
+from studio.methods.lora.flow_keys import FLOW_PREFIX, flow_family_of
 from studio.methods.lora.keys import (
     ALL_PREFIXES,
     DIFFUSERS_METADATA_KEY,
@@ -42,11 +45,12 @@ def _trigger_from(md: dict[str, str], path: Path) -> tuple[str, str]:
     return f"<{stem}>", ""
 
 
-def _lora_concept(modules: dict[str, LoraModule], md: dict[str, str], path: Path) -> Concept:
+def _lora_concept(modules: dict[str, LoraModule], md: dict[str, str], path: Path, *,
+                  family: str | None = None) -> Concept:
     from studio.concept import Concept
 
     token, class_word = _trigger_from(md, path)
-    family = family_of(modules, md)
+    family = family if family is not None else family_of(modules, md)
     meta = {k: v for k, v in md.items() if k.startswith(("ss_", "modelspec."))}
     meta.update({k: v for k, v in kohya_metadata(modules, family).items() if k not in meta})
     return Concept(method=METHOD, tokens=[token], tensors=kohya_tensors(modules), class_word=class_word,
@@ -59,6 +63,8 @@ def import_kohya(tensors: dict, md: dict, path: Path) -> Concept | None:
         return None
     if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise ConceptFormatError(f"{path.name}: a kohya LoRA file must hold tensors only.")
+    if flux_formats.is_kohya_flux([k.partition(".")[0] for k in tensors]):  # sd-scripts' FLUX (BFL layout)
+        return _lora_concept(flux_formats.modules_from_kohya(tensors, where=path.name), md, path, family="flux")
     renamed = {}
     for key, value in tensors.items():
         module, _, suffix = key.partition(".")
@@ -69,15 +75,25 @@ def import_kohya(tensors: dict, md: dict, path: Path) -> Concept | None:
     return _lora_concept(lora_modules(renamed, where=path.name), md, path)
 
 
+def import_bfl(tensors: dict, md: dict, path: Path) -> Concept | None:
+    """FLUX.1 LoRAs in BFL's names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` …)."""
+    if not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        return None
+    modules = flux_formats.modules_from_bfl(tensors, where=path.name)
+    return None if modules is None else _lora_concept(modules, md, path, family="flux")
+
+
 def import_diffusers(tensors: dict, md: dict, path: Path) -> Concept | None:
-    """diffusers ``pytorch_lora_weights.safetensors`` (PEFT or older names) and PEFT adapter files."""
+    """diffusers ``pytorch_lora_weights.safetensors`` (PEFT or older names) and PEFT adapter files; SD 3 /
+    FLUX files (``transformer.…``) become ``lora_transformer_…`` modules, their CLIPs ``lora_te1_`` / ``lora_te2_``."""
     keys = [k for k in tensors if isinstance(k, str)]
     if not keys or len(keys) != len(tensors) or not all(_peft_parts(k) for k in keys):
         return None
     if not any(re.search(r"lora_A|lora\.down|lora_linear_layer|_lora\.down", k) for k in keys):
         return None
-    sdxl = any(k.startswith("text_encoder_2.") for k in keys)
-    return _lora_concept(diffusers_to_kohya(tensors, md, sdxl=sdxl), md, path)
+    two_encoders = any(k.startswith("text_encoder_2.") for k in keys) or \
+        any(_peft_parts(k)[0] == "transformer" for k in keys)  # type: ignore[index]  # SDXL, SD 3, FLUX: lora_te1_
+    return _lora_concept(diffusers_to_kohya(tensors, md, sdxl=two_encoders), md, path)
 
 
 def _trigger_phrase(concept: Concept) -> str:
@@ -95,8 +111,36 @@ def export_kohya(concept: Concept, out: Path) -> Path:
     md = {k: v for k, v in concept.meta.items() if k.startswith(("ss_", "modelspec."))}
     md.update({k: v for k, v in kohya_metadata(modules, concept.base.get("family", "")).items() if k not in md})
     md.update({"modelspec.title": concept.name or concept.trigger, "modelspec.trigger_phrase": _trigger_phrase(concept)})
+    if _is_flux(concept, modules):  # sd-scripts' FLUX names, q/k/v fused as BFL's model has them
+        tensors = flux_formats.kohya_tensors(modules)
+        md.update(flux_formats.KOHYA_METADATA)
+    else:
+        tensors = kohya_tensors(modules)
     with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in kohya_tensors(modules).items()}, str(tmp), metadata=md)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=md)
+    return out
+
+
+def _is_flux(concept: Concept, modules: dict[str, LoraModule]) -> bool:
+    """A FLUX.1 LoRA: trained on a ``flux`` base, or (no family recorded) naming FLUX's single-stream blocks."""
+    family = concept.base.get("family", "") if isinstance(concept.base, dict) else ""
+    return family == "flux" or (not family and flow_family_of(list(modules)) == "flux")
+
+
+def export_bfl(concept: Concept, out: Path) -> Path:
+    """A FLUX.1 LoRA in BFL's module names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``;
+    ComfyUI's key map reads them), the scale folded into ``lora_B``; CLIP-L in kohya names beside."""
+    from safetensors.torch import save_file
+
+    from studio.atomic import atomic_path
+
+    modules = lora_modules(concept.tensors)
+    if not _is_flux(concept, modules) or not any(n.startswith(FLOW_PREFIX) for n in modules):
+        raise StudioError(f"Only FLUX.1 LoRAs have BFL names; export {concept.name or concept.trigger} with "
+                          "--format kohya or --format diffusers.")
+    md = {"modelspec.title": concept.name or concept.trigger, "modelspec.trigger_phrase": _trigger_phrase(concept)}
+    with atomic_path(out) as tmp:
+        save_file({k: v.contiguous() for k, v in flux_formats.bfl_tensors(modules).items()}, str(tmp), metadata=md)
     return out
 
 
@@ -117,5 +161,5 @@ def export_diffusers(concept: Concept, out: Path) -> Path:
     return target
 
 
-IMPORTERS = (import_kohya, import_diffusers)
-EXPORTERS = {"kohya": export_kohya, "diffusers": export_diffusers}
+IMPORTERS = (import_kohya, import_bfl, import_diffusers)
+EXPORTERS = {"kohya": export_kohya, "diffusers": export_diffusers, "bfl": export_bfl}

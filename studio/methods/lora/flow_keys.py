@@ -18,7 +18,8 @@ family                      transformer                          text encoders (
 diffusers' SD 3 loader reads no kohya names, so the studio applies these files — on both families —
 through diffusers' PEFT names (``transformer.<path>.lora_A.weight``, ``text_encoder[_2].…``) with
 the scale ``α / r`` folded into ``B`` (:func:`studio.methods.lora.keys.flow_peft_state`); ``studio export --format diffusers``
-writes the same names to a file.
+writes the same names to a file. For FLUX, ``--format kohya`` / ``--format bfl`` write BFL's layout (q/k/v fused;
+:mod:`studio.methods.lora.flux_formats`), and all three are read back on import.
 
 Default targets (diffusers' DreamBooth-LoRA examples): SD 3 — ``attn.{to_q,to_k,to_v,to_out.0,add_q_proj,
 add_k_proj,add_v_proj,to_add_out}`` of every joint block; FLUX — those plus the feed-forwards

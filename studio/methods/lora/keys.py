@@ -285,21 +285,23 @@ def _peft_parts(key: str) -> tuple[str, str, str] | None:
     Accepts ``unet.P.lora_A.weight`` (PEFT, optionally ``.lora_A.<adapter>.weight``),
     ``unet.P.lora.down.weight`` (diffusers), ``text_encoder.P.lora_linear_layer.up.weight``,
     the attention-processor format ``…attn1.processor.to_q_lora.down.weight``, PEFT's
-    ``base_model.model.`` prefix, ``P.alpha``, and unprefixed UNet keys.
+    ``base_model.model.`` prefix, ``P.alpha``, and unprefixed UNet keys; SD 3 / FLUX transformer keys
+    (``transformer.P…``, or unprefixed paths that only those transformers have) as component ``transformer``.
     """
     component = ""
-    for name in ("text_encoder_2.", "text_encoder.", "unet.", "base_model.model."):
+    for name in ("text_encoder_2.", "text_encoder.", "unet.", "transformer.", "base_model.model."):
         if key.startswith(name):
             component = name[:-1] if name != "base_model.model." else ""
             key = key[len(name):]
             break
-    if not component:  # no component prefix: a CLIP module path says text encoder, anything else UNet
-        component = "text_encoder" if key.startswith(("text_model.", "encoder.layers.")) else "unet"
+    if not component:  # no component prefix: a CLIP module path says text encoder, a flow transformer's its own
+        component = "text_encoder" if key.startswith(("text_model.", "encoder.layers.")) else \
+            "transformer" if key.startswith(_FLOW_ROOTS) else "unet"
     key = key.replace(".processor.", ".")
     old = re.match(r"(.+)\.(to_q|to_k|to_v|to_out)_lora\.(down|up)\.weight$", key)
     if old:
         proj = old.group(2)
-        if component != "unet":
+        if component.startswith("text_encoder"):
             proj = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}[proj]
         elif proj == "to_out":
             proj = "to_out.0"
@@ -312,6 +314,12 @@ def _peft_parts(key: str) -> tuple[str, str, str] | None:
     if key.endswith(".alpha"):
         return component, key[: -len(".alpha")], "alpha"
     return None
+
+
+# Top-level module names of SD 3 / FLUX transformers that no UNet has (a PEFT file saved from the transformer
+# itself has no ``transformer.`` prefix).
+_FLOW_ROOTS = ("transformer_blocks.", "single_transformer_blocks.", "x_embedder.", "context_embedder.",
+               "time_text_embed.", "norm_out.linear", "pos_embed.", "proj_out.")
 
 
 def _pattern_value(patterns: dict[str, Any], path: str) -> Any:
@@ -341,7 +349,8 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], md: dict[str, str], *, 
             raise ConceptFormatError(f"{key!r} is not a diffusers/PEFT LoRA tensor.")
         component, path, kind = parts
         grouped.setdefault((component, path), {})[kind] = value
-    prefix = {"unet": UNET_PREFIX, "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_"}
+    prefix = {"unet": UNET_PREFIX, "text_encoder": "lora_te1_" if sdxl else "lora_te_", "text_encoder_2": "lora_te2_",
+              "transformer": FLOW_PREFIX}
     out = {}
     for (component, path), p in grouped.items():
         if "A" not in p or "B" not in p:
@@ -355,7 +364,7 @@ def diffusers_to_kohya(tensors: dict[str, torch.Tensor], md: dict[str, str], *, 
             alpha = float(p["alpha"].reshape(()).item())
         else:
             alpha = float(p["A"].shape[0])
-        kpath = te_path(path) if component != "unet" else path
+        kpath = te_path(path) if component.startswith("text_encoder") else path
         out[kohya_name(prefix[component], kpath)] = LoraModule(p["A"], p["B"], alpha)
     return out
 

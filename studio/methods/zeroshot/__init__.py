@@ -25,6 +25,10 @@ scale it was made with); 0 = off: nothing is installed, the output is exactly th
 Several reference images of one concept attend as one token sequence (diffusers' behaviour for a
 list of images per adapter). The trigger token only names the concept in prompts (``<dog:0.6>``
 sets the strength); it is rewritten to the class word, since the image carries the identity.
+
+Bases: SD 1.x / 2.x / SDXL (the image term is an ``extra`` hook of the shared cross-attention
+processor) and FLUX.1 (XLabs-layout adapters, the image term added in every double-stream block:
+:mod:`studio.methods.zeroshot.flux`). SD 3 is refused in one sentence (:func:`check_family`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from studio.methods.zeroshot.adapter import (
     resolve_adapter,
 )
 from studio.methods.zeroshot.encoder import check_encoder, load_image_encoder
+from studio.methods.zeroshot.flux import AppliedFluxZeroShot, apply_flux, build_flux_adapter
 from studio.methods.zeroshot.hook import IPAdapterHook, layer_scales
 from studio.safetensors_io import FLOATS, GIB, Limits, check_values, loads_json
 
@@ -70,7 +75,25 @@ META_LAYER_SCALES = "zeroshot.layer_scales"
 REFERENCE_TOKEN = "<reference>"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 # Default adapters per base family (hub presets; the demo world ships its own).
-DEFAULT_ADAPTERS = {"sd1": "sd15", "sdxl": "sdxl"}
+DEFAULT_ADAPTERS = {"sd1": "sd15", "sdxl": "sdxl", "flux": "flux"}
+
+
+def check_family(base: Any) -> None:
+    """Refuse, in one sentence, a base family the studio has no IP-Adapter for (SD 3 / 3.5)."""
+    if getattr(base, "family", "") == "sd3":
+        raise IncompatibleConceptError(
+            "IP-Adapter image prompts work through a UNet's cross-attention layers or FLUX.1's double-stream blocks, "
+            "and the studio has no IP-Adapter for Stable Diffusion 3/3.5 bases yet, so they cannot be applied to "
+            f"{getattr(base, 'name', '?')}; load an SD 1.x, 2.x or SDXL base or a FLUX.1 base to use them.")
+
+
+def check_trainable(base: Any) -> None:
+    """Refuse, in one sentence, fine-tuning an adapter where the studio cannot (SD 3, FLUX.1)."""
+    check_family(base)
+    if getattr(base, "family", "") == "flux":
+        raise IncompatibleConceptError(
+            "Fine-tuning an IP-Adapter on FLUX.1 bases is not supported (zero-shot concepts with a FLUX IP-Adapter "
+            "such as --adapter flux do apply there); load an SD 1.x, 2.x or SDXL base to train one.")
 
 
 def adapter_record(concept: Concept) -> dict[str, Any]:
@@ -181,16 +204,14 @@ class ZeroShot:
                                   "available here; put the adapter file back or recreate the concept with "
                                   "`concepts create-zeroshot --adapter …`.") from None
             ref = AdapterRef(rec["source"], file, rec.get("weight_name", file.name), rec.get("image_encoder"))
-        adapter = load_adapter(base.pipe, ref)
+        adapter = load_adapter(base.pipe, ref, build=build_flux_adapter if base.family == "flux" else None)
         if rec.get("fingerprint") and adapter.fingerprint and rec["fingerprint"] != adapter.fingerprint:
             warnings.warn(f"{label}: the adapter at {ref.file} changed since the concept was made (fingerprint "
                           f"{rec['fingerprint']} → {adapter.fingerprint}); results may differ.", stacklevel=2)
         return adapter
 
     def check_base(self, concept: Concept, base: BaseModel) -> None:
-        from studio.models.families import check_unet_family
-
-        check_unet_family(base, "IP-Adapter image prompts")  # SD 3 / FLUX: one clear sentence
+        check_family(base)  # SD 3: one clear sentence
         self._check_embeds(concept, self.adapter(concept, base))
 
     @staticmethod
@@ -202,7 +223,10 @@ class ZeroShot:
             raise IncompatibleConceptError(f"Zero-shot concept {concept.name or concept.trigger} holds "
                                            f"{tuple(e.shape)} embeddings but its adapter reads {want}.")
 
-    def apply(self, base: BaseModel, concept: Concept, *, strength: float) -> AppliedZeroShot:
+    def apply(self, base: BaseModel, concept: Concept, *, strength: float) -> AppliedZeroShot | AppliedFluxZeroShot:
+        check_family(base)
+        if base.family == "flux":
+            return self._apply_flux(base, concept, strength)
         unet = base.pipe.unet
         if strength == 0:
             return AppliedZeroShot(concept, unet, None)
@@ -216,6 +240,17 @@ class ZeroShot:
         hook = install(base, adapter, concept.tensors[EMBEDS], concept.tensors[NEGATIVE], key=key, scale=strength,
                        scales=scales, mask=concept.tensors.get(MASK))
         return AppliedZeroShot(concept, unet, key, hook)
+
+    def _apply_flux(self, base: BaseModel, concept: Concept, strength: float) -> AppliedFluxZeroShot:
+        """FLUX.1: the image term in every double-stream block (:mod:`studio.methods.zeroshot.flux`)."""
+        transformer = base.pipe.transformer
+        if strength == 0:
+            return AppliedFluxZeroShot(concept, transformer, None)
+        adapter = self.adapter(concept, base)
+        self._check_embeds(concept, adapter)
+        scales = json.loads(concept.meta[META_LAYER_SCALES]) if META_LAYER_SCALES in concept.meta else None
+        return apply_flux(base, concept, adapter, concept.tensors[EMBEDS], key=f"zeroshot:{concept.trigger}",
+                          strength=strength, scales=scales, mask=concept.tensors.get(MASK))
 
 
 # -- making zero-shot concepts ---------------------------------------------------------------------------

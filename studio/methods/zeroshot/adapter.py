@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from studio.errors import IncompatibleConceptError, StudioError
+from studio.methods.zeroshot.xlabs import PROJ_PREFIX, from_xlabs, is_flux_state, is_xlabs_key
 
 WEIGHT_NAME = "ip_adapter.safetensors"  # what the adapter trainer writes
 IMAGE_ENCODER_DIR = "image_encoder"
@@ -58,10 +60,14 @@ PRESETS: dict[str, tuple[str, str, str]] = {
     "sdxl-plus": ("h94/IP-Adapter", "sdxl_models/ip-adapter-plus_sdxl_vit-h.safetensors", "models/image_encoder"),
     "sdxl-plus-face": ("h94/IP-Adapter", "sdxl_models/ip-adapter-plus-face_sdxl_vit-h.safetensors",
                        "models/image_encoder"),
+    "flux": ("XLabs-AI/flux-ip-adapter", "ip_adapter.safetensors", ""),  # FLUX.1-dev (XLabs layout; encoder below)
     "sd15-faceid": ("h94/IP-Adapter-FaceID", "ip-adapter-faceid_sd15.bin", ""),
     "sd15-faceid-plus": ("h94/IP-Adapter-FaceID", "ip-adapter-faceid-plusv2_sd15.bin", ""),
     "sdxl-faceid": ("h94/IP-Adapter-FaceID", "ip-adapter-faceid_sdxl.bin", ""),
 }
+
+# Presets whose CLIP image encoder lives in another hub repo (owner/repo[/subfolder]).
+PRESET_ENCODERS: dict[str, str] = {"flux": "openai/clip-vit-large-patch14"}
 
 FACEID_MESSAGE = ("{what} is an IP-Adapter FaceID model: it reads insightface face-ID embeddings, and insightface "
                   "is not installed in this studio (it cannot be installed here). Use a CLIP-based face adapter "
@@ -105,7 +111,8 @@ def resolve_adapter(spec: str, image_encoder: str | None = None) -> AdapterRef:
         repo, path, encoder = PRESETS[spec]
         if "faceid" in spec:
             raise StudioError(FACEID_MESSAGE.format(what=f"Adapter preset {spec!r}"))
-        return AdapterRef(spec, _download(repo, path), Path(path).name, image_encoder or f"{repo}/{encoder}")
+        encoder = PRESET_ENCODERS.get(spec) or f"{repo}/{encoder}"
+        return AdapterRef(spec, _download(repo, path), Path(path).name, image_encoder or encoder)
     local = Path(spec).expanduser()
     if local.is_file():
         return AdapterRef(spec, local.resolve(), local.name, image_encoder or _find_encoder(local))
@@ -156,6 +163,8 @@ def _looks_like_adapter(path: Path) -> bool:
         header, _ = read_header(path)
     except ConceptFormatError:
         return False
+    if any(k.startswith(PROJ_PREFIX) for k in header) and any(is_xlabs_key(k) for k in header):
+        return True  # a FLUX adapter in XLabs' layout
     return any(k.startswith("image_proj.") for k in header) and any(k.startswith("ip_adapter.") for k in header)
 
 
@@ -181,7 +190,8 @@ def _find_encoder(weights: Path) -> str | None:
 
 # -- reading and converting weights ---------------------------------------------------------------------
 def read_adapter_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"image_proj": {...}, "ip_adapter": {...}}`` from a safetensors file (prefixed keys) or a
+    """``{"image_proj": {...}, "ip_adapter": {...}}`` from a safetensors file (prefixed keys; a FLUX
+    adapter's XLabs names are read as diffusers reads them, :mod:`studio.methods.zeroshot.xlabs`) or a
     ``.bin`` (read with ``weights_only=True``: nothing is unpickled)."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -191,10 +201,13 @@ def read_adapter_state(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
         # SDXL adapter is ~1 GB), bounded before allocation, finite.
         flat, _ = sio.read_file(path, sio.Limits(dtypes=sio.FLOATS, max_bytes=8 * sio.GIB), error=StudioError)
         state: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-        for k, v in flat.items():
-            head, _, rest = k.partition(".")
-            if head in state:
-                state[head][rest] = v
+        if any(is_xlabs_key(k) for k in flat):
+            state = from_xlabs(flat, what=str(path))  # a FLUX adapter
+        else:
+            for k, v in flat.items():
+                head, _, rest = k.partition(".")
+                if head in state:
+                    state[head][rest] = v
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -229,14 +242,19 @@ class AdapterInfo:
     hidden_states: bool  # True: penultimate hidden states (N, T, D); False: image_embeds (N, D)
     num_tokens: int  # image tokens per reference image
     token_dim: int  # width of the image tokens (= the UNet's cross_attention_dim)
-    n_layers: int  # cross-attention layers with to_k_ip / to_v_ip
+    n_layers: int  # cross-attention layers with to_k_ip / to_v_ip (FLUX: double-stream blocks)
+    layout: str = "unet"  # "unet" (published h94 layout) | "flux" (XLabs' FLUX layout, biased to_k_ip / to_v_ip)
 
     @property
     def family(self) -> str:
+        if self.layout == "flux":
+            return "flux"
         return {768: "sd1", 1024: "sd2", 2048: "sdxl"}.get(self.token_dim, "")
 
 
 def adapter_info(state: dict[str, dict[str, torch.Tensor]], what: str = "the adapter") -> AdapterInfo:
+    if is_flux_state(state):
+        return flux_info(state, what)
     ip, sd = state["image_proj"], state["ip_adapter"]
     kind = adapter_kind(ip)
     if kind.startswith("faceid"):
@@ -249,6 +267,21 @@ def adapter_info(state: dict[str, dict[str, torch.Tensor]], what: str = "the ada
         embed, tokens, width = ip["proj_in.weight"].shape[1], ip["latents"].shape[1], ip["proj_out.weight"].shape[0]
     n = sum(1 for k in sd if k.endswith(".to_k_ip.weight"))
     return AdapterInfo(kind, int(embed), kind != "base", int(tokens), int(width), n)
+
+
+def flux_info(state: dict[str, dict[str, torch.Tensor]], what: str = "the adapter") -> AdapterInfo:
+    """What a FLUX adapter (XLabs layout) reads and makes: ``image_embeds`` of width D_e → T tokens of width
+    D_t (T = rows of ``proj`` / width of ``norm``; diffusers' loader reads the same T for every file it loads)."""
+    ip = state["image_proj"]
+    if set(ip) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+        raise StudioError(f"{what} is a FLUX IP-Adapter with an image projection of another kind (keys "
+                          f"{sorted(ip)[:4]}); only the linear projection (proj + norm) of XLabs' layout is supported.")
+    w, b, norm = ip["proj.weight"], ip["proj.bias"], ip["norm.weight"]
+    width = int(norm.shape[0]) if norm.ndim == 1 else 0
+    if w.ndim != 2 or width < 1 or w.shape[0] % width or tuple(b.shape) != (w.shape[0],):
+        raise StudioError(f"{what}: its image projection ({tuple(w.shape)}, norm {tuple(norm.shape)}) is inconsistent.")
+    n = sum(1 for k in state["ip_adapter"] if k.endswith(".to_k_ip.weight"))
+    return AdapterInfo("base", int(w.shape[1]), False, int(w.shape[0]) // width, width, n, layout="flux")
 
 
 def ip_key_ids(unet: Any) -> dict[str, int]:
@@ -293,6 +326,9 @@ def build_adapter(unet: Any, state: dict[str, dict[str, torch.Tensor]], *, ref: 
     from studio.methods.attention import unet_layers
 
     info = adapter_info(state, what)
+    if info.layout != "unet":
+        raise IncompatibleConceptError(f"{what} is a FLUX.1 IP-Adapter (XLabs layout); load a FLUX.1 base to use it, "
+                                       "or pass an adapter made for this UNet base.")
     layers = unet_layers(unet)
     if info.n_layers != len(layers):
         raise IncompatibleConceptError(
@@ -335,20 +371,22 @@ def move(adapter: LoadedAdapter, device: torch.device | str, dtype: torch.dtype)
     return adapter
 
 
-def load_adapter(pipe: Any, ref: AdapterRef, *, cache: bool = True) -> LoadedAdapter:
-    """Load ``ref`` for ``pipe``'s UNet (device and dtype of the UNet). With ``cache`` the last few
+def load_adapter(pipe: Any, ref: AdapterRef, *, cache: bool = True,
+                 build: Callable[..., LoadedAdapter] | None = None) -> LoadedAdapter:
+    """Load ``ref`` for ``pipe``'s UNet (device and dtype of the UNet) — or, with ``build`` (FLUX.1:
+    ``studio.methods.zeroshot.flux.build_flux_adapter``), for its transformer. With ``cache`` the last few
     adapters stay loaded on the pipeline (keyed by the file's fingerprint), so generating again
     does not re-read hundreds of megabytes."""
     from studio.models.keys import fingerprint_files
 
-    unet = pipe.unet
+    denoiser = pipe.unet if build is None else pipe.transformer
     fp = fingerprint_files(ref.file)
     store: dict[str, LoadedAdapter] = pipe.__dict__.setdefault("_studio_ip_adapters", {})
     if cache and fp in store:
         store[fp] = store.pop(fp)  # most recently used last
         return store[fp]
-    adapter = build_adapter(unet, read_adapter_state(ref.file), ref=ref, what=f"Adapter {ref.spec}")
-    move(adapter, unet.device, unet.dtype)
+    adapter = (build or build_adapter)(denoiser, read_adapter_state(ref.file), ref=ref, what=f"Adapter {ref.spec}")
+    move(adapter, denoiser.device, denoiser.dtype)
     if cache:
         store[fp] = adapter
         while len(store) > _CACHE_SIZE:
