@@ -176,3 +176,27 @@ def test_textual_inversion_loads_in_diffusers_with_the_same_pixels(flow_bases, i
         plain.load_textual_inversion(stored["clip_g"], token=tokens, text_encoder=plain.text_encoder_2,
                                      tokenizer=plain.tokenizer_2)
     np.testing.assert_array_equal(_render(plain, text), studio)
+
+
+# -- aspect-ratio buckets ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-flux", "tiny-sd3"])
+def test_buckets_train_on_the_flow_families(flow_bases, tmp_path, name):
+    """Non-square photos in buckets whose latent sides are whole patches (FLUX: its 2×2 packing)."""
+    from PIL import Image
+
+    from trainers.buckets import scale_factors
+
+    base = flow_bases[name]
+    vae, patch = scale_factors(base.pipe)
+    assert vae == base.pipe.vae_scale_factor and patch == 2  # both tiny transformers: patch 2 / packed 2×2
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (w, h) in enumerate([(64, 32), (32, 64), (48, 48)]):
+        im = Image.new("RGB", (w, h), (200, 60 + 40 * i, 40))
+        im.paste((20, 20, 220), (4, 4, w // 2, h // 2))
+        im.save(folder / f"{i}.png")
+    entry = get_trainer("dreambooth")
+    cfg = entry.resolve(images=str(folder), out=str(tmp_path / "b.safetensors"), class_word="dog", steps=3,
+                        log_every=0, seed=0, buckets=True, probe=False, prior_preservation=False)
+    result = train(entry, cfg, base)
+    assert len(result.losses) == 3 and all(math.isfinite(x) for x in result.losses)

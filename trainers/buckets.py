@@ -46,13 +46,25 @@ class Bucket:
 
 def scale_factors(pipe: Any) -> tuple[int, int]:
     """``(vae, unet)``: the VAE's downsampling factor (``pipe.vae_scale_factor``, else from the VAE's
-    blocks) and the UNet's own (2 per down block but the last), so latent sides that are multiples of
-    ``unet`` keep every feature map whole."""
+    blocks) and the denoiser's own — the UNet's 2 per down block but the last, a flow transformer's patch
+    size (FLUX: at least its 2×2 packing) — so latent sides that are multiples of ``unet`` keep every
+    feature map (or patch) whole."""
     vae = getattr(pipe, "vae_scale_factor", None)
     if not vae:
         vae = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    unet = 2 ** max(0, len(pipe.unet.config.down_block_types) - 1)
+    denoiser = getattr(pipe, "transformer", None)
+    if denoiser is not None:  # SD 3 / FLUX: latents are cut into patch_size² tokens (FLUX packs 2×2)
+        unet = int(getattr(denoiser.config, "patch_size", 1) or 1)
+        if base_family(pipe) == "flux":
+            unet = max(unet, 2)
+    else:
+        unet = 2 ** max(0, len(pipe.unet.config.down_block_types) - 1)
     return int(vae), int(unet)
+
+
+def base_family(pipe: Any) -> str:
+    """``"flux"`` for a FLUX pipeline (its latents are packed 2×2 whatever the transformer's patch size)."""
+    return "flux" if type(pipe).__name__.startswith("Flux") else ""
 
 
 def bucket_step(pipe: Any, resolution: int, step: int = 0) -> int:
