@@ -104,6 +104,22 @@ def make_custom_diffusion(base, trigger: str, seed: int) -> Concept:
                    class_word="cat", name=trigger.strip("<>"), base=base.fingerprint())
 
 
+def make_break_a_scene(base, trigger: str, seed: int) -> Concept:
+    """A random Break-A-Scene file for ``base``: one ``(1, D_e)`` token vector per CLIP encoder and a random
+    LoRA (:func:`make_lora`'s) as the run's shared LoRA, with its group id; class word "cat"."""
+    import json
+
+    from studio.methods.break_a_scene import EMBEDDINGS, META_GROUP, META_TOKENS, group_id
+
+    g = torch.Generator().manual_seed(seed)
+    lora = make_lora(base, trigger, seed).tensors
+    tensors = {k: torch.randn(1, te.config.hidden_size, generator=g) * 2.0
+               for k, (_, te) in zip(EMBEDDINGS, text_encoders(base.pipe))} | lora
+    return Concept(method="break_a_scene", tokens=[trigger], tensors=tensors, class_word="cat",
+                   name=trigger.strip("<>"), base=base.fingerprint(),
+                   meta={META_GROUP: group_id(lora), META_TOKENS: json.dumps([trigger])})
+
+
 CASES: dict[str, Callable] = {
     "textual_inversion": make_ti,
     "lora": make_lora,
@@ -112,6 +128,7 @@ CASES: dict[str, Callable] = {
     "neti": make_neti,
     "prospect": make_prospect,
     "custom_diffusion": make_custom_diffusion,
+    "break_a_scene": make_break_a_scene,
 }
 
 

@@ -196,6 +196,13 @@ POISONS = {
         "wrong-width": (_wider("custom_diffusion.embedding"), None),
         "kv-width": (lambda t: _wider(next(k for k in t if k.endswith("to_k_custom_diffusion.weight")))(t), None),
     },
+    "break_a_scene": {
+        "tokens-int": (None, _meta("studio.tokens", "[1]")),
+        "token-in-vocab": (None, "vocab"),
+        "wrong-width": (_wider("break_a_scene.embedding"), None),
+        "lora-edited": (lambda t: t | {k: v * 2 for k, v in t.items() if k.endswith(".lora_up.weight")}, None),
+        "run-tokens-garbage": (None, _meta("break_a_scene.tokens", '{"a": 1}')),
+    },
     "zeroshot": {
         "tokens-int": (None, _meta("studio.tokens", "[1]")),
         "wrong-width": (_wider("zeroshot.image_embeds", "zeroshot.negative_embeds"), None),
@@ -281,6 +288,8 @@ INJECT = {
     "custom_diffusion": ("studio.methods.custom_diffusion.add_hook", _boom),
     # the attention hook is registered, then its UNet pre-hook cannot be attached
     "zeroshot": ("studio.methods.zeroshot.hook.IPAdapterHook.attach", _boom),
+    # the token is in and diffusers loaded the group's LoRA, then activating it fails
+    "break_a_scene": ("PIPE.set_adapters", _boom),
 }
 
 

@@ -34,9 +34,11 @@ TI = "textual-inversion"
 SECRET = "SECRET-LINE-ONE api_key=hunter2"
 # Every text box of every Train form that is not a path: a new str field must be declared (path=…) or listed here.
 PLAIN_TEXT = {"name", "token", "class_word", "preview_prompt", "init_words", "instance_prompt", "class_prompt",
-              "target_modules", "text_encoder_targets", "core_layers", "init_token"}
+              "target_modules", "text_encoder_targets", "core_layers", "init_token",
+              "concepts", "prompt"}  # Break-A-Scene's name:class-word list and its prompt template
 DECLARED = {"eval_prompts": "file", "eval_model": "model", "names_file": "file", "class_images": "folder",
-            "corpus": "file", "adapter": "model", "image_encoder": "model", "core_prompts_file": "file"}
+            "corpus": "file", "adapter": "model", "image_encoder": "model", "core_prompts_file": "file",
+            "masks": "folder"}
 HUB_VALUES = {"eval_model": "openai/clip-vit-base-patch32",
               "adapter": "h94/IP-Adapter/models/ip-adapter_sd15.safetensors",
               "image_encoder": "h94/IP-Adapter/models/image_encoder"}

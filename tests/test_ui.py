@@ -680,3 +680,54 @@ def test_the_readme_declares_the_space():
     import gradio
 
     assert meta.get("sdk_version") == gradio.__version__
+
+
+def _painted(size: int = 32) -> dict:
+    """A mask-painter value: a picture and two painted layers (a disc, then the border band)."""
+    from PIL import ImageDraw
+
+    picture = Image.new("RGB", (size, size), (240, 240, 240))
+    ImageDraw.Draw(picture).ellipse((8, 8, 24, 24), fill=(135, 60, 190))
+    disc, band = Image.new("RGBA", (size, size)), Image.new("RGBA", (size, size))
+    ImageDraw.Draw(disc).ellipse((9, 9, 23, 23), fill=(255, 48, 48, 255))
+    ImageDraw.Draw(band).rectangle((0, 0, size - 1, size - 1), outline=(48, 160, 255, 255), width=4)
+    return {"background": picture, "layers": [disc, band], "composite": None}
+
+
+def test_break_a_scene_masks_painted_on_one_picture_train_from_the_form(ctx, studio, tmp_path, tiny_bases):
+    """The Train tab's painter: layer i is the i-th concept's mask, written as <stem>.<concept>.png beside the
+    picture — the layout `--masks` reads — and the job trains on that one picture."""
+    m = train.PAINT_METHOD + train.SEP
+    form = {"method": train.PAINT_METHOD, "images": [], "paint": _painted(), m + "concepts": "blob:circle,edge:frame",
+            m + "steps": 2, m + "phase1_steps": 1, m + "batch_size": 1}
+    picture, masks = train.painted_scene(form["paint"], "blob:circle,edge:frame", tmp_path / "p")
+    assert picture.name == "scene.png" and [p.name for p in masks] == ["scene.blob.png", "scene.edge.png"]
+    blob = np.asarray(Image.open(masks[0]))
+    assert blob[16, 16] == 255 and blob[0, 0] == 0 and set(np.unique(blob)) == {0, 255}
+    assert np.asarray(Image.open(masks[1]))[0, 0] == 255
+    with pytest.raises(StudioError, match="2 layer.*3 concept"):
+        train.painted_scene(form["paint"], "a,b,c", tmp_path / "q")
+    with pytest.raises(StudioError, match="Layer 2 \\(edge\\) is empty"):
+        train.painted_scene({**form["paint"], "layers": [form["paint"]["layers"][0], Image.new("RGBA", (32, 32))]},
+                            "blob,edge", tmp_path / "r")
+    with pytest.raises(StudioError, match="Name the concepts"):
+        train.painted_scene(form["paint"], "", tmp_path / "s")
+    assert train.painted_scene({"background": None, "layers": []}, "a", tmp_path / "t") is None
+    with pytest.raises(StudioError, match="or paint the concepts"):
+        train.start(ctx, {**form, "paint": None})
+
+    job_id, _ = train.start(ctx, form)
+    job = studio.jobs.get(job_id)
+    assert job.state == "queued"
+    names = sorted(p.name for p in job.folder.rglob("*.png"))
+    assert "scene.png" in names and "scene.blob.png" in names and "scene.edge.png" in names
+    Worker(studio.jobs, load_base=lambda settings, device: tiny_bases(settings["base"])).run(once=True)
+    status = train.job_status(ctx, job_id)
+    assert status["state"] == "done", status["text"]
+    assert sorted(studio.library.names()) == [f"{job.name}-blob", f"{job.name}-edge"]  # one file per concept
+    from studio.jobs.execute import finished_output, publish
+
+    job = studio.jobs.get(job_id)
+    finished = finished_output(job)  # the list written last: a restart publishes the complete set once
+    assert finished is not None and finished.name == "concepts.json"
+    assert publish(job, finished) == studio.library.path(f"{job.name}-blob")  # already there: no second copy

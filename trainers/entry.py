@@ -26,6 +26,9 @@ class TrainerEntry:
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     default_preset: str | None = None  # the preset whose values are the config's defaults (its name, for display)
     min_images: int = 1
+    # The run names one token per concept itself (Break-A-Scene's --concepts) and writes one file per token:
+    # callers pass no --token, and a queued job publishes the files as "<name>-<concept>".
+    tokens_per_concept: bool = False
     # One line for a creator choosing a method: what the concept is (size), how long it trains, and what
     # it learns, with the measured numbers it rests on (README "Defaults that learn" / "Measured").
     gives: str = ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from studio.errors import StudioError
+from trainers.break_a_scene import ENTRY as BREAK_A_SCENE
 from trainers.custom_diffusion import ENTRY as CUSTOM_DIFFUSION
 from trainers.entry import TrainerEntry
 from trainers.lora import ENTRY as LORA
@@ -13,7 +14,8 @@ from trainers.textual_inversion import ENTRY as TEXTUAL_INVERSION
 from trainers.zeroshot import ENTRY as ZEROSHOT
 
 # The order is the order the CLI and the UI list them.
-_TRAINERS: tuple[TrainerEntry, ...] = (TEXTUAL_INVERSION, LORA, NETI, ZEROSHOT, PERFUSION, PROSPECT, CUSTOM_DIFFUSION)
+_TRAINERS: tuple[TrainerEntry, ...] = (TEXTUAL_INVERSION, LORA, NETI, ZEROSHOT, PERFUSION, PROSPECT, CUSTOM_DIFFUSION,
+                                        BREAK_A_SCENE)
 
 
 def trainer_registry() -> dict[str, TrainerEntry]:

@@ -10,6 +10,8 @@ The job folder (``<library>/.jobs/job-NNNNNN/``, or the working copy of one in r
     previews/step-NNNNNN.png
     events.jsonl           a readable mirror of the job's events (the database is the source of truth)
     concept.safetensors    the finished concept, before it is published
+    concept-<c>.safetensors + concepts.json   instead, a run's one file per token (Break-A-Scene) and their
+                           list, written last: published as ``<name>-<c>.safetensors``
     model/                 instead, for a whole-model fine-tune (``cfg.writes_folder()``): the diffusers folder
 
 Crash safety, step by step (a process may die between any two lines):
@@ -52,6 +54,7 @@ if TYPE_CHECKING:
 
 CONCEPT = "concept.safetensors"
 MODEL = "model"
+CONCEPT_SET = "concepts.json"  # a run that writes one file per token (Break-A-Scene): the list, written last
 PREVIEW_SUFFIX = ".preview.png"
 
 
@@ -174,7 +177,11 @@ def job_config(entry: Any, job: Job, warn: Callable[[str], None]) -> Any:
     for key, rel in job.inputs.items():
         values[key] = str(job.folder / rel)
     values.update(out=str(job.folder / CONCEPT), checkpoint_dir=str(job.folder / CHECKPOINTS), resume="latest",
-                  name=job.name, token=job.token)
+                  name=job.name)
+    if getattr(entry, "tokens_per_concept", False):  # Break-A-Scene names a token per concept itself
+        values.pop("token", None)
+    else:
+        values["token"] = job.token
     cfg = entry.config_cls(**values)
     if whole_model(cfg):
         cfg.out = str(job.folder / MODEL)
@@ -192,6 +199,8 @@ def finished_output(job: Job) -> Path | None:
     """The job's complete result in its folder, if training finished (a file or a non-empty folder)."""
     if (job.folder / CONCEPT).is_file():
         return job.folder / CONCEPT
+    if (job.folder / CONCEPT_SET).is_file():
+        return job.folder / CONCEPT_SET
     model = job.folder / MODEL
     if model.is_dir() and any(model.iterdir()):
         return model
@@ -236,7 +245,7 @@ def train_job(queue: JobQueue, job: Job, *, base_for: Callable[[dict[str, Any]],
     # them: this module must not import torch (trainers.loop does).
     train(entry, cfg, base, library=None, callbacks=cast("TrainCallbacks", callbacks),
           control=cast("TrainControl", control))
-    finished = finished_output(job)
+    finished = finished_output(job) or _concept_set(job)
     if finished is None:
         raise StudioError(f"Training ended without writing {cfg.out}.")
     queue.storage.push(job.id, job.location, finished)
@@ -245,11 +254,37 @@ def train_job(queue: JobQueue, job: Job, *, base_for: Callable[[dict[str, Any]],
 
 def publish(job: Job, finished: Path) -> Path:
     """Step 3: copy the finished concept to ``job.destination`` exactly once (see the module docstring)."""
-    from studio.atomic import _fsync_dir, atomic_path, temp_path
-
     dest = Path(job.destination)
     if finished.is_dir():
         return _publish_folder(job, finished, dest)
+    if finished.name == CONCEPT_SET:  # one file per token: each beside the destination, "<name>-<concept>"
+        import json
+
+        files = [job.folder / f for f in json.loads(finished.read_text())["files"]]
+        stem = CONCEPT[: -len(".safetensors")]
+        return [_publish_file(job, f, dest.with_name(dest.stem + f.name[len(stem):])) for f in files][0]
+    return _publish_file(job, finished, dest)
+
+
+def _concept_set(job: Job) -> Path | None:
+    """After a run that wrote one file per token (``concept-<token>.safetensors``, Break-A-Scene): the list
+    of them, written atomically as the last step — so a restart publishes exactly the complete set."""
+    import json
+
+    from studio.atomic import atomic_write_bytes
+
+    stem = CONCEPT[: -len(".safetensors")]
+    files = sorted(p.name for p in job.folder.glob(f"{stem}-*.safetensors"))
+    if not files:
+        return None
+    atomic_write_bytes(job.folder / CONCEPT_SET, json.dumps({"files": files}).encode())
+    return job.folder / CONCEPT_SET
+
+
+def _publish_file(job: Job, finished: Path, dest: Path) -> Path:
+    """One concept file to ``dest``, exactly once (module docstring, step 3)."""
+    from studio.atomic import _fsync_dir, atomic_path, temp_path
+
     if dest.exists():
         if filecmp.cmp(dest, finished, shallow=False):
             return dest  # copied before a restart
@@ -271,10 +306,10 @@ def publish(job: Job, finished: Path) -> Path:
             os.link(tmp, dest)  # atomic, and never replaces an existing file
         except FileExistsError:
             tmp.unlink(missing_ok=True)
-            return publish(job, finished)
+            return _publish_file(job, finished, dest)
         except OSError:  # a filesystem without hard links
             if dest.exists():
-                return publish(job, finished)
+                return _publish_file(job, finished, dest)
             os.replace(tmp, dest)
         _fsync_dir(dest.parent)
     except OSError as err:

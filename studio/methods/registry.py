@@ -9,6 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from studio.errors import ConceptFormatError
+from studio.methods.break_a_scene import BreakAScene
 from studio.methods.custom_diffusion import CustomDiffusion
 from studio.methods.lora import LoRA
 from studio.methods.neti import NeTI
@@ -19,7 +20,8 @@ from studio.methods.zeroshot import ZeroShot
 
 # The order is the order the UI lists them.
 METHODS: MappingProxyType[str, Any] = MappingProxyType(
-    {m.name: m for m in (TextualInversion(), LoRA(), Perfusion(), NeTI(), ProSpect(), CustomDiffusion(), ZeroShot())})
+    {m.name: m for m in (TextualInversion(), LoRA(), Perfusion(), NeTI(), ProSpect(), CustomDiffusion(),
+                         BreakAScene(), ZeroShot())})
 
 
 def get_method(name: str) -> Any:

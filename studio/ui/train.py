@@ -8,6 +8,7 @@ builds the same config (:func:`cli_command`)."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from studio.errors import StudioError
@@ -117,6 +118,52 @@ def parse_captions(text: str | None) -> dict[str, str]:
     return out
 
 
+PAINT_METHOD = "break-a-scene"  # the method whose form shows the mask painter
+
+
+def painted_scene(editor: Any, concepts: str, folder: Path) -> tuple[Path, list[Path]] | None:
+    """The mask painter's picture and masks, written to ``folder`` in the layout the trainer reads.
+
+    ``editor`` is a ``gr.ImageEditor`` value (``{"background", "layers", "composite"}``, PIL images): the
+    background is the picture; layer ``i``, painted in any colour, marks the ``i``-th concept of
+    ``concepts`` (``"dog:dog,mug:cup"``, the trainer's ``--concepts``). Writes ``scene.png`` and
+    ``scene.<concept>.png`` (white where the layer is painted, i.e. alpha > 0) and returns their paths;
+    None when nothing was painted on (no picture). Raises a one-line error for a picture without layers,
+    a layer count that is not the concept count, or an empty layer."""
+    from PIL import Image
+
+    from trainers.break_a_scene import parse_concepts
+
+    if not isinstance(editor, dict) or editor.get("background") is None:
+        return None
+    names = [n for n, _ in parse_concepts(str(concepts or ""))]
+    if not names:
+        raise StudioError("Name the concepts first (Concepts: e.g. dog:dog,mug:cup): layer 1 is the first name.")
+    layers = [lay for lay in (editor.get("layers") or []) if lay is not None]
+    if len(layers) != len(names):
+        raise StudioError(f"The painter has {len(layers)} layer(s) for {len(names)} concept(s) ({', '.join(names)}): "
+                          "paint each concept on its own layer, in the order of Concepts.")
+    picture = editor["background"]
+    picture = picture if isinstance(picture, Image.Image) else Image.fromarray(picture)
+    picture = picture.convert("RGB")
+    folder.mkdir(parents=True, exist_ok=True)
+    image_path = folder / "scene.png"
+    picture.save(image_path)
+    masks = []
+    for i, (name, layer) in enumerate(zip(names, layers), 1):
+        layer = layer if isinstance(layer, Image.Image) else Image.fromarray(layer)
+        alpha = layer.convert("RGBA").getchannel("A")
+        if alpha.size != picture.size:
+            alpha = alpha.resize(picture.size, Image.Resampling.NEAREST)
+        mask = alpha.point(lambda a: 255 if a > 0 else 0)
+        if mask.getbbox() is None:
+            raise StudioError(f"Layer {i} ({name}) is empty: paint the {name} on it.")
+        path = folder / f"scene.{name}.png"
+        mask.save(path)
+        masks.append(path)
+    return image_path, masks
+
+
 def method_values(ctx: UIContext, method: str, form: dict[str, Any]) -> dict[str, Any]:
     """The chosen method's typed option values from the form (keys ``method::field``)."""
     fields = method_forms(ctx)[method]
@@ -130,8 +177,11 @@ def start(ctx: UIContext, form: dict[str, Any]) -> tuple[int, str]:
     if method not in ctx.studio.training_methods():
         raise StudioError(f"Choose a training method ({', '.join(ctx.studio.training_methods())}).")
     images = ctx.uploaded(form.get("images"))
-    if not images:
-        raise StudioError("Upload the training images first (3–20 photos of the subject work best).")
+    paint = form.get("paint")
+    painting = method == PAINT_METHOD and isinstance(paint, dict) and paint.get("background") is not None
+    if not images and not painting:
+        raise StudioError("Upload the training images first (3–20 photos of the subject work best)"
+                          + (", or paint the concepts' masks on one picture." if method == PAINT_METHOD else "."))
     masks = ctx.uploaded(form.get("masks"))
     captions = parse_captions(form.get("captions"))
     if form.get("staged"):  # the dataset step prepared the photos: train on its folder and its edited table
@@ -145,6 +195,13 @@ def start(ctx: UIContext, form: dict[str, Any]) -> tuple[int, str]:
     uploads = {f.name for f in method_forms(ctx)[method] if f.widget in ("file", "files")}
     values = method_values(ctx, method, form)
     files = {k: ctx.uploaded(v) for k, v in values.items() if k in uploads}
+    if method == PAINT_METHOD:  # masks painted on one picture: it is the training image, its layers the masks
+        painted = painted_scene(form.get("paint"), str(values.get("concepts") or ""), ctx.new_folder("paint"))
+        if painted is not None:
+            if images or files.get("masks"):
+                raise StudioError("Either paint the masks on one picture or upload images and masks, not both: "
+                                  "clear the painter or the uploads.")
+            images, files["masks"] = [str(painted[0])], [str(m) for m in painted[1]]
     job = ctx.studio.submit_training(method, {k: v for k, v in values.items() if k not in uploads}, images,
                                      masks=masks, captions=captions,
                                      preset=None if preset in (None, NO_PRESET) else preset, files=files)
@@ -166,7 +223,10 @@ def job_status(ctx: UIContext, job_id: int | None) -> dict[str, Any]:
         parts.append("waiting for the worker" + (" (press 'Train on the GPU')" if ctx.runners.train_chunk else ""))
     if job.error:
         parts.append(f"**Error:** {job.error}")
-    if job.state == "done":
+    if job.state == "done" and job.trainer == PAINT_METHOD:
+        parts.append(f"Saved to the library as **{job.name}-…**, one file per concept: use each concept's "
+                     "`<name>` in a prompt on the Generate tab, alone or together.")
+    elif job.state == "done":
         parts.append(f"Saved to the library as **{job.name}**: use `{job.token}` in a prompt on the Generate tab.")
     events = queue.events(job.id, kinds=["state", "log", "checkpoint"])
     log = "\n".join(time.strftime("%H:%M:%S ", time.localtime(e.time)) + e.text() for e in events[-LOG_LINES:])
@@ -253,7 +313,7 @@ def _build_dataset_step(c: dict[str, Any]) -> dict[str, Any]:
 def _wire_dataset_step(ctx: UIContext, c: dict[str, Any], d: dict[str, Any]) -> None:
     from studio.ui import dataset
 
-    keys = [k for k in c if k not in ("caption_table",)]
+    keys = [k for k in c if k not in ("caption_table", "paint")]
     inputs = {k: c[k] for k in keys}
     on(d["inspect"].click, ctx, lambda ctx_, form: list(dataset.inspect(ctx_, dataset_form(form))), inputs,
        [d["report"], d["sheet"], c["staged"]])
@@ -302,6 +362,16 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
                 field_comps[name] = comps
                 for field, comp in comps.items():
                     c[f"{name}{SEP}{field}"] = comp
+        with gr.Accordion("Paint the concepts on one picture (Break-A-Scene)", open=True,
+                          visible=first == PAINT_METHOD, elem_id="train-paint-box") as paint_box:
+            gr.Markdown("Load the picture, then paint each concept on its **own layer**, in the order of "
+                        "*Concepts* above (layer 1 = the first name). Or upload images and masks named "
+                        "`<image-stem>.<concept>.png` instead.")
+            c["paint"] = gr.ImageEditor(type="pil", label="Picture and concept layers", image_mode="RGBA",
+                                        layers=gr.LayerOptions(allow_additional_layers=True,
+                                                               layers=["concept 1", "concept 2"]),
+                                        brush=gr.Brush(colors=["#ff3030", "#30a0ff", "#30d050", "#ffd030"]),
+                                        elem_id="train-paint")
         with gr.Row():
             go = gr.Button("Start training", variant="primary", elem_id="train-start")
             cli_go = gr.Button("Copy CLI command", elem_id="train-cli-go")
@@ -326,11 +396,12 @@ def build(tab: Any, ctx: UIContext) -> dict[str, Any]:
         timer = gr.Timer(1.0, active=False)
 
     def show_method(form: dict[str, Any]) -> list[Any]:
-        return [gr.update(visible=n == form["method"]) for n in methods]
+        return [*(gr.update(visible=n == form["method"]) for n in methods),
+                gr.update(visible=form["method"] == PAINT_METHOD)]
 
     _wire_dataset_step(ctx, c, dataset_step)
     on(c["method"].change, ctx, lambda ctx_, form: [*show_method(form), method_summary(ctx_, form["method"])],
-       {"method": c["method"]}, [*groups.values(), gives])
+       {"method": c["method"]}, [*groups.values(), paint_box, gives])
     on(cli_go.click, ctx, lambda ctx_, form: gr.update(value=cli_command(ctx_, form), visible=True), c, cli)
     on(memory_go.click, ctx, memory_estimate, c, memory)
     for name in methods:
