@@ -2,6 +2,7 @@
 
     python scripts/build_world.py                      # full build into studio/assets/world/
     python scripts/build_world.py --variant world-b    # the second base, into studio/assets/world_b/
+    python scripts/build_world.py --variant world-scene  # scenes (a shape in a frame), into studio/assets/world_scene/
     python scripts/build_world.py --out /tmp/w --set unet_steps=300 --set n_images=4000
 
 Two variants share the world (renderer, grammar, concept, oracle) and differ in everything a base
@@ -11,6 +12,14 @@ real 49,408-token CLIP vocabulary, a 64-wide 2-layer text encoder and a three-le
 world's captions, a 96-wide 3-layer text encoder and a two-level UNet with attention at every
 level. ``world-b`` reuses the world's oracle (reading its images box-resized to 32 px) and records
 the oracle's accuracy on its renders and VAE reconstructions.
+
+``world-scene`` is world-b's shape of model trained on *scenes* (:mod:`studio.world.scene`): the
+world's 32-px render in the centre of a 48-px picture whose outer band is a frame or the background,
+captions such as "a purple dotted circle on a pink background in an orange striped frame". Two
+concepts are left out of its data (``SCENE_TASK``: the purple dotted circle and a yellow dotted
+frame). Its VAE is world-b's fine-tuned on scenes (world-b's alone blurs frames); it reads the
+interior with the world's oracle and trains a small scene oracle (frame, frame colour and pattern,
+background, is there a shape) saved as ``scene_oracle.safetensors``.
 
 Steps (each seeded, single-threaded data generation, printed with its time):
 
@@ -75,6 +84,20 @@ VARIANTS: dict[str, tuple[Path, dict[str, object]]] = {
         "unet_channels": (32, 64), "unet_plain_levels": 0, "unet_heads": 2,
         "unet_steps": 4000, "unet_batch": 64,
     }),
+    # Scenes (a shape in a frame) for multi-concept methods: world-b's shape of model, world-b's VAE
+    # fine-tuned on scenes, the world's oracle on the interior and a scene oracle on the whole picture.
+    "world-scene": (ROOT / "studio" / "assets" / "world_scene", {
+        "world": "scene", "resolution": 48, "tokenizer": "small", "oracle_from": str(WORLD_ORACLE),
+        "store_fp16": "all",
+        "vae_channels": (16, 32, 32), "vae_from": str(ROOT / "studio" / "assets" / "world_b" / "base" / "vae"),
+        "vae_ref_pixel": 8, "vae_steps": 1500, "vae_lr": 1e-3,
+        "text_width": 96, "text_layers": 3, "text_heads": 4, "text_ff": 192,
+        "unet_channels": (32, 64), "unet_plain_levels": 0, "unet_heads": 2,
+        "unet_steps": 3000, "unet_batch": 64,
+        "oracle_width": 12, "oracle_images": 12_000, "oracle_steps": 1500,
+        # one thread: built on a machine shared with other work, where two threads ran 7× slower
+        "threads": 1,
+    }),
 }
 
 
@@ -83,6 +106,7 @@ class Settings:
     """Every knob of the build; all of it is recorded in the weights' metadata."""
 
     seed: int = 0
+    world: str = "world"  # "world": one centred shape; "scene": a shape in a frame (studio.world.scene)
     resolution: int = 32  # image side in pixels
     tokenizer: str = "clip"  # "clip": the committed CLIP vocabulary; "small": a BPE learnt from captions
     small_vocab_merges: int = 400  # upper bound on merges of the "small" vocabulary
@@ -101,6 +125,8 @@ class Settings:
     vae_batch: int = 32
     vae_lr: float = 1.5e-3
     vae_kl_weight: float = 1e-6
+    vae_from: str = ""  # fine-tune this diffusers VAE folder instead of training one from scratch
+    vae_ref_pixel: int = 0  # the loss weights pixels unlike this (diagonal) pixel, the background, 5×
     # text encoder (CLIP, real vocabulary) + UNet
     text_width: int = 64
     text_layers: int = 2
@@ -210,7 +236,12 @@ def learn_small_vocabulary(s: Settings, out: Path) -> None:
     rng = random.Random(f"vocab/{s.seed}")
     counts: collections.Counter[str] = collections.Counter()
     for _ in range(20_000):
-        text = caption(sample_attributes(rng), rng, s.caption_p_drop)
+        if s.world == "scene":
+            from studio.world.scene import sample_scene, scene_caption
+
+            text = scene_caption(sample_scene(rng), rng, s.caption_p_drop)
+        else:
+            text = caption(sample_attributes(rng), rng, s.caption_p_drop)
         counts.update(re.findall(r"[a-z]+|[0-9]|[^\sa-z0-9]+", text.lower()))
     words = {tuple(w[:-1]) + (w[-1] + "</w>",): c for w, c in counts.items()}
     merges: list[tuple[str, str]] = []
@@ -273,6 +304,13 @@ def make_vae(s: Settings):
 def train_vae(s: Settings, images: torch.Tensor):
     torch.manual_seed(s.seed + 2)
     vae = make_vae(s)
+    if s.vae_from:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(s.vae_from).float()
+        if tuple(vae.config.block_out_channels) != tuple(s.vae_channels):
+            raise SystemExit(f"{s.vae_from} has channels {vae.config.block_out_channels}, not vae_channels")
+        vae.train()
     gen = torch.Generator().manual_seed(s.seed + 20)
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     for step in range(s.vae_steps):
@@ -285,7 +323,8 @@ def train_vae(s: Settings, images: torch.Tensor):
         rec = vae.decode(z).sample
         # the shape covers a small part of the picture: weight its pixels 5× (the background is
         # the pixel colour at the corner, which the shape never reaches)
-        weight = 1 + 4 * ((x - x[:, :, :1, :1]).abs().sum(1, keepdim=True) > 0.05).float()
+        ref = x[:, :, s.vae_ref_pixel : s.vae_ref_pixel + 1, s.vae_ref_pixel : s.vae_ref_pixel + 1]
+        weight = 1 + 4 * ((x - ref).abs().sum(1, keepdim=True) > 0.05).float()
         err = rec - x
         l1 = err.abs().mean()
         loss = (weight * (err.abs() + err**2)).mean() + s.vae_kl_weight * posterior.kl().mean()
@@ -397,8 +436,8 @@ def use_fast_attention(unet) -> None:
     unet.set_attn_processor(AttnProcessor())
 
 
-def train_base(s: Settings, latents: torch.Tensor, attrs: list[Attributes], tokenizer, snapshot=None,
-               snapshot_every: int = 0):
+def train_base(s: Settings, latents: torch.Tensor, attrs: list, tokenizer, snapshot=None,
+               snapshot_every: int = 0, caption_of=caption):
     torch.manual_seed(s.seed + 3)
     text_encoder = make_text_encoder(s, tokenizer)
     unet = make_unet(s)
@@ -430,7 +469,7 @@ def train_base(s: Settings, latents: torch.Tensor, attrs: list[Attributes], toke
             g["lr"] = s.unet_lr * lr_scale
         idx = torch.randint(0, n, (s.unet_batch,), generator=gen)
         texts = [
-            "" if rng.random() < s.p_empty_caption else caption(attrs[i], rng, s.caption_p_drop)
+            "" if rng.random() < s.p_empty_caption else caption_of(attrs[i], rng, s.caption_p_drop)
             for i in idx.tolist()
         ]
         ids = torch.stack([tokenize(t) for t in texts])
@@ -540,6 +579,202 @@ def oracle_accuracy(oracle: Oracle, x: torch.Tensor, attrs: list[Attributes]) ->
     }
     acc["identity"] = float(((probs["identity"] > 0.5).float() == targets["identity"]).float().mean())
     return acc
+
+
+# ----------------------------------------------------------------------------------------------
+# 4b. scenes (world-scene): training set, scene oracle, verification
+# ----------------------------------------------------------------------------------------------
+
+
+def render_scene_set(n: int, rng: random.Random) -> tuple[np.ndarray, list]:
+    """``n`` random scenes (``SCENE_MIX``), none showing a concept of ``SCENE_TASK``: (N, 48, 48, 3) uint8."""
+    from studio.world.scene import SCENE_TASK, render_scene, sample_scene
+
+    attrs, arrays = [], []
+    while len(attrs) < n:
+        a = sample_scene(rng)
+        if SCENE_TASK.shows_held_out(a):
+            continue
+        attrs.append(a)
+        arrays.append(np.asarray(render_scene(a, jitter=rng.randrange(2**31))))
+    return np.stack(arrays), attrs
+
+
+def scene_oracle_set(n: int, rng: random.Random) -> tuple[np.ndarray, list]:
+    """Scenes for the scene oracle: ¼ with the frame concept, ¼ near misses (its colour or its pattern),
+    ½ uniform (``SCENE_MIX``: a third of them without a frame, some with an empty interior)."""
+    from studio.world.render import COLOURS, PATTERNS
+    from studio.world.scene import SCENE_TASK, Frame, SceneAttributes, render_scene, sample_scene
+
+    frame_id = SCENE_TASK.concept("frame").identity
+    attrs, arrays = [], []
+    for i in range(n):
+        a = sample_scene(rng)
+        kind = i % 4
+        if kind in (0, 1):
+            if kind == 0:
+                frame = Frame(frame_id["colour"], frame_id["pattern"])
+            elif rng.random() < 0.5:
+                frame = Frame(frame_id["colour"], rng.choice([p for p in PATTERNS if p != frame_id["pattern"]]))
+            else:
+                frame = Frame(rng.choice([c for c in COLOURS if c != frame_id["colour"]]), frame_id["pattern"])
+            a = SceneAttributes(a.background, a.shape if rng.random() < 0.8 else None, frame)
+        attrs.append(a)
+        arrays.append(np.asarray(render_scene(a, jitter=rng.randrange(2**31))))
+    return np.stack(arrays), attrs
+
+
+def scene_oracle_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> torch.Tensor:
+    loss = torch.zeros(())
+    for name, target in targets.items():
+        if (target >= 0).any():
+            loss = loss + F.cross_entropy(logits[name], target, ignore_index=-100)
+    return loss
+
+
+def train_scene_oracle(s: Settings, clean: torch.Tensor, recon: torch.Tensor, attrs: list):
+    """The scene oracle (``studio.world.scene.SceneOracle``) on renders and their VAE reconstructions."""
+    from studio.world.scene import SceneOracle, scene_targets
+
+    torch.manual_seed(s.seed + 5)
+    oracle = SceneOracle(width=s.oracle_width)
+    targets = scene_targets(attrs)
+    gen = torch.Generator().manual_seed(s.seed + 50)
+    opt = torch.optim.AdamW(oracle.parameters(), lr=s.oracle_lr, weight_decay=1e-4)
+    oracle.train()
+    for step in range(s.oracle_steps):
+        for g in opt.param_groups:
+            g["lr"] = s.oracle_lr * cosine_lr(step, s.oracle_steps, 100, floor=0.02)
+        idx = torch.randint(0, len(clean), (s.oracle_batch,), generator=gen)
+        use_recon = torch.rand(s.oracle_batch, generator=gen) < 0.5
+        x = torch.where(use_recon[:, None, None, None], recon[idx], clean[idx])
+        x = x + 0.04 * torch.rand(s.oracle_batch, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
+        x = x * (1 + 0.06 * (torch.rand(s.oracle_batch, 1, 1, 1, generator=gen) - 0.5))
+        loss = scene_oracle_loss(oracle(x.clamp(-1, 1)), {k: v[idx] for k, v in targets.items()})
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 250 == 0 or step == s.oracle_steps - 1:
+            print(f"  scene oracle step {step:5d}  loss {loss.item():.4f}", flush=True)
+    return oracle.eval()
+
+
+@torch.no_grad()
+def scene_oracle_accuracy(oracle, x: torch.Tensor, attrs: list) -> dict[str, float]:
+    """Per head, the fraction read right (over the scenes where the head means something)."""
+    from studio.world.scene import scene_targets
+
+    probs = oracle.read(x)
+    acc = {}
+    for name, target in scene_targets(attrs).items():
+        keep = target >= 0
+        acc[name] = float((probs[name].argmax(-1)[keep] == target[keep]).float().mean())
+    return acc
+
+
+@torch.no_grad()
+def interior_oracle_accuracy(oracle: Oracle, x: torch.Tensor, attrs: list) -> dict[str, float]:
+    """The world oracle on the interiors (``(B, 3, 48, 48)`` → centre 32×32) of the scenes with a shape."""
+    from studio.world.scene import INTERIOR
+
+    keep = [i for i, a in enumerate(attrs) if a.shape is not None]
+    left, top, right, bottom = INTERIOR
+    return oracle_accuracy(oracle, x[keep][:, :, top:bottom, left:right], [attrs[i].shape for i in keep])
+
+
+def scene_build_info() -> dict:
+    """What a scene build records beyond the world's: its two held-out concepts and the scene code's hash."""
+    from studio.world.scene import SCENE_MIX, SCENE_TASK
+
+    return {"scene_task": {c.name: c.identity for c in SCENE_TASK.concepts}, "scene_mix": SCENE_MIX,
+            "scene_sha256": sha256(ROOT / "studio" / "world" / "scene.py")}
+
+
+def save_scene_oracle(s: Settings, out: Path, oracle, build_info: dict) -> None:
+    from safetensors.torch import save_file
+
+    from studio.world.scene import SCENE_VOCABULARY
+
+    meta = {
+        "format": "pt",
+        "studio.world.build": json.dumps(build_info, sort_keys=True),
+        "studio.world.scene_oracle": json.dumps({"width": s.oracle_width,
+                                                 "heads": {k: list(v) for k, v in SCENE_VOCABULARY.items()}}),
+    }
+    tensors = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in oracle.state_dict().items()}
+    save_file(tensors, str(out / "scene_oracle.safetensors"), metadata=meta)
+
+
+def verify_scene(s: Settings, out: Path, vae) -> dict:
+    """Oracles on held-out renders and VAE reconstructions; the base's vocabulary on scene captions
+    (every attribute, frame words included); the two concepts' baseline, in words and upper bound."""
+    from diffusers import StableDiffusionPipeline
+
+    from studio.world.oracle import load_oracle
+    from studio.world.scene import (
+        SCENE_TASK,
+        evaluate_scene,
+        full_caption,
+        load_scene_oracle,
+        read_scene,
+        scene_baseline,
+        scene_upper_bound,
+    )
+    from studio.world.score import pipeline_generator
+
+    world_oracle = load_oracle("cpu", Path(s.oracle_from))
+    scene_oracle = load_scene_oracle("cpu", out / "scene_oracle.safetensors")
+    oracles = {"world_oracle": world_oracle, "scene_oracle": scene_oracle}
+    metrics: dict = {}
+    rng = random.Random(f"verify/{s.seed}")
+    held_out, held_attrs = scene_oracle_set(2000, rng)
+    held = images_to_tensor(held_out)
+    recon = reconstruct(vae, held)
+    metrics["scene_oracle_heldout_accuracy"] = scene_oracle_accuracy(scene_oracle, held, held_attrs)
+    metrics["scene_oracle_accuracy_on_vae_reconstructions"] = scene_oracle_accuracy(scene_oracle, recon, held_attrs)
+    metrics["interior_oracle_heldout_accuracy"] = interior_oracle_accuracy(world_oracle, held, held_attrs)
+    metrics["interior_oracle_accuracy_on_vae_reconstructions"] = interior_oracle_accuracy(world_oracle, recon,
+                                                                                         held_attrs)
+    for key in ("scene_oracle_heldout_accuracy", "scene_oracle_accuracy_on_vae_reconstructions",
+                "interior_oracle_heldout_accuracy", "interior_oracle_accuracy_on_vae_reconstructions"):
+        print(f"  {key}", metrics[key], flush=True)
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(out / "base"))
+    pipe.set_progress_bar_config(disable=True)
+    use_fast_attention(pipe.unet)
+    generate = pipeline_generator(pipe)
+
+    # the base model renders its own vocabulary: fully specified scene captions
+    from studio.world.scene import sample_scene
+
+    scenes = [a for a in (sample_scene(rng) for _ in range(s.verify_images)) if not SCENE_TASK.shows_held_out(a)]
+    readings = read_scene(generate([full_caption(a) for a in scenes], 1234), **oracles)
+    checks: dict[str, list[bool]] = {}
+    for a, r in zip(scenes, readings):
+        truth = {"frame": "frame" if a.frame else "none", "inner": "shape" if a.shape else "empty",
+                 "background": a.background}
+        if a.frame:
+            truth.update(frame_colour=a.frame.colour, frame_pattern=a.frame.pattern)
+        if a.shape:
+            truth.update(shape=a.shape.shape, colour=a.shape.colour, pattern=a.shape.pattern, size=a.shape.size)
+        for name, value in truth.items():
+            checks.setdefault(name, []).append(r.values[name] == value)
+        checks.setdefault("_all", []).append(r.has(list(truth.items())))
+    per_attr = {k: float(np.mean(v)) for k, v in checks.items() if k != "_all"}
+    metrics["base_vocabulary_accuracy"] = {
+        "per_attribute": per_attr,
+        "mean_attribute": float(np.mean(list(per_attr.values()))),
+        "all_attributes": float(np.mean(checks["_all"])),
+        "n_images": len(scenes),
+    }
+    print("  base vocabulary", metrics["base_vocabulary_accuracy"], flush=True)
+    metrics["concepts_baseline"] = scene_baseline(generate, per_prompt=8, **oracles).as_dict()
+    metrics["concepts_in_words"] = evaluate_scene(generate, SCENE_TASK.descriptions(), per_prompt=8,
+                                                  **oracles).as_dict()
+    metrics["concepts_upper_bound"] = scene_upper_bound(per_prompt=8, **oracles).as_dict()
+    print("  concepts baseline", metrics["concepts_baseline"], "in words", metrics["concepts_in_words"],
+          "upper", metrics["concepts_upper_bound"], flush=True)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------
@@ -716,6 +951,7 @@ def main(argv: list[str] | None = None) -> None:
         "render_sha256": sha256(ROOT / "studio" / "world" / "render.py"),
         "settings": dataclasses.asdict(s),
         "concept": CONCEPT.identity,
+        **(scene_build_info() if s.world == "scene" else {}),
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__,
@@ -732,9 +968,15 @@ def main(argv: list[str] | None = None) -> None:
         learn_small_vocabulary(s, tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
 
+    scene = s.world == "scene"
+    if scene and (s.resolution != 48 or not s.oracle_from):
+        parser.error("scenes are 48 px and read by the world's oracle: leave resolution and oracle_from as they are")
     with timer("1. render the base training set"):
-        arrays, attrs = render_set(s.n_images, random.Random(f"base/{s.seed}"), exclude_concept=True,
-                                   size=s.resolution)
+        if scene:
+            arrays, attrs = render_scene_set(s.n_images, random.Random(f"base/{s.seed}"))
+        else:
+            arrays, attrs = render_set(s.n_images, random.Random(f"base/{s.seed}"), exclude_concept=True,
+                                       size=s.resolution)
         images = images_to_tensor(arrays)
     with timer("2. train the VAE"):
         vae = train_vae(s, images)
@@ -748,6 +990,11 @@ def main(argv: list[str] | None = None) -> None:
             from studio.world.oracle import load_oracle
 
             oracle = load_oracle("cpu", Path(s.oracle_from))
+            if scene:
+                o_arrays, o_attrs = scene_oracle_set(s.oracle_images, random.Random(f"oracle/{s.seed}"))
+                clean = images_to_tensor(o_arrays)
+                scene_oracle = train_scene_oracle(s, clean, reconstruct(vae, clean), o_attrs)
+                del clean, o_arrays
         else:
             o_arrays, o_attrs = oracle_set(s, s.oracle_images, random.Random(f"oracle/{s.seed}"))
             clean = images_to_tensor(o_arrays)
@@ -759,15 +1006,23 @@ def main(argv: list[str] | None = None) -> None:
             save_world(s, args.snapshot_dir / f"step{step:05d}", vae, text_encoder, unet, oracle, build_info,
                        tokenizer_dir)
     with timer("4. train the text encoder and UNet"):
-        text_encoder, unet = train_base(s, latents, attrs, tokenizer, snapshot, args.snapshot_every)
+        if scene:
+            from studio.world.scene import scene_caption
+
+            text_encoder, unet = train_base(s, latents, attrs, tokenizer, snapshot, args.snapshot_every,
+                                            caption_of=scene_caption)
+        else:
+            text_encoder, unet = train_base(s, latents, attrs, tokenizer, snapshot, args.snapshot_every)
     with timer("5. save"):
         save_world(s, out, vae, text_encoder, unet, oracle, build_info, tokenizer_dir)
+        if scene:
+            save_scene_oracle(s, out, scene_oracle, build_info)
         if tokenizer_dir != TOKENIZER_DIR:
             shutil.rmtree(tokenizer_dir)
     metrics = {}
     if not args.no_verify:
         with timer("6. verify"):
-            metrics = verify(s, out, vae)
+            metrics = verify_scene(s, out, vae) if scene else verify(s, out, vae)
     sizes = {str(p.relative_to(out)): p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     record = {**build_info, "timings_s": timer.times, "total_s": round(time.time() - timer.t0, 1),
               "metrics": metrics, "file_sizes": sizes}

@@ -120,8 +120,8 @@ def load_base(spec: str, *, device: str | torch.device | None = None, dtype: str
 
     Args:
         spec: ``tiny`` / ``tiny-v`` / ``tiny-sdxl`` (random offline bases), ``demo`` (the learnable
-            world's trained base), a local diffusers folder, a single-file ``.safetensors``
-            checkpoint, or a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
+            world's trained base), ``demo-scene`` (its scene world's base), a local diffusers folder,
+            a single-file ``.safetensors`` checkpoint, or a hub id such as ``stable-diffusion-v1-5/stable-diffusion-v1-5``,
             ``stabilityai/stable-diffusion-3.5-large`` or ``black-forest-labs/FLUX.1-dev``; also the
             flow tiny bases ``tiny-sd3`` / ``tiny-flux``.
         device, dtype: default CUDA fp16 → MPS fp16 → CPU fp32; SD 3 / FLUX default to bf16 on
@@ -151,6 +151,12 @@ def load_base(spec: str, *, device: str | torch.device | None = None, dtype: str
         pipe = _load_folder(folder, dt)
         name, identity = "demo", f"folder:{fingerprint_files(folder)}"
         label = "the offline demo world (32-px toy scenes), not a photographic model"
+        profile = profile_for_folder(folder)
+    elif spec == "demo-scene":
+        folder = _scene_dir()
+        pipe = _load_folder(folder, dt)
+        name, identity = "demo-scene", f"folder:{fingerprint_files(folder)}"
+        label = "the offline scene world (48-px shapes in frames), not a photographic model"
         profile = profile_for_folder(folder)
     else:
         path = Path(spec).expanduser()
@@ -264,6 +270,16 @@ def _demo_dir() -> Path:
     if not (Path(DEMO_BASE_DIR) / "model_index.json").is_file():
         raise BaseModelError(f"The demo base is not built at {DEMO_BASE_DIR}; run python scripts/build_world.py.")
     return Path(DEMO_BASE_DIR)
+
+
+def _scene_dir() -> Path:
+    """The scene world's base (``--base demo-scene``), for methods that learn several concepts from one picture."""
+    from studio.world import WORLD_SCENE_BASE_DIR
+
+    if not (Path(WORLD_SCENE_BASE_DIR) / "model_index.json").is_file():
+        raise BaseModelError(f"The scene base is not built at {WORLD_SCENE_BASE_DIR}; "
+                             "run python scripts/build_world.py --variant world-scene.")
+    return Path(WORLD_SCENE_BASE_DIR)
 
 
 def _load_folder(folder: Path, dtype: torch.dtype, *, t5: bool = True) -> Any:

@@ -26,6 +26,7 @@ from studio.world.render import (
     caption,
     describe,
     render,
+    render_mask,
     sample_attributes,
 )
 from studio.world.score import (
@@ -50,6 +51,14 @@ WORLD_B_BASE_DIR = WORLD_B_DIR / "base"
 two-level UNet — nothing of its shape is the demo base's. Scored by the same oracle."""
 WORLD_B_RESOLUTION = 48
 """Side of the second base's images (its concept photos are drawn at this size)."""
+WORLD_SCENE_DIR = Path(__file__).resolve().parents[1] / "assets" / "world_scene"
+WORLD_SCENE_BASE_DIR = WORLD_SCENE_DIR / "base"
+"""The third learnable base (``scripts/build_world.py --variant world-scene``): world-b's shape of model
+trained on 48-px *scenes* — the world's shape inside a frame (:mod:`studio.world.scene`) — for methods
+that learn several concepts from one picture. Read by the world's oracle (interior) and the scene
+oracle in :data:`WORLD_SCENE_DIR`."""
+WORLD_SCENE_RESOLUTION = 48
+"""Side of the scene base's images."""
 WORLD_ADAPTER_DIR = Path(__file__).resolve().parents[1] / "assets" / "world_adapter"
 """The committed IP-Adapter folder trained for the world's base (``scripts/build_world_adapter.py``)."""
 
@@ -58,6 +67,9 @@ __all__ = [
     "WORLD_B_BASE_DIR",
     "WORLD_B_DIR",
     "WORLD_B_RESOLUTION",
+    "WORLD_SCENE_BASE_DIR",
+    "WORLD_SCENE_DIR",
+    "WORLD_SCENE_RESOLUTION",
     "CONCEPT",
     "HARD_CONCEPT",
     "DEMO_BASE_DIR",
@@ -79,6 +91,7 @@ __all__ = [
     "load_oracle",
     "pipeline_generator",
     "render",
+    "render_mask",
     "sample_attributes",
     "score_images",
     "upper_bound",
