@@ -28,7 +28,7 @@ from studio.errors import StudioError
 
 # owner/name, optionally followed by a path inside the repo (an adapter's weights, an encoder subfolder)
 _HUB = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)+$")
-NAMED_BASES = ("demo", "tiny", "tiny-v", "tiny-sdxl", "tiny-sd3", "tiny-flux")
+NAMED_BASES = ("demo", "demo-scene", "tiny", "tiny-v", "tiny-sdxl", "tiny-sd3", "tiny-flux")
 ALLOW_ENV = "STUDIO_ALLOW_PATHS"
 
 

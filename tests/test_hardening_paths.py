@@ -309,7 +309,7 @@ def test_hub_shapes_and_allowed_paths(tmp_path, monkeypatch):
     from studio.models import TINY_NAMES
     from studio.request_paths import NAMED_BASES
 
-    assert set(NAMED_BASES) == {"demo", *TINY_NAMES}  # every base load_base knows by name
+    assert set(NAMED_BASES) == {"demo", "demo-scene", *TINY_NAMES}  # every base load_base knows by name
     assert path_fields(BaseSettings)["base"] == ("model", NAMED_BASES)
     assert is_hub_ref("owner/name") and is_hub_ref("h94/IP-Adapter/models/x.safetensors")
     assert not is_hub_ref("owner/name/x", max_parts=2)
