@@ -65,6 +65,18 @@ def text_encoders(pipe: Any) -> list[tuple[Any, Any]]:
     return pairs
 
 
+def check_embedding_widths(label: str, widths: list[int], base: Any) -> None:
+    """Refuse a concept whose token embeddings (``widths``: one ``D_e`` per text encoder it holds) do not
+    fit ``base``'s CLIP text encoders — one per encoder, each of that encoder's width."""
+    from studio.errors import IncompatibleConceptError
+
+    want = [int(te.config.hidden_size) for _, te in text_encoders(base.pipe)]
+    if list(widths) != want:
+        raise IncompatibleConceptError(
+            f"{label} has token embeddings {list(widths)}-d but base {base.name}'s text encoders are {want}-d; it "
+            "was made for another model family.")
+
+
 @dataclass
 class _Entry:
     tokens: list[str]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from studio.concept import Concept
-from studio.errors import ConceptFormatError, IncompatibleConceptError, StudioError
+from studio.errors import ConceptFormatError, StudioError
 from studio.methods.base import class_word_text
 from studio.methods.break_a_scene.files import (
     EMBEDDINGS,
@@ -44,7 +44,7 @@ from studio.methods.break_a_scene.files import (
 )
 from studio.methods.lora import LoRA, lora_state
 from studio.methods.lora.keys import lora_modules
-from studio.methods.runtime import text_encoders, token_table
+from studio.methods.runtime import check_embedding_widths, token_table
 from studio.methods.textual_inversion import class_embedding, placeholder_tokens
 from studio.safetensors_io import FLOATS, GIB, Limits, check_values
 
@@ -187,12 +187,7 @@ class BreakAScene:
 
         check_unet_family(base, "Break-A-Scene concepts")  # SD 3 / FLUX: one clear sentence
         label = f"Break-A-Scene concept {concept.name or concept.trigger}"
-        encs = text_encoders(base.pipe)
-        embs = embeddings(concept)
-        if len(embs) != len(encs) or any(e.shape[1] != te.config.hidden_size for e, (_, te) in zip(embs, encs)):
-            raise IncompatibleConceptError(
-                f"{label} has token embeddings {[e.shape[1] for e in embs]}-d but base {base.name}'s text encoders are "
-                f"{[te.config.hidden_size for _, te in encs]}-d; it was made for another model family.")
+        check_embedding_widths(label, [int(e.shape[1]) for e in embeddings(concept)], base)
         LoRA().check_base(Concept(method=LoRA.name, tokens=list(concept.tokens), tensors=lora_tensors(concept.tensors),
                                   name=concept.name or concept.trigger), base)
 

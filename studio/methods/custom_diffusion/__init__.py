@@ -60,7 +60,7 @@ from studio.methods.custom_diffusion.files import (
     kv_layers,
 )
 from studio.methods.custom_diffusion.hook import HOOK_PREFIX, CustomDiffusionHook, base_weight
-from studio.methods.runtime import text_encoders, token_table
+from studio.methods.runtime import check_embedding_widths, token_table
 from studio.safetensors_io import FLOATS, GIB, Limits, check_values
 
 if TYPE_CHECKING:
@@ -168,12 +168,7 @@ class CustomDiffusion:
                 raise IncompatibleConceptError(
                     f"{label}: layer {name} is {layer.context_dim}→{layer.inner_dim} in base {base.name} but the concept's "
                     f"is {wk.shape[1]}→{wk.shape[0]}; it was made for another model family.")
-        encs = text_encoders(base.pipe)
-        embs = concept_embeddings(concept)
-        if len(embs) != len(encs) or any(e.shape[1] != te.config.hidden_size for e, (_, te) in zip(embs, encs)):
-            raise IncompatibleConceptError(
-                f"{label} has token embeddings {[e.shape[1] for e in embs]}-d but base {base.name}'s text encoders are "
-                f"{[te.config.hidden_size for _, te in encs]}-d; it was made for another model family.")
+        check_embedding_widths(label, [int(e.shape[1]) for e in concept_embeddings(concept)], base)
 
     def apply(self, base: BaseModel, concept: Concept, *, strength: float) -> AppliedCustomDiffusion:
         """Add the tokens and hook ``W₀ + s·ΔW`` into every trained layer (module doc)."""

@@ -97,7 +97,7 @@ from studio.methods.perfusion.hook import (
     linear_part,
     release_hook,
 )
-from studio.methods.runtime import text_encoders, token_table
+from studio.methods.runtime import check_embedding_widths, token_table
 from studio.safetensors_io import FLOATS, MIB, Limits, check_values
 
 if TYPE_CHECKING:
@@ -233,12 +233,8 @@ class Perfusion:
             raise IncompatibleConceptError(
                 f"Perfusion concept {label}: i* is {tensors[I_STAR].shape[0]}-d but base {base.name}'s UNet reads a "
                 f"{layers[0].context_dim}-d text context; it was made for another model family.")
-        encs = text_encoders(base.pipe)
-        embs = concept_embeddings(concept)
-        if len(embs) != len(encs) or any(e.shape[0] != te.config.hidden_size for e, (_, te) in zip(embs, encs)):
-            raise IncompatibleConceptError(
-                f"Perfusion concept {label} has token embeddings {[e.shape[0] for e in embs]} but base {base.name}'s "
-                f"text encoders are {[te.config.hidden_size for _, te in encs]}-d; it was made for another family.")
+        check_embedding_widths(f"Perfusion concept {label}", [int(e.shape[0]) for e in concept_embeddings(concept)],
+                               base)
 
     def apply(self, base: BaseModel, concept: Concept, *, strength: float, locking: str | None = None,
               orthogonal: str = "approx", beta: float | None = None, tau: float | None = None,
