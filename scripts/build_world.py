@@ -547,27 +547,31 @@ def oracle_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor
 def train_oracle(s: Settings, clean: torch.Tensor, recon: torch.Tensor, attrs: list[Attributes]) -> Oracle:
     torch.manual_seed(s.seed + 4)
     oracle = Oracle(width=s.oracle_width)
-    targets = oracle_targets(attrs)
-    gen = torch.Generator().manual_seed(s.seed + 40)
-    opt = torch.optim.AdamW(oracle.parameters(), lr=s.oracle_lr, weight_decay=1e-4)
-    oracle.train()
+    return fit_judge(s, oracle, oracle_loss, oracle_targets(attrs), clean, recon, seed=s.seed + 40, label="oracle")
+
+
+def fit_judge(s: Settings, model: torch.nn.Module, loss_fn, targets: dict[str, torch.Tensor], clean: torch.Tensor,
+              recon: torch.Tensor, *, seed: int, label: str):
+    """Train a judge (the world's oracle, the scene oracle) on renders and their VAE reconstructions, half
+    each, with a little noise and brightness drift (what a sampler leaves behind); AdamW, cosine rate."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=s.oracle_lr, weight_decay=1e-4)
+    model.train()
     for step in range(s.oracle_steps):
         for g in opt.param_groups:
             g["lr"] = s.oracle_lr * cosine_lr(step, s.oracle_steps, 100, floor=0.02)
         idx = torch.randint(0, len(clean), (s.oracle_batch,), generator=gen)
         use_recon = torch.rand(s.oracle_batch, generator=gen) < 0.5
         x = torch.where(use_recon[:, None, None, None], recon[idx], clean[idx])
-        # robustness to what a sampler leaves behind: a little noise and brightness drift
         x = x + 0.04 * torch.rand(s.oracle_batch, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
         x = x * (1 + 0.06 * (torch.rand(s.oracle_batch, 1, 1, 1, generator=gen) - 0.5))
-        logits = oracle(x.clamp(-1, 1))
-        loss = oracle_loss(logits, {k: v[idx] for k, v in targets.items()})
+        loss = loss_fn(model(x.clamp(-1, 1)), {k: v[idx] for k, v in targets.items()})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 250 == 0 or step == s.oracle_steps - 1:
-            print(f"  oracle step {step:5d}  loss {loss.item():.4f}", flush=True)
-    return oracle.eval()
+            print(f"  {label} step {step:5d}  loss {loss.item():.4f}", flush=True)
+    return model.eval()
 
 
 @torch.no_grad()
@@ -638,25 +642,8 @@ def train_scene_oracle(s: Settings, clean: torch.Tensor, recon: torch.Tensor, at
 
     torch.manual_seed(s.seed + 5)
     oracle = SceneOracle(width=s.oracle_width)
-    targets = scene_targets(attrs)
-    gen = torch.Generator().manual_seed(s.seed + 50)
-    opt = torch.optim.AdamW(oracle.parameters(), lr=s.oracle_lr, weight_decay=1e-4)
-    oracle.train()
-    for step in range(s.oracle_steps):
-        for g in opt.param_groups:
-            g["lr"] = s.oracle_lr * cosine_lr(step, s.oracle_steps, 100, floor=0.02)
-        idx = torch.randint(0, len(clean), (s.oracle_batch,), generator=gen)
-        use_recon = torch.rand(s.oracle_batch, generator=gen) < 0.5
-        x = torch.where(use_recon[:, None, None, None], recon[idx], clean[idx])
-        x = x + 0.04 * torch.rand(s.oracle_batch, 1, 1, 1, generator=gen) * torch.randn(x.shape, generator=gen)
-        x = x * (1 + 0.06 * (torch.rand(s.oracle_batch, 1, 1, 1, generator=gen) - 0.5))
-        loss = scene_oracle_loss(oracle(x.clamp(-1, 1)), {k: v[idx] for k, v in targets.items()})
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 250 == 0 or step == s.oracle_steps - 1:
-            print(f"  scene oracle step {step:5d}  loss {loss.item():.4f}", flush=True)
-    return oracle.eval()
+    return fit_judge(s, oracle, scene_oracle_loss, scene_targets(attrs), clean, recon, seed=s.seed + 50,
+                     label="scene oracle")
 
 
 @torch.no_grad()

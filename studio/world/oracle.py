@@ -11,8 +11,9 @@ whether the image shows the world's concept (:data:`studio.world.task.CONCEPT`).
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 
 from studio.errors import StudioError
 from studio.world.render import RESOLUTION, VOCABULARY
+
+M = TypeVar("M", bound=nn.Module)
 
 ORACLE_PATH = Path(__file__).resolve().parents[1] / "assets" / "world" / "oracle.safetensors"
 
@@ -93,13 +96,13 @@ class Oracle(nn.Module):
         return {k: v.cpu() for k, v in probs.items()}
 
 
-def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
-    """PIL images → ``(B, 3, 32, 32)`` float32 in [-1, 1] (box-resized when not 32×32)."""
+def to_tensor(images: Sequence[Image.Image], size: int = RESOLUTION) -> torch.Tensor:
+    """PIL images → ``(B, 3, size, size)`` float32 in [-1, 1] (box-resized when not ``size`` square)."""
     arrays = []
     for image in images:
         image = image.convert("RGB")
-        if image.size != (RESOLUTION, RESOLUTION):
-            image = image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BOX)
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BOX)
         arrays.append(np.asarray(image, dtype=np.float32))
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)
     return x / 127.5 - 1.0
@@ -112,9 +115,16 @@ def load_oracle(device: torch.device | str = "cpu", path: Path | None = None) ->
         raise StudioError(
             f"The world oracle is missing at {path}; run `python scripts/build_world.py` to build it."
         )
+    return load_checkpoint(path, "studio.world.oracle", lambda width: Oracle(width=width), 16, device)
+
+
+def load_checkpoint(path: Path, meta_key: str, make: Callable[[int], M], default_width: int,
+                    device: torch.device | str = "cpu") -> M:
+    """A judge saved by ``scripts/build_world.py``: its width from the header's ``meta_key`` settings, its
+    weights as float32 (they may be stored in fp16), in eval mode on ``device``."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-    settings = json.loads(meta.get("studio.world.oracle", "{}"))
-    oracle = Oracle(width=int(settings.get("width", 16)))
-    oracle.load_state_dict(load_file(str(path)))
-    return oracle.to(device).eval()
+    settings = json.loads(meta.get(meta_key, "{}"))
+    model = make(int(settings.get("width", default_width)))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
+    return model.to(device).eval()

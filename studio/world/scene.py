@@ -28,7 +28,6 @@ The scene base (``scripts/build_world.py --variant world-scene``) is committed i
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,12 +36,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from studio.errors import StudioError
-from studio.world.oracle import Oracle, load_oracle
+from studio.world.oracle import Oracle, load_checkpoint, load_oracle, to_tensor
 from studio.world.render import (
     _PREFIXES,
     BACKGROUNDS,
@@ -432,13 +429,7 @@ class SceneOracle(nn.Module):
 
 def scenes_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL images → ``(B, 3, 48, 48)`` float32 in [-1, 1] (box-resized when not 48×48)."""
-    arrays = []
-    for image in images:
-        image = image.convert("RGB")
-        if image.size != (SCENE_RESOLUTION, SCENE_RESOLUTION):
-            image = image.resize((SCENE_RESOLUTION, SCENE_RESOLUTION), Image.Resampling.BOX)
-        arrays.append(np.asarray(image, dtype=np.float32))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return to_tensor(images, SCENE_RESOLUTION)
 
 
 def scene_targets(attributes: Sequence[SceneAttributes]) -> dict[str, torch.Tensor]:
@@ -463,12 +454,7 @@ def load_scene_oracle(device: torch.device | str = "cpu", path: Path | None = No
         raise StudioError(
             f"The scene oracle is missing at {path}; run `python scripts/build_world.py --variant world-scene`."
         )
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-    settings = json.loads(meta.get("studio.world.scene_oracle", "{}"))
-    oracle = SceneOracle(width=int(settings.get("width", 12)))
-    oracle.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()})
-    return oracle.to(device).eval()
+    return load_checkpoint(path, "studio.world.scene_oracle", lambda width: SceneOracle(width=width), 12, device)
 
 
 # ----------------------------------------------------------------------------------------------
