@@ -31,14 +31,6 @@ from tests.method_cases import reference_image, save_tiny_adapter, save_tiny_flu
 PROMPT = "a photo of a cat"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def flux():
     return load_base("tiny-flux", device="cpu")

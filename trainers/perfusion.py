@@ -202,14 +202,11 @@ class PerfusionTrainer:
         """Measured initialisation: score ``plain`` and ``cross`` by the probe's denoising loss, keep the lower."""
         if self.cfg.init != "auto":
             return
+        from trainers.probe import choose_start
+
         candidates = {kind: self._candidate(kind) for kind in ("plain", "cross")}
-        for kind, vecs in candidates.items():
-            self._load(vecs)
-            self.init_scores[kind] = round(probe.loss(self), 6)
-        self.chosen = min(self.init_scores, key=lambda k: self.init_scores[k])
-        self._load(candidates[self.chosen])
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.init_scores.items())
-        log(f"init: {self.chosen} (denoising loss of the photos: {scores})")
+        self.chosen, losses = choose_start(probe, self, candidates, self._load, log)
+        self.init_scores.update({k: round(v, 6) for k, v in losses.items()})
 
     def _load(self, vectors: list[torch.Tensor]) -> None:
         with torch.no_grad():

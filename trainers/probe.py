@@ -149,6 +149,21 @@ class DenoisingProbe:
         return 1.0 - concept / max(plain, 1e-12)
 
 
+def choose_start(probe: DenoisingProbe, trainer: Any, candidates: dict[str, Any], load: Any,
+                 log: Any) -> tuple[str, dict[str, float]]:
+    """Measured initialisation: load each candidate start (``load(vectors)``), score it by the probe's
+    denoising loss of the photos, and load the lowest. Returns ``(chosen, {kind: loss})`` with the
+    unrounded losses; the trainers keep them rounded to 6 places in their records."""
+    losses: dict[str, float] = {}
+    for kind, vectors in candidates.items():
+        load(vectors)
+        losses[kind] = probe.loss(trainer)
+    chosen = min(losses, key=lambda k: round(losses[k], 6))
+    load(candidates[chosen])
+    log(f"init: {chosen} (denoising loss of the photos: {', '.join(f'{k} {v:.4f}' for k, v in losses.items())})")
+    return chosen, losses
+
+
 def verdict(gain: float) -> str:
     """"learned" / "weak" / "not learned" from the final gain (thresholds above)."""
     if gain >= LEARNED_GAIN:

@@ -145,14 +145,11 @@ class ProSpectTrainer:
         loss of the photos (the concept's prompts), keep the lower; the scores go into :meth:`record`."""
         if self.cfg.init != "auto":
             return
+        from trainers.probe import choose_start
+
         candidates = {kind: self._initial_vectors(kind) for kind in ("class", "cross")}
-        for kind, vecs in candidates.items():
-            self._load(vecs)
-            self.init_scores[kind] = round(probe.loss(self), 6)
-        self.chosen = min(self.init_scores, key=lambda k: self.init_scores[k])
-        self._load(candidates[self.chosen])
-        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.init_scores.items())
-        log(f"init: {self.chosen} (denoising loss of the photos: {scores})")
+        self.chosen, losses = choose_start(probe, self, candidates, self._load, log)
+        self.init_scores.update({k: round(v, 6) for k, v in losses.items()})
 
     def _load(self, vectors: list[torch.Tensor]) -> None:
         """Every stage of each encoder's table set to that encoder's ``(D_e,)`` start; the token row follows."""

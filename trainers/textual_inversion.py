@@ -301,19 +301,14 @@ class TextualInversionTrainer:
         """Measured initialisation: the candidate whose vectors denoise the photos best on the probe's
         fixed noises (lowest loss) starts training; every score is kept for the concept's metadata."""
         if len(self.candidates) > 1:
-            losses: dict[str, float] = {}
-            for kind, vecs in self.candidates.items():
-                self._load(vecs)
-                losses[kind] = probe.loss(self)
-                self.init_scores[kind] = round(losses[kind], 6)
-            self.chosen = min(self.init_scores, key=lambda k: self.init_scores[k])
+            from trainers.probe import choose_start
+
+            self.chosen, losses = choose_start(probe, self, self.candidates, self._load, log)
+            self.init_scores.update({k: round(v, 6) for k, v in losses.items()})
             self.init = self.candidates[self.chosen]
-            self._load(self.init)
             # L(concept) of this start on this probe: the loop's starting gain reuses it (trainers.loop)
             self.start_loss = (probe, losses[self.chosen])
             self._init_dev = [v.to(p.device) for v, p in zip(self.init, self.params)]
-            scores = ", ".join(f"{k} {v:.4f}" for k, v in self.init_scores.items())
-            log(f"init: {self.chosen} (denoising loss of the photos: {scores})")
 
     def announce(self, log: Any) -> None:
         """Report the effective rates (before step 1)."""
