@@ -146,17 +146,12 @@ def load_base(spec: str, *, device: str | torch.device | None = None, dtype: str
         name, identity = spec, f"builtin:{spec}:v{TINY_BUILD_VERSION}:seed0"
         label = "random weights: this base draws noise (for tests; use --base demo to see learning offline)"
         profile = RANDOM if spec not in FLOW_TINY_NAMES else flow_profile(family_of_pipeline(pipe), pipe, kind="random")
-    elif spec == "demo":
-        folder = _demo_dir()
+    elif spec in ("demo", "demo-scene"):  # the learnable worlds' committed bases
+        folder = _demo_dir() if spec == "demo" else _scene_dir()
         pipe = _load_folder(folder, dt)
-        name, identity = "demo", f"folder:{fingerprint_files(folder)}"
-        label = "the offline demo world (32-px toy scenes), not a photographic model"
-        profile = profile_for_folder(folder)
-    elif spec == "demo-scene":
-        folder = _scene_dir()
-        pipe = _load_folder(folder, dt)
-        name, identity = "demo-scene", f"folder:{fingerprint_files(folder)}"
-        label = "the offline scene world (48-px shapes in frames), not a photographic model"
+        name, identity = spec, f"folder:{fingerprint_files(folder)}"
+        label = ("the offline demo world (32-px toy scenes)" if spec == "demo" else
+                 "the offline scene world (48-px shapes in frames)") + ", not a photographic model"
         profile = profile_for_folder(folder)
     else:
         path = Path(spec).expanduser()
