@@ -440,6 +440,7 @@ class BreakASceneTrainer:
         self._lat: dict[tuple[int, int, int, int], torch.Tensor] = {}  # (image, flip, h, w) -> (K, h, w)
         self._ids = TokenCache()
         self.values: dict[str, float] = {}  # the last attention loss, unweighted (logs, tests)
+        self._position_cache: dict[tuple[str, tuple[int, ...]], list[int]] = {}
         self.drawn: list[list[int]] = []  # every training row's concepts, in order (tests: union sampling)
         self.exported: list[Concept] = []  # the concepts of the last export()
         self.written: list[Path] = []  # the files save_concepts() wrote
@@ -646,7 +647,14 @@ class BreakASceneTrainer:
         return encode_prompts(self.base.pipe, prompts, resolution=resolution, device=self.base.device, ids=self._ids)
 
     def _positions(self, prompt: str, row: list[int]) -> list[int]:
-        """Where each of ``row``'s tokens sits in ``prompt`` (first text encoder's ids; start-of-text = 0)."""
+        """Where each of ``row``'s tokens sits in ``prompt`` (first text encoder's ids; start-of-text = 0);
+        each (prompt, row) tokenized once — the rows repeat a handful of prompts every step."""
+        key = (prompt, tuple(row))
+        if key not in self._position_cache:
+            self._position_cache[key] = self._find_positions(prompt, row)
+        return list(self._position_cache[key])
+
+    def _find_positions(self, prompt: str, row: list[int]) -> list[int]:
         tok = self.base.pipe.tokenizer
         ids = tok(prompt, truncation=True, max_length=tok.model_max_length).input_ids
         out = []
